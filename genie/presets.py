@@ -1,0 +1,90 @@
+"""Named world configs. Each is a function so the composition reads top to bottom."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from genie.config import DataConfig, TrainConfig, WorldConfig
+from genie.data.synthetic import SpritesConfig
+from genie.models.common import FrameSpec
+from genie.models.dynamics import DynamicsModelConfig
+from genie.models.lam import LatentActionModelConfig
+from genie.models.tokenizer import VideoTokenizerConfig
+from genie.nn.st_transformer import STTransformerConfig
+from genie.nn.vq import VectorQuantizerConfig
+from genie.sampling import SamplingConfig
+
+
+def _world(
+    name: str,
+    size: int,
+    frames: int,
+    tok_patch: int,
+    tok_codes: int,
+    tok_st: STTransformerConfig,
+    lam_patch: int,
+    lam_st: STTransformerConfig,
+    dyn_st: STTransformerConfig,
+    actions: int,
+    sampling: SamplingConfig,
+    train: dict[str, TrainConfig],
+    code_dim: int = 32,
+) -> WorldConfig:
+    frame = FrameSpec(size, size, 3)
+    tokenizer = VideoTokenizerConfig(frame, tok_patch, tok_st, tok_st, VectorQuantizerConfig(tok_codes, code_dim))
+    lam = LatentActionModelConfig(frame, lam_patch, lam_st, lam_st, VectorQuantizerConfig(actions, code_dim))
+    dynamics = DynamicsModelConfig(tok_codes, tokenizer.tokens_per_frame, actions, dyn_st)
+    return WorldConfig(
+        name=name,
+        data=DataConfig(sprites=SpritesConfig(height=size, width=size, frames=frames)),
+        tokenizer=tokenizer,
+        lam=lam,
+        dynamics=dynamics,
+        sampling=sampling,
+        train_tokenizer=train["tokenizer"],
+        train_lam=train["lam"],
+        train_dynamics=train["dynamics"],
+    )
+
+
+def tiny() -> WorldConfig:
+    """Seconds-fast config for tests: 16x16 frames, 4 tokens a side, 2-layer d=32 transformers."""
+    st = STTransformerConfig(dim=32, depth=2, heads=4, ffn_mult=2, max_frames=6)
+    train = TrainConfig(steps=200, batch_size=8, lr=2e-3, warmup_steps=10, log_every=20, ckpt_every=50)
+    return _world(
+        "tiny", 16, 6, 4, 64, st, 8, st, st, 4, SamplingConfig(steps=4, temperature=1.0),
+        {"tokenizer": train, "lam": train, "dynamics": train}, code_dim=16,
+    )
+
+
+def demo() -> WorldConfig:
+    """The CPU demo world: 64x64 frames as 8x8 tokens (patch 8), d=128 transformers, T=16."""
+    st = STTransformerConfig(dim=128, depth=4, heads=4, max_frames=16)
+    dyn = STTransformerConfig(dim=256, depth=6, heads=8, max_frames=16)
+    train = {
+        "tokenizer": TrainConfig(steps=3000, batch_size=8, lr=5e-4, warmup_steps=200, ckpt_every=250),
+        "lam": TrainConfig(steps=3000, batch_size=8, lr=5e-4, warmup_steps=200, ckpt_every=250),
+        "dynamics": TrainConfig(steps=5000, batch_size=8, lr=5e-4, warmup_steps=200, ckpt_every=250),
+    }
+    return _world("demo", 64, 16, 8, 512, st, 16, st, dyn, 8, SamplingConfig(steps=8, temperature=1.0), train)
+
+
+def peer_small() -> WorldConfig:
+    """Matches jasmine's "peer-small" (../shared/DESIGN.md) so training/sampling speeds compare on equal work:
+    64x64x3, T=16, batch 8, d=256, ffn 1024, 4 blocks, 8 heads; tokenizer patch 4, codebook 1024x32;
+    LAM patch 16, 6 codes; dynamics 4 blocks."""
+    st = STTransformerConfig(dim=256, depth=4, heads=8, ffn_mult=4, max_frames=16)
+    train = TrainConfig(steps=1000, batch_size=8)
+    return _world(
+        "peer-small", 64, 16, 4, 1024, st, 16, st, st, 6, SamplingConfig(steps=25, temperature=2.0),
+        {"tokenizer": train, "lam": train, "dynamics": train},
+    )
+
+
+PRESETS: dict[str, Callable[[], WorldConfig]] = {"tiny": tiny, "demo": demo, "peer-small": peer_small}
+
+
+def get_preset(name: str) -> WorldConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,138 @@
+"""The serialisable state of one play session, and the bounded cache of what its history contributes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from genie.nn.st_transformer import KVCache
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class WorldState:
+    """Everything needed to continue a session, and nothing derived: the K/V cache is rebuilt from it.
+
+    `tokens` is the context window, oldest first; `actions[k]` is the latent action that led into frame k,
+    -1 where there is none (prompt frames, and the first frame after the window slid).
+    """
+
+    session_id: str
+    tokens: Tensor  # (t, N) int32 in [0, K), 1 <= t <= window
+    actions: Tensor  # (t,) int32 in [-1, A)
+    seed: int  # with `step`, fixes the sampling noise of every step
+    version: int  # bumped by every step; compare-and-set key for stores, cache key with session_id
+    step: int  # frames generated so far
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 2 or self.actions.shape != (self.tokens.shape[0],):
+            raise ValueError(f"bad state shapes: tokens {tuple(self.tokens.shape)}, actions {tuple(self.actions.shape)}")
+
+    @property
+    def cache_key(self) -> tuple[str, int]:
+        return (self.session_id, self.version)
+
+    def to_bytes(self) -> bytes:
+        meta = {"format": STATE_FORMAT, "session_id": self.session_id, "seed": self.seed, "version": self.version, "step": self.step}
+        tensors = {"tokens": self.tokens.to(torch.int32).contiguous(), "actions": self.actions.to(torch.int32).contiguous()}
+        return st_save(tensors, metadata={"genie": json.dumps(meta)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> WorldState:
+        try:
+            tensors = st_load(data)
+            meta = json.loads(_metadata(data)["genie"])
+        except Exception as exc:  # safetensors raises several types on garbage input
+            raise ValueError(f"not a serialised WorldState: {exc}") from exc
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported WorldState format {meta.get('format')!r}, expected {STATE_FORMAT}")
+        return cls(meta["session_id"], tensors["tokens"], tensors["actions"], meta["seed"], meta["version"], meta["step"])
+
+    def equals(self, other: WorldState) -> bool:
+        return (
+            (self.session_id, self.seed, self.version, self.step) == (other.session_id, other.seed, other.version, other.step)
+            and torch.equal(self.tokens, other.tokens)
+            and torch.equal(self.actions, other.actions)
+        )
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+
+
+@dataclass
+class SessionCaches:
+    """Keys/values of every committed frame of one session (B=1): dynamics and tokenizer decoder."""
+
+    dynamics: KVCache
+    decoder: KVCache
+
+    def nbytes(self) -> int:
+        return self.dynamics.nbytes() + self.decoder.nbytes()
+
+
+class KVCacheStore:
+    """A bounded LRU of SessionCaches keyed by (session id, version), capped in bytes.
+
+    Soft state only: `take` removes the entry so a step owns it exclusively; a miss means the caller
+    recomputes from the WorldState, which gives the same frames.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, int], SessionCaches] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, key: tuple[str, int]) -> SessionCaches | None:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                self.misses += 1
+                return None
+            self._bytes -= item.nbytes()
+            self.hits += 1
+            return item
+
+    def put(self, key: tuple[str, int], item: SessionCaches) -> None:
+        size = item.nbytes()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes()
+            self._items[key] = item
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.nbytes()
+
+    def discard(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is not None:
+                self._bytes -= item.nbytes()
+
+    def drop_session(self, session_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == session_id]:
+                self._bytes -= self._items.pop(key).nbytes()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes

@@ -1,0 +1,48 @@
+"""A world directory: world.json plus the tokenizer, LAM and dynamics checkpoints, loadable as a World."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from genie.config import MODEL_KINDS, WorldConfig, from_dict, load_world_config, to_dict
+from genie.sampling import SamplingConfig, World
+from genie.state import KVCacheStore
+from genie.train.checkpoint import latest_checkpoint, load_model, read_meta
+
+
+def export_world(run_root: Path, out: Path) -> Path:
+    """Copies the newest checkpoint of each model under `run_root/<kind>/` into the world dir `out`."""
+    run_root, out = Path(run_root), Path(out)
+    world = load_world_config(run_root / "dynamics" / "world.json")
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for kind in MODEL_KINDS:
+        ckpt = latest_checkpoint(run_root / kind)
+        if ckpt is None:
+            raise ValueError(f"no {kind} checkpoint under {run_root / kind}; train it first")
+        (tmp / kind).mkdir()
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy2(ckpt / name, tmp / kind / name)
+    (tmp / "world.json").write_text(json.dumps(to_dict(world), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_world(
+    world_dir: Path, sampling: SamplingConfig | None = None, cache: KVCacheStore | None = None
+) -> tuple[World, WorldConfig]:
+    """Loads the tokenizer and dynamics of a world dir (the LAM is not needed to play)."""
+    world_dir = Path(world_dir)
+    if not (world_dir / "world.json").exists():
+        raise ValueError(f"{world_dir} is not a world directory (no world.json)")
+    cfg = from_dict(WorldConfig, json.loads((world_dir / "world.json").read_text()))
+    for kind in ("tokenizer", "dynamics"):
+        read_meta(world_dir / kind)
+    tokenizer = load_model(world_dir / "tokenizer", "tokenizer")
+    dynamics = load_model(world_dir / "dynamics", "dynamics")
+    return World(tokenizer, dynamics, sampling or cfg.sampling, cache=cache), cfg
