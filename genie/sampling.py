@@ -122,7 +122,7 @@ class World:
             if not 0 <= int(a) < self.num_actions:
                 raise ValueError(f"action {a} is out of range [0, {self.num_actions})")
         slid = [self._slide(s) for s in states]
-        caches = [self._caches_for(new, slid=new is not old) for new, old in zip(slid, states)]
+        caches = [self._caches_for(new, slid=new is not old) for new, old in zip(slid, states, strict=True)]
         dyn = KVCache.stack([c.dynamics for c in caches])
         dec = KVCache.stack([c.decoder for c in caches])
         action_in = torch.tensor([int(a) for a in actions], dtype=torch.long)  # (B,)
@@ -142,7 +142,7 @@ class World:
         self.dynamics.frame_logits(tokens, action_in, dyn, commit=True)
         frames = to_uint8(self.tokenizer.decode_frame(tokens, dec))  # (B, H, W, C)
         new_states = []
-        for i, (s, d, e) in enumerate(zip(slid, dyn.unstack(), dec.unstack())):
+        for i, (s, d, e) in enumerate(zip(slid, dyn.unstack(), dec.unstack(), strict=True)):
             new = replace(
                 s,
                 tokens=torch.cat([s.tokens, tokens[i : i + 1].to(torch.int32)]),

@@ -41,7 +41,8 @@ class WorldState:
         return (self.session_id, self.version)
 
     def to_bytes(self) -> bytes:
-        meta = {"format": STATE_FORMAT, "session_id": self.session_id, "seed": self.seed, "version": self.version, "step": self.step}
+        meta = {"format": STATE_FORMAT, "session_id": self.session_id, "seed": self.seed}
+        meta |= {"version": self.version, "step": self.step}
         tensors = {"tokens": self.tokens.to(torch.int32).contiguous(), "actions": self.actions.to(torch.int32).contiguous()}
         return st_save(tensors, metadata={"genie": json.dumps(meta)})
 

@@ -26,7 +26,9 @@ def mask_ratio(progress: float, schedule: str = "cosine") -> float:
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
-def random_frame_mask(shape: tuple[int, int, int], min_rate: float, max_rate: float, generator: torch.Generator | None = None) -> Tensor:
+def random_frame_mask(
+    shape: tuple[int, int, int], min_rate: float, max_rate: float, generator: torch.Generator | None = None
+) -> Tensor:
     """Train-time mask for (B, T, N) tokens: each frame gets a rate ~ U[min_rate, max_rate], then Bernoulli.
 
     Frame 0 is never masked (it is always given as context). Returns (B, T, N) bool, True = masked.
@@ -36,6 +38,11 @@ def random_frame_mask(shape: tuple[int, int, int], min_rate: float, max_rate: fl
     mask = torch.rand(b, t, n, generator=generator) < rates
     mask[:, 0] = False
     return mask
+
+
+def _gumbel(uniform: Tensor) -> Tensor:
+    """Standard Gumbel noise from U(0, 1) samples (clamped away from 0 and 1)."""
+    return -torch.log((-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7))).clamp_min(1e-20))
 
 
 @dataclass(frozen=True)
@@ -81,15 +88,14 @@ def maskgit_decode(
         logits = logits_fn(state.tokens).float()  # (B, N, K)
         uniform = torch.stack([torch.rand(logits.shape[1:], generator=g) for g in generators])  # (B, N, K)
         if temperature > 0:
-            gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
-            sampled = (logits / temperature + gumbel).argmax(dim=-1)  # (B, N)
+            sampled = (logits / temperature + _gumbel(uniform)).argmax(dim=-1)  # (B, N)
         else:
             sampled = logits.argmax(dim=-1)
         probs = torch.softmax(logits, dim=-1).gather(-1, sampled[..., None]).squeeze(-1)  # (B, N)
         confidence = torch.log(probs.clamp_min(1e-20))
         if choice_temperature > 0:
             noise = torch.stack([torch.rand(logits.shape[1], generator=g) for g in generators])  # (B, N)
-            confidence = confidence + choice_temperature * (1 - (s + 1) / steps) * -torch.log(-torch.log(noise.clamp_min(1e-20)))
+            confidence = confidence + choice_temperature * (1 - (s + 1) / steps) * _gumbel(noise)
         confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))  # known: keep
         candidate = torch.where(masked, sampled, state.tokens)
         n_masked = masked.sum(dim=1)  # (B,)

@@ -92,7 +92,7 @@ def load_model(directory: Path, expected_kind: str | None = None) -> nn.Module:
     model = build_model(kind, cfg)
     try:
         model.load_state_dict(load_file(Path(directory) / "model.safetensors"))
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # OSError, RuntimeError (shape mismatch), SafetensorError (corrupt file)
         raise ValueError(f"cannot load weights from {directory}: {exc}") from exc
     return model.eval()
 

@@ -43,6 +43,7 @@ class TrainResult:
     checkpoint: Path | None
     logs: dict[str, float]  # the last step's scalars
     seconds: float
+    losses: list[float]  # loss of every step run in this call
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -123,7 +124,7 @@ def train(
         start = _resume(latest, kind, model, opt)
         log.info("resuming %s from %s (step %d)", kind, latest, start)
     writer = _writer(run_dir, start) if tensorboard else None
-    t0, logs, saved = time.perf_counter(), {}, latest
+    t0, logs, saved, losses = time.perf_counter(), {}, latest, []
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     model.train()
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {kind}", disable=not progress)
@@ -142,6 +143,7 @@ def train(
         logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
         logs["lr"] = opt.param_groups[0]["lr"]
         opt.step()
+        losses.append(logs["loss"])
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -152,7 +154,7 @@ def train(
             saved = _save(run_dir, kind, model, opt, done, cfg)
     if writer is not None:
         writer.close()
-    return TrainResult(kind, end, start, saved, logs, time.perf_counter() - t0)
+    return TrainResult(kind, end, start, saved, logs, time.perf_counter() - t0, losses)
 
 
 def _writer(run_dir: Path, start: int):

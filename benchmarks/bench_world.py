@@ -1,0 +1,170 @@
+"""World.step speed: ms per generated frame at B=1 and B=16, with and without the history (K/V) cache.
+
+Weights are random (untrained): a step does the same work whatever the weights, so timings hold for
+trained worlds. Each configuration starts from a prompt of `keep_frames` clips, takes one warm-up step
+(whose model FLOPs are counted with FlopCounterMode) and then times `window - keep` steps: one full
+steady-state cycle of a long session, context 9..15 frames and one window slide (rebuild from the kept
+frames). `mean` is the amortised cost per step over that cycle; `median` is a typical non-slide step.
+
+Also: a history-length sweep at B=1 (the same step repeated at context 1, 2, 4, 8, 15 frames, with the
+cache restored before each call vs recomputed from tokens), and for "peer-small" the speedup over jasmine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+from common import base_parser, count_flops, emit, matmul_peak, rounded, setup_run, time_it
+from torch.profiler import ProfilerActivity, profile
+
+from genie.data.synthetic import MovingSprites
+from genie.models.dynamics import DynamicsModel
+from genie.models.tokenizer import VideoTokenizer
+from genie.nn.st_transformer import KVCache
+from genie.presets import PRESETS, get_preset
+from genie.sampling import World
+from genie.state import KVCacheStore, SessionCaches
+
+# jasmine on this machine, "peer-small", B=1, no cache: ms per frame by MaskGIT steps (../shared/DESIGN.md).
+JASMINE_MS_PER_FRAME = {8: 5977.0, 25: 18858.0}
+FPS_TARGET, JASMINE_SPEEDUP_TARGET, PEAK_TARGET = 10.0, 20.0, 0.5
+
+
+def _clone(c: SessionCaches) -> SessionCaches:
+    def copy(kv: KVCache) -> KVCache:
+        return KVCache(kv.k.clone(), kv.v.clone(), kv.lengths.clone())
+
+    return SessionCaches(copy(c.dynamics), copy(c.decoder))
+
+
+class Bench:
+    def __init__(self, preset: str, sampling_steps: int) -> None:
+        self.preset = preset
+        cfg = get_preset(preset)
+        self.sampling = cfg.sampling
+        if sampling_steps:
+            self.sampling = dataclasses.replace(cfg.sampling, steps=sampling_steps)
+        torch.manual_seed(0)
+        self.tokenizer = VideoTokenizer(cfg.tokenizer)
+        self.dynamics = DynamicsModel(cfg.dynamics)
+        self.clips = MovingSprites(cfg.data.sprites).batch(0, 16).frames  # (16, T, H, W, 3) uint8
+        self.base = {"preset": preset, "sampling_steps": self.sampling.steps, "weights": "random-init"}
+
+    def world(self, cached: bool) -> World:
+        return World(self.tokenizer, self.dynamics, self.sampling, cache=KVCacheStore() if cached else None)
+
+    def actions(self, batch: int, step: int) -> list[int]:
+        return [(step + i) % self.dynamics.cfg.num_actions for i in range(batch)]
+
+    def steady(self, batch: int, cached: bool, iters: int) -> dict:
+        """Steady-state play: warm-up step (FLOPs counted) then a full window cycle of timed steps."""
+        world = self.world(cached)
+        states, _ = world.reset(self.clips[:batch, : world.keep], seeds=list(range(batch)))
+        flops, (states, _) = count_flops(lambda: world.step(states, self.actions(batch, 0)))
+        n = iters or world.window - world.keep
+        k = iter(range(1, 1 << 30))
+
+        def step() -> None:
+            nonlocal states
+            states, _ = world.step(states, self.actions(batch, next(k)))
+
+        timing = time_it(step, iters=n, warmup=0)
+        if cached:
+            assert world.cache.misses == 0, f"expected only cache hits, got {world.cache.misses} misses"
+        mean, med = timing.mean, timing.median
+        return {
+            **self.base,
+            "bench": "world_step",
+            "batch": batch,
+            "cache": cached,
+            **timing.summary(),
+            "ms_per_frame": 1e3 * mean / batch,  # per session, amortised over the cycle
+            "ms_per_frame_median": 1e3 * med / batch,
+            "fps_per_session": 1 / mean,
+            "fps_aggregate": batch / mean,
+            "gflop_per_step": flops / 1e9,
+            "gflops": flops / med / 1e9,
+        }
+
+    def at_length(self, length: int, cached: bool, reps: int) -> float:
+        """Median seconds of one B=1 step taken from a context of `length` frames (no slide)."""
+        world = self.world(cached)
+        states, _ = world.reset(self.clips[:1, :length], seeds=[0])
+        action = self.actions(1, 0)
+        setup = None
+        if cached:
+            key = states[0].cache_key
+            template = world.cache.take(key)
+            setup = lambda: world.cache.put(key, _clone(template))  # noqa: E731 - restore what step consumes
+        timing = time_it(lambda: world.step(states, action), iters=reps, warmup=1, setup=setup)
+        if cached:  # reset's put, our take, then one hit per call
+            assert (world.cache.hits, world.cache.misses) == (reps + 2, 0), "the sweep must hit the cache"
+        return timing.median
+
+    def profile_step(self, batch: int, rows: int) -> None:
+        world = self.world(True)
+        states, _ = world.reset(self.clips[:batch, : world.keep], seeds=list(range(batch)))
+        states, _ = world.step(states, self.actions(batch, 0))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for k in range(3):
+                states, _ = world.step(states, self.actions(batch, k + 1))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), file=sys.stderr)
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--sampling-steps", type=int, default=0, help="MaskGIT steps per frame (0 = the preset's)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--modes", nargs="+", default=["cache", "nocache"], choices=["cache", "nocache"])
+    parser.add_argument("--iters", type=int, default=0, help="timed steps (0 = one window cycle)")
+    parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8, 15], help="context lengths; none = skip")
+    parser.add_argument("--sweep-reps", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, help="print the top N ops of 3 cached B=1 steps")
+    parser.add_argument("--peak-gflops", type=float, default=0.0, help="skip measuring the matmul peak")
+    args = parser.parse_args()
+    machine = setup_run(args)
+    bench = Bench(args.preset, args.sampling_steps)
+    peak = args.peak_gflops or matmul_peak()
+    print(f"# fp32 matmul peak {peak:.1f} GFLOP/s", file=sys.stderr, flush=True)
+
+    if args.profile:
+        bench.profile_step(1, args.profile)
+    b1_cost = {}
+    for batch in args.batch_sizes:
+        for mode in args.modes:
+            row = bench.steady(batch, mode == "cache", args.iters)
+            row["peak_gflops"], row["of_peak"] = peak, row["gflops"] / peak
+            row["target_of_peak_met"] = row["of_peak"] >= PEAK_TARGET
+            if batch == 1:
+                b1_cost[mode] = row["ms_per_frame"]
+                if args.preset == "demo":
+                    row["target_10fps_met"] = row["fps_per_session"] >= FPS_TARGET
+            elif mode in b1_cost:
+                row["per_session_vs_b1"] = row["ms_per_frame"] / b1_cost[mode]
+                row["target_batching_met"] = row["per_session_vs_b1"] <= 1.0
+            jasmine = JASMINE_MS_PER_FRAME.get(bench.sampling.steps) if args.preset == "peer-small" else None
+            if jasmine is not None and batch == 1:
+                row["jasmine_ms_per_frame"], row["speedup_vs_jasmine"] = jasmine, jasmine / row["ms_per_frame"]
+                row["target_20x_met"] = row["speedup_vs_jasmine"] >= JASMINE_SPEEDUP_TARGET
+            emit(rounded(row), machine, args.out)
+
+    sweep = {}
+    for length in [n for n in args.sweep or [] if n < bench.dynamics.cfg.max_frames]:
+        cached = bench.at_length(length, True, args.sweep_reps)
+        uncached = bench.at_length(length, False, args.sweep_reps)
+        sweep[length] = cached
+        row = {**bench.base, "bench": "world_history", "batch": 1, "context_frames": length}
+        row |= {"ms_cache": 1e3 * cached, "ms_nocache": 1e3 * uncached, "nocache_over_cache": uncached / cached}
+        emit(rounded(row), machine, args.out)
+    if len(sweep) > 1:
+        lo, hi = min(sweep), max(sweep)
+        row = {**bench.base, "bench": "world_history_flatness", "from_frames": lo, "to_frames": hi}
+        row["cache_ms_ratio"] = sweep[hi] / sweep[lo]  # 1.0 = flat in history length
+        emit(rounded(row), machine, args.out)
+
+
+if __name__ == "__main__":
+    main()

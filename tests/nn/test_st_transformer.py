@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from genie.nn.st_transformer import KVCache, STTransformer, STTransformerConfig
+
+CFG = STTransformerConfig(dim=32, depth=2, heads=4, ffn_mult=2, max_frames=6)
+
+
+def test_shapes():
+    model = STTransformer(CFG)
+    x = torch.randn(2, 5, 7, 32)
+    assert model(x).shape == (2, 5, 7, 32)
+
+
+def test_causal_in_time():
+    model = STTransformer(CFG).eval()
+    x = torch.randn(2, 6, 7, 32)
+    y = model(x)
+    x2 = x.clone()
+    x2[:, 3:] = torch.randn_like(x2[:, 3:])  # change frames 3.. only
+    y2 = model(x2)
+    assert torch.allclose(y[:, :3], y2[:, :3], atol=1e-6)
+    assert not torch.allclose(y[:, 3:], y2[:, 3:], atol=1e-3)
+
+
+def test_spatial_attention_mixes_within_frame():
+    model = STTransformer(CFG).eval()
+    x = torch.randn(1, 2, 7, 32)
+    x2 = x.clone()
+    x2[0, 0, 0] += torch.randn(32)  # one token of frame 0 (not a constant shift, which LayerNorm removes)
+    diff = (model(x) - model(x2)).abs().amax(dim=-1)  # (1, 2, 7)
+    assert (diff[0, 0] > 1e-4).all()  # every token of the same frame sees it
+    assert (diff[0, 1] > 1e-4).all()  # later frames see it through time
+
+
+def test_frame_by_frame_matches_full_forward():
+    model = STTransformer(CFG).eval()
+    x = torch.randn(3, 6, 7, 32)
+    full = model(x)
+    cache = KVCache.empty(CFG, batch=3, tokens=7)
+    outs = []
+    with torch.no_grad():
+        for t in range(6):
+            probe = model.forward_frame(x[:, t], cache, commit=False)
+            outs.append(model.forward_frame(x[:, t], cache, commit=True))
+            assert torch.equal(probe, outs[-1])  # the scratch slot does not leak between calls
+    assert torch.allclose(torch.stack(outs, dim=1), full, atol=1e-5)
+    assert cache.lengths.tolist() == [6, 6, 6]
+    with pytest.raises(ValueError, match="cache is full"):
+        model.forward_frame(x[:, 0], cache, commit=False)
+
+
+def test_ragged_batch_matches_rows_alone():
+    """Rows with different history lengths in one batch give what each gives alone."""
+    model = STTransformer(CFG).eval()
+    hist = [torch.randn(1, n, 7, 32) for n in (1, 4)]
+    new = torch.randn(2, 7, 32)
+    caches = []
+    with torch.no_grad():
+        for h in hist:
+            c = KVCache.empty(CFG, 1, 7)
+            for t in range(h.shape[1]):
+                model.forward_frame(h[:, t], c, commit=True)
+            caches.append(c)
+        alone = [model.forward_frame(new[i : i + 1], KVCache.stack([caches[i]]), commit=False) for i in range(2)]
+        batch = KVCache.stack(caches)
+        together = model.forward_frame(new, batch, commit=True)
+    assert torch.allclose(together, torch.cat(alone), atol=1e-5)
+    parts = batch.unstack()
+    assert [p.lengths.item() for p in parts] == [2, 5]
+    assert parts[0].k.data_ptr() != batch.k.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"dim": 30, "heads": 4}, "divisible"), ({"depth": 0}, "positive"), ({"max_frames": 0}, "max_frames")],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        STTransformerConfig(**kwargs)
+
+
+def test_too_many_frames():
+    with pytest.raises(ValueError, match="max_frames=6"):
+        STTransformer(CFG)(torch.randn(1, 7, 4, 32))

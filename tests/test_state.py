@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from genie.nn.st_transformer import KVCache, STTransformerConfig
+from genie.state import KVCacheStore, SessionCaches, WorldState
+
+
+def _state(**kw):
+    base = dict(session_id="s1", tokens=torch.randint(0, 64, (3, 16), dtype=torch.int32),
+                actions=torch.tensor([-1, 2, 0], dtype=torch.int32), seed=7, version=4, step=2)
+    base.update(kw)
+    return WorldState(**base)
+
+
+def test_state_bytes_round_trip_is_exact():
+    s = _state()
+    back = WorldState.from_bytes(s.to_bytes())
+    assert back.equals(s)
+    assert back.tokens.dtype == torch.int32 and back.actions.dtype == torch.int32
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage-bytes-that-are-not-safetensors", b"\x00" * 64])
+def test_state_from_garbage_raises_value_error(data):
+    with pytest.raises(ValueError, match="WorldState"):
+        WorldState.from_bytes(data)
+
+
+def test_state_shape_checked():
+    with pytest.raises(ValueError, match="bad state shapes"):
+        _state(actions=torch.zeros(2, dtype=torch.int32))
+
+
+def _caches(frames=4):
+    cfg = STTransformerConfig(dim=8, depth=1, heads=2, max_frames=frames)
+    return SessionCaches(KVCache.empty(cfg, 1, 4), KVCache.empty(cfg, 1, 4))
+
+
+def test_store_take_is_exclusive_and_counts():
+    store = KVCacheStore()
+    c = _caches()
+    store.put(("a", 1), c)
+    assert store.take(("a", 1)) is c
+    assert store.take(("a", 1)) is None
+    assert (store.hits, store.misses) == (1, 1)
+    assert store.nbytes == 0
+
+
+def test_store_evicts_least_recent_by_bytes():
+    size = _caches().nbytes()
+    store = KVCacheStore(max_bytes=2 * size)
+    for i in range(3):
+        store.put(("s", i), _caches())
+    assert len(store) == 2 and store.nbytes == 2 * size
+    assert store.take(("s", 0)) is None  # oldest evicted
+    assert store.take(("s", 2)) is not None
+
+
+def test_store_drop_session_and_discard():
+    store = KVCacheStore()
+    store.put(("a", 1), _caches())
+    store.put(("a", 2), _caches())
+    store.put(("b", 1), _caches())
+    store.drop_session("a")
+    store.discard(("b", 1))
+    assert len(store) == 0 and store.nbytes == 0
