@@ -129,7 +129,7 @@ def play(world_dir, steps, actions, seed, prompt_frames, sampling_steps, out) ->
             seq = torch.randint(0, world.num_actions, (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
         else:
             seq = [int(a) for a in actions.split(",")]
-        clip, _ = MovingSprites(replace(cfg.data.sprites, seed=10_000 + seed)).clip(0)
+        clip, _ = MovingSprites(replace(cfg.data.sprites(evaluation=True), seed=10_000 + seed)).clip(0)
         prompt = torch.from_numpy(clip[None, :prompt_frames])
         states, first = world.reset(prompt, [seed])
         frames = [first[0].numpy()]
@@ -142,6 +142,63 @@ def play(world_dir, steps, actions, seed, prompt_frames, sampling_steps, out) ->
         _fail(str(exc))
     write_gif(np.stack(frames), out)
     click.echo(json.dumps({"gif": str(out), "frames": len(seq), "fps": round(len(seq) / elapsed, 2), "actions": seq}))
+
+
+@main.group()
+def data() -> None:
+    """Build training data."""
+
+
+@data.command("generate")
+@click.option("--env", default="coinrun", show_default=True, help="Procgen game.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
+@click.option("--episodes", type=int, default=100, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New dataset directory.")
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-levels", type=int, default=10_000, show_default=True, help="Levels the split draws from.")
+@click.option("--max-frames", type=int, default=500, show_default=True, help="Episodes are cut at this length.")
+@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--quiet", is_flag=True)
+def data_generate(env, split, episodes, out, workers, seed, num_levels, max_frames, distribution_mode, quiet) -> None:
+    """Record episodes of a Procgen game (random sticky policy, true actions kept for evaluation)."""
+    from genie.data.procgen import ProcgenConfig, generate
+
+    try:
+        cfg = ProcgenConfig(env=env, split=split, episodes=episodes, seed=seed, num_levels=num_levels,
+                            max_frames=max_frames, distribution_mode=distribution_mode)
+        summary = generate(cfg, out, workers=workers, progress=not quiet)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(summary))
+
+
+@main.command("eval")
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), default=DEFAULT_WORLD, show_default=True)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Held-out dataset dir (default: the world's data.eval_path, or held-out sprites).")
+@click.option("--clips", type=int, default=64, show_default=True)
+@click.option("--horizon", type=int, default=4, show_default=True, help="t of the ΔtPSNR (paper: 4).")
+@click.option("--sampling-steps", type=int, help="MaskGIT steps (default: the world's).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True)
+def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, out) -> None:
+    """Evaluate a world: reconstruction PSNR/SSIM, ΔtPSNR, action consistency; writes report.json + compare.gif."""
+    from dataclasses import replace
+
+    from genie.data import make_source
+    from genie.eval.run import EvalConfig
+    from genie.eval.run import evaluate as run_eval
+    from genie.worlds import load_world_config_of
+
+    try:
+        wcfg = load_world_config_of(world_dir)
+        data_cfg = replace(wcfg.data, source="shards", path=str(data_dir), eval_path=str(data_dir)) if data_dir else wcfg.data
+        source = make_source(data_cfg, evaluation=True)
+        sampling = replace(wcfg.sampling, steps=sampling_steps) if sampling_steps else None
+        report = run_eval(world_dir, source, EvalConfig(clips=clips, horizon=horizon), out, sampling=sampling)
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({k: report[k] for k in ("tokenizer", "dynamics", "lam") if k in report}))
 
 
 if __name__ == "__main__":

@@ -47,14 +47,31 @@ class TrainConfig:
             raise ValueError("log_every, ckpt_every and keep_checkpoints must be >= 1")
 
 
+DATA_SOURCES = ("sprites", "shards")
+EVAL_SEED_OFFSET = 1_000_000  # synthetic evaluation clips come from a seed range training never uses
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "sprites"
-    sprites: SpritesConfig = field(default_factory=SpritesConfig)
+    """Where training clips come from and their geometry: (frames, height, width, 3) uint8."""
+
+    source: str = "sprites"  # "sprites": built-in moving sprites; "shards": a dataset dir (`genie data generate`)
+    path: str = ""  # shards: the training split's directory
+    eval_path: str = ""  # shards: a held-out split's directory for `genie eval`
+    height: int = 64
+    width: int = 64
+    frames: int = 16  # clip length T
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.source != "sprites":
-            raise ValueError(f"unknown data source {self.source!r}; expected 'sprites'")
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"unknown data source {self.source!r}; expected one of {DATA_SOURCES}")
+        if self.source == "shards" and not self.path:
+            raise ValueError("data.source=shards needs data.path (a directory written by `genie data generate`)")
+
+    def sprites(self, evaluation: bool = False) -> SpritesConfig:
+        seed = self.seed + (EVAL_SEED_OFFSET if evaluation else 0)
+        return SpritesConfig(height=self.height, width=self.width, frames=self.frames, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -72,7 +89,7 @@ class WorldConfig:
     train_dynamics: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        t, a, d, s = self.tokenizer, self.lam, self.dynamics, self.data.sprites
+        t, a, d, s = self.tokenizer, self.lam, self.dynamics, self.data
         if t.frame != a.frame:
             raise ValueError(f"tokenizer frame {t.frame} differs from LAM frame {a.frame}")
         if (s.height, s.width) != (t.frame.height, t.frame.width) or t.frame.channels != 3:

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from genie.config import MODEL_KINDS, WorldConfig, from_dict, load_world_config, to_dict
+from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict
 from genie.sampling import SamplingConfig, World
 from genie.state import KVCacheStore
 from genie.train.checkpoint import latest_checkpoint, load_model, read_meta
@@ -33,14 +33,19 @@ def export_world(run_root: Path, out: Path) -> Path:
     return out
 
 
+def load_world_config_of(world_dir: Path) -> WorldConfig:
+    path = Path(world_dir) / "world.json"
+    if not path.exists():
+        raise ValueError(f"{world_dir} is not a world directory (no world.json)")
+    return load_world_config(path)
+
+
 def load_world(
     world_dir: Path, sampling: SamplingConfig | None = None, cache: KVCacheStore | None = None
 ) -> tuple[World, WorldConfig]:
     """Loads the tokenizer and dynamics of a world dir (the LAM is not needed to play)."""
     world_dir = Path(world_dir)
-    if not (world_dir / "world.json").exists():
-        raise ValueError(f"{world_dir} is not a world directory (no world.json)")
-    cfg = from_dict(WorldConfig, json.loads((world_dir / "world.json").read_text()))
+    cfg = load_world_config_of(world_dir)
     for kind in ("tokenizer", "dynamics"):
         read_meta(world_dir / kind)
     tokenizer = load_model(world_dir / "tokenizer", "tokenizer")

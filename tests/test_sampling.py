@@ -19,7 +19,7 @@ def random_world(tiny_world_cfg):
 
 
 def _prompt(cfg, b=2, t0=1, seed=0):
-    clips = [MovingSprites(cfg.data.sprites).clip(1000 + seed + i)[0][:t0] for i in range(b)]
+    clips = [MovingSprites(cfg.data.sprites()).clip(1000 + seed + i)[0][:t0] for i in range(b)]
     return torch.from_numpy(__import__("numpy").stack(clips))
 
 

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from genie.config import MODEL_KINDS, TrainConfig, WorldConfig, to_dict
+from genie.data import make_source
 from genie.data.source import VideoBatch, VideoSource
-from genie.data.synthetic import MovingSprites
 from genie.train.checkpoint import (
     build_model,
     checkpoint_dir,
@@ -52,10 +52,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_source(world: WorldConfig) -> VideoSource:
-    return MovingSprites(world.data.sprites)
 
 
 def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: dict[str, Path]) -> Objective:
@@ -115,7 +111,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_model(kind, world.model_config(kind))
     objective = _objective(kind, model, world, frozen or {})
-    source = source or make_source(world)
+    source = source or make_source(world.data)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
     start = 0

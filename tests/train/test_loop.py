@@ -29,7 +29,7 @@ def test_lam_beats_copying_last_frame(trained_run):
     from genie.presets import tiny
 
     lam = load_model(latest_checkpoint(trained_run / "lam"))
-    frames = MovingSprites(tiny().data.sprites).batch(5000, 16).frames
+    frames = MovingSprites(tiny().data.sprites()).batch(5000, 16).frames
     with torch.no_grad():
         out = lam(frames)
     assert out.logs["mse"] < 0.9 * out.logs["copy_mse"], out.logs
@@ -46,7 +46,7 @@ def test_dynamics_loss_drops_and_beats_chance(trained_run):
 
     cfg = tiny()
     tok, lam = load_model(latest_checkpoint(trained_run / "tokenizer")), load_model(latest_checkpoint(trained_run / "lam"))
-    frames = MovingSprites(cfg.data.sprites).batch(7000, 16).frames
+    frames = MovingSprites(cfg.data.sprites()).batch(7000, 16).frames
     tokens, actions = tok.encode(frames), lam.infer_actions(frames)
     trained, fresh = load_model(ckpt).eval(), DynamicsModel(cfg.dynamics).eval()
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731

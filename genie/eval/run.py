@@ -1,0 +1,139 @@
+"""`genie eval`: tokenizer reconstruction, LAM action consistency and dynamics controllability of a world."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genie.data.source import VideoSource
+from genie.eval.metrics import action_consistency, psnr, ssim
+from genie.media import write_gif
+from genie.models.common import to_uint8
+from genie.sampling import SamplingConfig, World
+from genie.train.checkpoint import load_model
+from genie.worlds import load_world
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    clips: int = 64  # held-out clips evaluated
+    horizon: int = 4  # t of ΔtPSNR: frames generated from one prompt frame (Genie paper: t = 4)
+    batch_size: int = 16
+    seed: int = 0
+    gif_clips: int = 4  # clips shown side by side in the GIF (truth | inferred actions | random actions)
+    num_true_actions: int = 0  # 0: taken from the data (max true action + 1)
+
+    def __post_init__(self) -> None:
+        if self.clips < 1 or self.batch_size < 1 or self.horizon < 1 or self.gif_clips < 0:
+            raise ValueError("clips, batch_size and horizon must be >= 1, gif_clips >= 0")
+
+
+def _rollout(world: World, prompt: torch.Tensor, actions: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """prompt (B, 1, H, W, C) uint8, actions (B, S) -> generated frames (B, S, H, W, C) uint8."""
+    states, _ = world.reset(prompt, seeds)
+    frames = []
+    for s in range(actions.shape[1]):
+        states, f = world.step(states, actions[:, s].tolist())
+        frames.append(f)
+    return torch.stack(frames, dim=1)
+
+
+@torch.no_grad()
+def evaluate(
+    world_dir: Path, source: VideoSource, cfg: EvalConfig, out_dir: Path, sampling: SamplingConfig | None = None
+) -> dict[str, Any]:
+    """Evaluates a world directory on held-out clips; writes report.json and compare.gif into `out_dir`."""
+    world, wcfg = load_world(world_dir, sampling=sampling)
+    lam = load_model(Path(world_dir) / "lam", "lam")
+    tokenizer = world.tokenizer
+    if cfg.horizon >= wcfg.data.frames:
+        raise ValueError(f"horizon {cfg.horizon} needs clips longer than {wcfg.data.frames} frames")
+    rng = torch.Generator().manual_seed(cfg.seed)
+    rec_psnr, rec_ssim, used = [], [], set()
+    latent_all, true_all = [], []
+    inf_psnr, rnd_psnr, inf_ssim = [], [], []
+    gif_rows: list[np.ndarray] = []
+    done, step = 0, 0
+    while done < cfg.clips:
+        batch = source.batch(step, min(cfg.batch_size, cfg.clips - done))
+        step += 1
+        frames = batch.frames  # (B, T, H, W, C) uint8
+        b = frames.shape[0]
+        tokens = tokenizer.encode(frames)
+        recon = to_uint8(tokenizer.decode(tokens))
+        rec_psnr.append(psnr(recon, frames).flatten())
+        rec_ssim.append(ssim(recon, frames).flatten())
+        used.update(tokens.unique().tolist())
+        latent = lam.infer_actions(frames)  # (B, T-1)
+        if batch.actions is not None:
+            latent_all.append(latent.flatten().numpy())
+            true_all.append(batch.actions.flatten().numpy())
+        h = cfg.horizon
+        seeds = [cfg.seed * 100_003 + done + i for i in range(b)]
+        random_actions = torch.randint(0, world.num_actions, (b, h), generator=rng)
+        gen_inf = _rollout(world, frames[:, :1], latent[:, :h], seeds)  # (B, h, H, W, C)
+        gen_rnd = _rollout(world, frames[:, :1], random_actions, seeds)
+        truth = frames[:, 1 : h + 1]
+        inf_psnr.append(psnr(gen_inf, truth))  # (B, h)
+        rnd_psnr.append(psnr(gen_rnd, truth))
+        inf_ssim.append(ssim(gen_inf, truth))
+        for i in range(min(b, cfg.gif_clips - len(gif_rows))):
+            gif_rows.append(_side_by_side(frames[i, : h + 1], gen_inf[i], gen_rnd[i]))
+        done += b
+    inf, rnd = torch.cat(inf_psnr), torch.cat(rnd_psnr)  # (M, h)
+    report: dict[str, Any] = {
+        "world": str(world_dir),
+        "eval": asdict(cfg),
+        "sampling": asdict(world.sampling),
+        "clips": done,
+        "tokenizer": {
+            "psnr": float(torch.cat(rec_psnr).mean()),
+            "ssim": float(torch.cat(rec_ssim).mean()),
+            "codebook_usage": len(used) / tokenizer.cfg.vq.num_codes,
+        },
+        "dynamics": {
+            "psnr_by_step_inferred": inf.mean(0).tolist(),
+            "psnr_by_step_random": rnd.mean(0).tolist(),
+            "ssim_by_step_inferred": torch.cat(inf_ssim).mean(0).tolist(),
+            f"psnr_t{cfg.horizon}_inferred": float(inf[:, -1].mean()),
+            f"psnr_t{cfg.horizon}_random": float(rnd[:, -1].mean()),
+            f"delta_psnr_t{cfg.horizon}": float(inf[:, -1].mean() - rnd[:, -1].mean()),
+            "next_frame_psnr_inferred": float(inf[:, 0].mean()),
+        },
+    }
+    if latent_all:
+        latent_np, true_np = np.concatenate(latent_all), np.concatenate(true_all)
+        num_true = cfg.num_true_actions or int(true_np.max()) + 1
+        report["lam"] = action_consistency(latent_np, true_np, world.num_actions, num_true)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if gif_rows:
+        write_gif(np.concatenate(gif_rows, axis=1), out_dir / "compare.gif", fps=4, scale=3)
+        report["gif"] = str(out_dir / "compare.gif")
+    (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2))
+    return report
+
+
+def _side_by_side(truth: torch.Tensor, inferred: torch.Tensor, random: torch.Tensor) -> np.ndarray:
+    """(h+1, H, W, C) truth and (h, H, W, C) generations -> (h+1, H, 3W + 2, C): the prompt repeated at t=0."""
+    first = truth[:1]
+    cols = [truth, torch.cat([first, inferred]), torch.cat([first, random])]
+    sep = torch.full((truth.shape[0], truth.shape[1], 1, truth.shape[3]), 255, dtype=torch.uint8)
+    return torch.cat([cols[0], sep, cols[1], sep, cols[2]], dim=2).numpy()
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: report them as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
