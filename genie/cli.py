@@ -104,22 +104,22 @@ def export(run_root, out) -> None:
 @click.option("--world", "world_dir", type=click.Path(path_type=Path), default=DEFAULT_WORLD, show_default=True)
 @click.option("--steps", type=int, default=32, show_default=True, help="Frames to generate.")
 @click.option("--actions", default="random", show_default=True, help="Comma-separated latent actions, or 'random'.")
+@click.option("--prompt", default="0", show_default=True,
+              help="A PNG/JPEG file, or the index of one of the world's prompts (WORLD/prompts/).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prompt-frames", type=int, default=1, show_default=True)
 @click.option("--sampling-steps", type=int, help="MaskGIT steps (default: the world's).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("play.gif"), show_default=True)
-def play(world_dir, steps, actions, seed, prompt_frames, sampling_steps, out) -> None:
+def play(world_dir, steps, actions, prompt, seed, sampling_steps, out) -> None:
     """Play a world with a scripted action sequence and write a GIF (the interactive server comes with the
-    gateway; this is the same World.step it will call)."""
+    gateway; this drives the same World.step it will call)."""
     from dataclasses import replace
 
     import numpy as np
     import torch
 
-    from genie.data.synthetic import MovingSprites
-    from genie.media import write_gif
+    from genie.media import load_image, write_gif
     from genie.state import KVCacheStore
-    from genie.worlds import load_world
+    from genie.worlds import load_prompts, load_world
 
     try:
         world, cfg = load_world(world_dir, cache=KVCacheStore())
@@ -128,20 +128,34 @@ def play(world_dir, steps, actions, seed, prompt_frames, sampling_steps, out) ->
         if actions == "random":
             seq = torch.randint(0, world.num_actions, (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
         else:
-            seq = [int(a) for a in actions.split(",")]
-        clip, _ = MovingSprites(replace(cfg.data.sprites(evaluation=True), seed=10_000 + seed)).clip(0)
-        prompt = torch.from_numpy(clip[None, :prompt_frames])
-        states, first = world.reset(prompt, [seed])
+            try:
+                seq = [int(a) for a in actions.split(",")]
+            except ValueError:
+                raise ValueError(f"--actions must be comma-separated integers or 'random', got {actions!r}") from None
+        image = _prompt_path(prompt, load_prompts(world_dir))
+        frame = load_image(image, cfg.data.height, cfg.data.width)
+        states, first = world.reset(torch.from_numpy(frame)[None, None], [seed])
         frames = [first[0].numpy()]
         t0 = time.perf_counter()
         for a in seq:
-            states, frame = world.step(states, [a])
-            frames.append(frame[0].numpy())
+            states, out_frame = world.step(states, [a])
+            frames.append(out_frame[0].numpy())
         elapsed = time.perf_counter() - t0
     except ValueError as exc:
         _fail(str(exc))
     write_gif(np.stack(frames), out)
     click.echo(json.dumps({"gif": str(out), "frames": len(seq), "fps": round(len(seq) / elapsed, 2), "actions": seq}))
+
+
+def _prompt_path(prompt: str, shipped: list[Path]) -> Path:
+    if prompt.isdigit():
+        if int(prompt) >= len(shipped):
+            raise ValueError(f"the world ships {len(shipped)} prompts; --prompt {prompt} is out of range")
+        return shipped[int(prompt)]
+    path = Path(prompt)
+    if not path.is_file():
+        raise ValueError(f"prompt image {path} does not exist")
+    return path
 
 
 @main.group()

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict
+from genie.data import make_source
+from genie.media import save_png
 from genie.sampling import SamplingConfig, World
 from genie.state import KVCacheStore
 from genie.train.checkpoint import latest_checkpoint, load_model, read_meta
@@ -27,10 +29,27 @@ def export_world(run_root: Path, out: Path) -> Path:
         for name in ("model.safetensors", "config.json"):
             shutil.copy2(ckpt / name, tmp / kind / name)
     (tmp / "world.json").write_text(json.dumps(to_dict(world), indent=2))
+    _write_prompts(world, tmp / "prompts")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _write_prompts(world: WorldConfig, folder: Path, count: int = 8) -> None:
+    """Saves first frames of held-out clips (training clips if none are held out) as the world's prompts."""
+    try:
+        source = make_source(world.data, evaluation=True)
+    except ValueError:
+        source = make_source(world.data)
+    folder.mkdir()
+    for i, frame in enumerate(source.batch(0, count).frames[:, 0].numpy()):
+        save_png(frame, folder / f"{i:02d}.png")
+
+
+def load_prompts(world_dir: Path) -> list[Path]:
+    """The prompt images shipped with a world, in order."""
+    return sorted((Path(world_dir) / "prompts").glob("*.png"))
 
 
 def load_world_config_of(world_dir: Path) -> WorldConfig:

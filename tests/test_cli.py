@@ -30,6 +30,14 @@ def test_train_export_play(tmp_path):
     assert report["frames"] == 5 and report["actions"] == [0, 1, 2, 3, 1] and report["fps"] > 0
     with Image.open(gif) as im:
         assert im.n_frames == 6 and im.size == (64, 64)
+    assert len(list((tmp_path / "world" / "prompts").glob("*.png"))) == 8
+    own = tmp_path / "mine.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(own)
+    code, out = _run(["play", "--world", str(tmp_path / "world"), "--steps", "2", "--prompt", str(own), "--out", str(gif)])
+    assert code == 0, out
+    for bad in (["--prompt", "99"], ["--prompt", str(tmp_path / "none.png")], ["--actions", "1,x"], ["--actions", "7"]):
+        code, out = _run(["play", "--world", str(tmp_path / "world"), "--steps", "1", *bad, "--out", str(gif)])
+        assert code == 2 and out.count("error: ") == 1, (bad, out)
 
 
 def test_training_resumes_in_parts(tmp_path):
