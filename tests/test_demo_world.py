@@ -1,0 +1,47 @@
+"""The shipped demo world (worlds/demo, CoinRun) loads, plays, and evaluates above stated floors on held-out
+levels. The floors sit far above what the same architecture scores untrained, so this test fails if the checkpoints
+were untrained or broken. Measured on this held-out set (16 clips of 8 test-split levels), trained vs untrained:
+tokenizer PSNR 30.4 vs 7.5 dB, next-frame PSNR 23.2 vs 7.5 dB, ΔtPSNR (t=4) 3.8 vs 0.0 dB."""
+
+from pathlib import Path
+
+import pytest
+
+from genie.data.procgen import ProcgenConfig, generate
+from genie.data.shards import ShardedClips
+from genie.eval.run import EvalConfig, evaluate
+from genie.state import KVCacheStore
+from genie.worlds import load_prompts, load_world
+
+DEMO = Path(__file__).resolve().parent.parent / "worlds" / "demo"
+
+TOKENIZER_PSNR_FLOOR = 25.0
+NEXT_FRAME_PSNR_FLOOR = 18.0
+DELTA_PSNR_FLOOR = 1.0  # controllability: the LAM's inferred actions must beat random ones by a clear margin
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coinrun-test")
+    generate(ProcgenConfig(split="test", episodes=8, episodes_per_env=4, max_frames=120, seed=7), root, progress=False)
+    return root
+
+
+def test_demo_world_ships_small_and_loads():
+    size = sum(f.stat().st_size for f in DEMO.rglob("*.safetensors"))
+    assert 0 < size < 40 * 2**20, size
+    world, cfg = load_world(DEMO, cache=KVCacheStore())
+    assert cfg.data.source == "shards" and (cfg.data.height, cfg.data.width) == (64, 64)
+    assert len(load_prompts(DEMO)) >= 4
+
+
+def test_demo_world_evaluates_above_floors(heldout, tmp_path):
+    world, cfg = load_world(DEMO)
+    source = ShardedClips(heldout, cfg.data.frames, seed=3)
+    report = evaluate(DEMO, source, EvalConfig(clips=16, horizon=4, batch_size=8, gif_clips=0), tmp_path)
+    assert report["tokenizer"]["psnr"] > TOKENIZER_PSNR_FLOOR, report["tokenizer"]
+    assert report["dynamics"]["next_frame_psnr_inferred"] > NEXT_FRAME_PSNR_FLOOR, report["dynamics"]
+    assert report["dynamics"]["delta_psnr_t4"] > DELTA_PSNR_FLOOR, report["dynamics"]
+    # No floor on action consistency here: 112 transitions are too few to separate a trained LAM from chance
+    # (NMI 0.31 vs 0.20 untrained); the full report in worlds/demo/eval/ uses 448.
+    assert report["lam"]["latent_usage"] > 0.5, report["lam"]
