@@ -28,6 +28,7 @@ from genie.train.checkpoint import (
     optimizer_to_flat,
     prune_checkpoints,
     read_meta,
+    remove_partial_checkpoints,
     save_checkpoint,
 )
 
@@ -115,6 +116,7 @@ def train(
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
     start = 0
+    remove_partial_checkpoints(run_dir)
     latest = latest_checkpoint(run_dir)
     if latest is not None:
         start = _resume(latest, kind, model, opt)
