@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import base_parser, count_flops, emit, matmul_peak, rounded, setup_run, time_it
+from common import base_parser, count_flops, emit, matmul_peak, rounded, setup_run, sprites_for, time_it
 from torch import Tensor, nn
 
 from genie.config import TrainConfig, WorldConfig
@@ -35,7 +35,7 @@ SPEEDUP_TARGET = 3.0
 
 def build(kind: str, world: WorldConfig, batch_size: int) -> tuple[nn.Module, Callable[[int], Tensor]]:
     """The trained model and a function from a batch index to that batch's loss (forward only)."""
-    sprites = MovingSprites(world.data.sprites)
+    sprites = sprites_for(world)
     if kind == "tokenizer":
         model = VideoTokenizer(world.tokenizer)
         return model, _video_loss(model, sprites, batch_size)
@@ -44,7 +44,7 @@ def build(kind: str, world: WorldConfig, batch_size: int) -> tuple[nn.Module, Ca
         return model, _video_loss(model, sprites, batch_size)
     d = world.dynamics
     model = DynamicsModel(d)
-    frames = world.data.sprites.frames
+    frames = world.dynamics.max_frames
     if kind == "dynamics":
         gen = torch.Generator().manual_seed(0)
         shape = (batch_size, frames, d.tokens_per_frame)
@@ -124,7 +124,7 @@ def main() -> None:
             "model": kind,
             "dtype": "bfloat16" if args.bf16 else "float32",
             "batch": batch,
-            "frames": world.data.sprites.frames,
+            "frames": world.dynamics.max_frames,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             **timing.summary(),
             "s_per_step": s,
