@@ -107,3 +107,11 @@ def test_trained_world_long_session_stays_valid(trained_world_dir, tiny_world_cf
     per_frame_std = frames.float().std(dim=(2, 3, 4))[0]  # (steps,)
     assert (per_frame_std > 5).all(), per_frame_std  # not blank
     assert frames.float().mean() < 150  # not washed out: the backgrounds are dark
+
+
+def test_step_runs_under_bf16_autocast(random_world, tiny_world_cfg):
+    states, _ = random_world.reset(_prompt(tiny_world_cfg, b=2), seeds=[1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        states, frames = _play(random_world, states, [[0, 1], [2, 3]])
+    assert frames.dtype == torch.uint8 and frames.shape == (2, 2, 16, 16, 3)
+    assert states[0].tokens.shape[0] == 3

@@ -146,11 +146,12 @@ class STBlock(nn.Module):
         x = x + self.spatial(self.norm_s(x))
         q, k, v = self.temporal.qkv_heads(rearrange(self.norm_t(x), "b n d -> (b n) 1 d"))  # (B*N, heads, 1, dh)
         rows = torch.arange(b)
-        k_cache[rows, :, :, lengths] = rearrange(k, "(b n) h 1 e -> b n h e", b=b)
-        v_cache[rows, :, :, lengths] = rearrange(v, "(b n) h 1 e -> b n h e", b=b)
+        # The cache keeps its own dtype (fp32 by default) even when the block runs under bf16 autocast.
+        k_cache[rows, :, :, lengths] = rearrange(k, "(b n) h 1 e -> b n h e", b=b).to(k_cache.dtype)
+        v_cache[rows, :, :, lengths] = rearrange(v, "(b n) h 1 e -> b n h e", b=b).to(v_cache.dtype)
         t_used = int(lengths.max()) + 1
-        keys = rearrange(k_cache[:, :, :, :t_used], "b n h t e -> (b n) h t e")  # (B*N, heads, t, dh)
-        values = rearrange(v_cache[:, :, :, :t_used], "b n h t e -> (b n) h t e")
+        keys = rearrange(k_cache[:, :, :, :t_used], "b n h t e -> (b n) h t e").to(q.dtype)  # (B*N, heads, t, dh)
+        values = rearrange(v_cache[:, :, :, :t_used], "b n h t e -> (b n) h t e").to(q.dtype)
         attn_mask = None if mask is None else mask.repeat_interleave(n, dim=0)  # (B*N, 1, 1, t)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)  # (B*N, heads, 1, dh)
         x = x + self.temporal.proj(rearrange(out, "(b n) h 1 e -> b n (h e)", b=b))
