@@ -47,6 +47,12 @@ def _world(
     )
 
 
+def _cpu_schedule(tokenizer: int, lam: int, dynamics: int, ckpt_every: int) -> dict[str, TrainConfig]:
+    """Batch 8, lr 1e-3 with 100 warmup steps: what the small CPU worlds train with; steps per model."""
+    steps = {"tokenizer": tokenizer, "lam": lam, "dynamics": dynamics}
+    return {k: TrainConfig(steps=n, batch_size=8, lr=1e-3, warmup_steps=100, ckpt_every=ckpt_every) for k, n in steps.items()}
+
+
 def tiny() -> WorldConfig:
     """Seconds-fast config for tests: 16x16 frames, 4 tokens a side, 2-layer d=32 transformers."""
     st = STTransformerConfig(dim=32, depth=2, heads=4, ffn_mult=2, max_frames=6)
@@ -58,14 +64,10 @@ def tiny() -> WorldConfig:
 
 
 def sprites() -> WorldConfig:
-    """The quick-start world: 32x32 moving sprites as 8x8 tokens, trained on a CPU in about half an hour."""
+    """A small synthetic world: 32x32 moving sprites as 8x8 tokens, sized for CPU training (no data to generate)."""
     st = STTransformerConfig(dim=96, depth=3, heads=4, max_frames=8)
     dyn = STTransformerConfig(dim=128, depth=4, heads=4, max_frames=8)
-    train = {
-        "tokenizer": TrainConfig(steps=1500, batch_size=8, lr=1e-3, warmup_steps=100, ckpt_every=250),
-        "lam": TrainConfig(steps=1000, batch_size=8, lr=1e-3, warmup_steps=100, ckpt_every=250),
-        "dynamics": TrainConfig(steps=2000, batch_size=8, lr=1e-3, warmup_steps=100, ckpt_every=250),
-    }
+    train = _cpu_schedule(tokenizer=1500, lam=1000, dynamics=2000, ckpt_every=250)
     return _world("sprites", 32, 8, 4, 512, st, 8, st, dyn, 8, SamplingConfig(steps=8, temperature=1.0), train)
 
 
@@ -74,11 +76,7 @@ def demo() -> WorldConfig:
     in about an hour and to step at >= 10 frames/s there. Data: `genie data generate` into data/coinrun/."""
     st = STTransformerConfig(dim=128, depth=3, heads=4, max_frames=8)
     dyn = STTransformerConfig(dim=192, depth=4, heads=6, max_frames=8)
-    train = {
-        "tokenizer": TrainConfig(steps=2000, batch_size=8, lr=1e-3, warmup_steps=100, ckpt_every=100),
-        "lam": TrainConfig(steps=1000, batch_size=8, lr=1e-3, warmup_steps=100, ckpt_every=100),
-        "dynamics": TrainConfig(steps=2000, batch_size=8, lr=1e-3, warmup_steps=100, ckpt_every=100),
-    }
+    train = _cpu_schedule(tokenizer=2000, lam=1000, dynamics=2000, ckpt_every=100)
     world = _world("demo", 64, 8, 8, 512, st, 16, st, dyn, 8, SamplingConfig(steps=8, temperature=1.0), train)
     data = replace(world.data, source="shards", path="data/coinrun/train", eval_path="data/coinrun/val")
     return replace(world, data=data)

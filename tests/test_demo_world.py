@@ -45,3 +45,10 @@ def test_demo_world_evaluates_above_floors(heldout, tmp_path):
     # No floor on action consistency here: 112 transitions are too few to separate a trained LAM from chance
     # (NMI 0.31 vs 0.20 untrained); the full report in worlds/demo/eval/ uses 448.
     assert report["lam"]["latent_usage"] > 0.5, report["lam"]
+
+
+def test_demo_preset_is_what_the_shipped_world_was_trained_with():
+    from genie.presets import demo
+    from genie.worlds import load_world_config_of
+
+    assert load_world_config_of(DEMO) == demo()
