@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,7 +109,6 @@ def train(
     cfg = world.train_config(kind)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "world.json").write_text(json.dumps(to_dict(world), indent=2))
     torch.manual_seed(cfg.seed)
     model = build_model(kind, world.model_config(kind))
     objective = _objective(kind, model, world, frozen or {})
@@ -121,6 +121,10 @@ def train(
     if latest is not None:
         start = _resume(latest, kind, model, opt)
         log.info("resuming %s from %s (step %d)", kind, latest, start)
+    # Written only once the config is accepted, so a refused resume leaves the run's record untouched.
+    tmp = run_dir / ".world.json.tmp"
+    tmp.write_text(json.dumps(to_dict(world), indent=2))
+    os.replace(tmp, run_dir / "world.json")
     writer = _writer(run_dir, start) if tensorboard else None
     t0, logs, saved, losses = time.perf_counter(), {}, latest, []
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps

@@ -91,9 +91,11 @@ def test_checkpoints_are_pruned_and_leave_no_temp_dirs(tiny_world_cfg, tmp_path)
 def test_resume_with_a_different_config_is_refused(tiny_world_cfg, tmp_path):
     cfg = apply_overrides(tiny_world_cfg, ["train_lam.steps=2"])
     train("lam", cfg, tmp_path / "run", progress=False, tensorboard=False)
+    recorded = (tmp_path / "run" / "world.json").read_text()
     changed = replace(cfg, lam=replace(cfg.lam, vq=replace(cfg.lam.vq, beta=0.5)))
     with pytest.raises(ValueError, match="different lam config"):
         train("lam", changed, tmp_path / "run", progress=False, tensorboard=False)
+    assert (tmp_path / "run" / "world.json").read_text() == recorded  # the refused run changed nothing
 
 
 def test_dynamics_without_frozen_models_is_a_clear_error(tiny_world_cfg, tmp_path):
