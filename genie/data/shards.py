@@ -124,10 +124,7 @@ class ShardedDataset:
 
     def episode(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Frames (F, H, W, C) uint8 and actions (F-1,) int64 (-1 where unknown) of episode i."""
-        e = self.episodes[i]
-        frames = self._map("frames", e.shard)[e.start : e.start + e.length]
-        actions = self._map("actions", e.shard)[e.start : e.start + e.length - 1].astype(np.int64)
-        return np.asarray(frames), actions
+        return self.clip(i, 0, self.episodes[i].length)
 
     def clip(self, i: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         e = self.episodes[i]

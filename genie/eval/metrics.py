@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,8 +83,3 @@ def action_consistency(latent: np.ndarray, true: np.ndarray, num_latent: int, nu
         "latent_usage": float((joint.sum(axis=1) > 0).mean()),
         "transitions": int(n),
     }
-
-
-def finite_mean(values: list[float]) -> float:
-    vals = [v for v in values if math.isfinite(v)]
-    return float(sum(vals) / len(vals)) if vals else float("nan")
