@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -36,10 +37,6 @@ class WorldState:
         if self.tokens.ndim != 2 or self.actions.shape != (self.tokens.shape[0],):
             raise ValueError(f"bad state shapes: tokens {tuple(self.tokens.shape)}, actions {tuple(self.actions.shape)}")
 
-    @property
-    def cache_key(self) -> tuple[str, int]:
-        return (self.session_id, self.version)
-
     def to_bytes(self) -> bytes:
         meta = {"format": STATE_FORMAT, "session_id": self.session_id, "seed": self.seed}
         meta |= {"version": self.version, "step": self.step}
@@ -70,19 +67,21 @@ def _metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
 
 
-@dataclass
-class SessionCaches:
-    """Keys/values of every committed frame of one session (B=1): dynamics and tokenizer decoder."""
+def digest(*tensors: Tensor) -> str:
+    """A short content hash of tensors (dtype, shape and bytes): the key of soft caches."""
+    h = hashlib.blake2b(digest_size=12)
+    for t in tensors:
+        t = t.contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
-    dynamics: KVCache
-    decoder: KVCache
 
-    def nbytes(self) -> int:
-        return self.dynamics.nbytes() + self.decoder.nbytes()
+CacheKey = tuple[str, ...]  # (session id, ...): drop_session matches the first element
 
 
 class KVCacheStore:
-    """A bounded LRU of SessionCaches keyed by (session id, version), capped in bytes.
+    """A bounded LRU of K/V caches keyed by tuples that start with the session id, capped in bytes.
 
     Soft state only: `take` removes the entry so a step owns it exclusively; a miss means the caller
     recomputes from the WorldState, which gives the same frames.
@@ -90,13 +89,13 @@ class KVCacheStore:
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, int], SessionCaches] = OrderedDict()
+        self._items: OrderedDict[CacheKey, KVCache] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def take(self, key: tuple[str, int]) -> SessionCaches | None:
+    def take(self, key: CacheKey) -> KVCache | None:
         with self._lock:
             item = self._items.pop(key, None)
             if item is None:
@@ -106,7 +105,7 @@ class KVCacheStore:
             self.hits += 1
             return item
 
-    def put(self, key: tuple[str, int], item: SessionCaches) -> None:
+    def put(self, key: CacheKey, item: KVCache) -> None:
         size = item.nbytes()
         if size > self.max_bytes:
             return
@@ -120,7 +119,7 @@ class KVCacheStore:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= evicted.nbytes()
 
-    def discard(self, key: tuple[str, int]) -> None:
+    def discard(self, key: CacheKey) -> None:
         with self._lock:
             item = self._items.pop(key, None)
             if item is not None:
@@ -130,6 +129,11 @@ class KVCacheStore:
         with self._lock:
             for key in [k for k in self._items if k[0] == session_id]:
                 self._bytes -= self._items.pop(key).nbytes()
+
+    def items(self) -> list[tuple[CacheKey, KVCache]]:
+        """A snapshot of the entries, least recently used first."""
+        with self._lock:
+            return list(self._items.items())
 
     def __len__(self) -> int:
         return len(self._items)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from genie.nn.st_transformer import KVCache, STTransformerConfig
-from genie.state import KVCacheStore, SessionCaches, WorldState
+from genie.state import KVCacheStore, WorldState, digest
 
 
 def _state(**kw):
@@ -32,7 +32,7 @@ def test_state_shape_checked():
 
 def _caches(frames=4):
     cfg = STTransformerConfig(dim=8, depth=1, heads=2, max_frames=frames)
-    return SessionCaches(KVCache.empty(cfg, 1, 4), KVCache.empty(cfg, 1, 4))
+    return KVCache.empty(cfg, 1, 4)
 
 
 def test_store_take_is_exclusive_and_counts():
@@ -63,3 +63,14 @@ def test_store_drop_session_and_discard():
     store.drop_session("a")
     store.discard(("b", 1))
     assert len(store) == 0 and store.nbytes == 0
+
+
+def test_digest_depends_on_content_shape_and_dtype():
+    a = torch.arange(6, dtype=torch.int32).reshape(2, 3)
+    assert digest(a) == digest(a.clone())
+    assert digest(a) != digest(a.reshape(3, 2))
+    assert digest(a) != digest(a.to(torch.int64))
+    b = a.clone()
+    b[1, 2] = 0
+    assert digest(a) != digest(b)
+    assert digest(a, b) != digest(b, a)
