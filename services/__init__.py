@@ -1,0 +1,1 @@
+"""Genie's services: the gRPC gateway, the Triton model services and their launcher, and (later) workers."""

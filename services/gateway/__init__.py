@@ -1,0 +1,1 @@
+"""The client-facing gateway: gRPC API, session stores (Redis, in-process), model backends (Triton, in-process)."""

@@ -1,0 +1,107 @@
+"""The model backend interface the gateway (and rollout jobs) call: one session at a time, batched underneath.
+
+Two implementations answer the same contract (tests/services/gateway/test_backend_contract.py):
+    InProcessBackend  (services/gateway/inprocess.py)   the world's models in this process; the embedded default
+    TritonBackend     (services/gateway/triton_backend.py)  the Triton model services over gRPC
+
+Each call is for one session; a backend batches concurrent calls across sessions itself (a micro-batcher
+in process, Triton's dynamic batcher remotely). All arrays are numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from genie.config import WorldConfig
+from genie.sampling import SamplingConfig
+from genie.state import WorldState
+
+
+class BackendUnavailable(Exception):
+    """The model service cannot be reached or is not ready; the call may be retried later."""
+
+
+class BackendError(Exception):
+    """The model service failed on a well-formed request."""
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What a client and the gateway need to know about the served world."""
+
+    height: int
+    width: int
+    channels: int
+    tokens_per_frame: int  # N
+    num_codes: int  # K
+    window: int  # frames of history the dynamics model attends to (T)
+    keep: int  # frames kept when the window slides
+    num_actions: int  # A
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the world's default sampling
+    action_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.action_names and len(self.action_names) != self.num_actions:
+            raise ValueError(f"{len(self.action_names)} action names for {self.num_actions} actions")
+
+    def action_name(self, action: int) -> str:
+        return self.action_names[action] if self.action_names else f"action {action}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WorldSpec:
+        d = dict(d)
+        d["sampling"] = SamplingConfig(**d.get("sampling", {}))
+        d["action_names"] = tuple(d.get("action_names", ()))
+        return cls(**d)
+
+
+def world_spec(cfg: WorldConfig, action_names: Sequence[str] = ()) -> WorldSpec:
+    """The WorldSpec of a world config (shared with the Triton services, which publish it)."""
+    d, t = cfg.dynamics, cfg.tokenizer
+    return WorldSpec(
+        height=t.frame.height,
+        width=t.frame.width,
+        channels=t.frame.channels,
+        tokens_per_frame=d.tokens_per_frame,
+        num_codes=d.num_tokens,
+        window=d.max_frames,
+        keep=cfg.sampling.keep(d.max_frames),
+        num_actions=d.num_actions,
+        sampling=cfg.sampling,
+        action_names=tuple(action_names),
+    )
+
+
+class ModelBackend(Protocol):
+    """The three model calls of a play session, plus the LAM. Methods raise ValueError on bad input,
+    BackendUnavailable when the models cannot be reached, BackendError on other failures."""
+
+    spec: WorldSpec  # valid after start()
+
+    async def start(self) -> None:
+        """Connects / loads the models and fills `spec`; raises BackendUnavailable if they are not there."""
+
+    async def encode(self, frames: np.ndarray) -> np.ndarray:
+        """Prompt frames (t, H, W, C) uint8, 1 <= t <= window -> tokens (t, N) int32."""
+
+    async def next_tokens(self, state: WorldState, action: int, sampling: SamplingConfig) -> np.ndarray:
+        """The next frame's tokens (N,) int32 for one session under `action`; deterministic in its inputs."""
+
+    async def decode_last(self, state: WorldState) -> np.ndarray:
+        """The last frame of the session's window as pixels (H, W, C) uint8."""
+
+    async def infer_actions(self, frames: np.ndarray) -> np.ndarray:
+        """Latent actions between consecutive frames (t, H, W, C) uint8, t >= 2 -> (t - 1,) int32."""
+
+    async def ready(self) -> bool:
+        """True when every model the backend needs answers."""
+
+    async def close(self) -> None:
+        """Releases connections and threads."""

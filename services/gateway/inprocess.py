@@ -1,0 +1,123 @@
+"""The embedded default model backend: the world's models in this process, micro-batched on one thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genie.config import WorldConfig
+from genie.sampling import DynamicsEngine, FrameDecoder, SamplingConfig
+from genie.state import KVCacheStore, WorldState
+from genie.train.checkpoint import load_model
+from genie.worlds import load_world_config_of
+from services.gateway.backend import WorldSpec, world_spec
+from services.gateway.batcher import MicroBatcher
+
+
+class InProcessBackend:
+    """Loads a world directory and serves it from this process (CPU or one GPU).
+
+    All model calls run on one worker thread (torch's own threads do the maths); concurrent calls of the
+    same kind are batched across sessions by a MicroBatcher. The K/V caches are soft state, as in Triton.
+    """
+
+    def __init__(self, world_dir: Path, max_batch: int = 16, max_wait_s: float = 0.002, cache_bytes: int = 1 << 30,
+                 threads: int = 0) -> None:
+        self.world_dir = Path(world_dir)
+        self.max_batch, self.max_wait_s, self.cache_bytes, self.threads = max_batch, max_wait_s, cache_bytes, threads
+        self.spec: WorldSpec | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="genie-model")
+        self._batchers: list[MicroBatcher] = []
+
+    async def start(self) -> None:
+        if self.spec is not None:
+            return
+        cfg = load_world_config_of(self.world_dir)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load, cfg)
+        self.spec = world_spec(cfg)
+
+    def _load(self, cfg: WorldConfig) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        cache = KVCacheStore(self.cache_bytes)
+        self.engine = DynamicsEngine(load_model(self.world_dir / "dynamics", "dynamics"), cfg.sampling.keep_frames, cache)
+        self.decoder = FrameDecoder(load_model(self.world_dir / "tokenizer", "tokenizer"), cache)
+        self.lam = load_model(self.world_dir / "lam", "lam").eval()
+        self.cache = cache
+        make = lambda fn: MicroBatcher(fn, self._executor, self.max_batch, self.max_wait_s)  # noqa: E731
+        self._next = make(self._next_batch)
+        self._decode = make(self._decode_batch)
+        self._batchers = [self._next, self._decode]
+
+    def _next_batch(self, items: Sequence[tuple[WorldState, int, SamplingConfig]]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(items)
+        groups: dict[SamplingConfig, list[int]] = {}
+        for i, (_, _, sampling) in enumerate(items):
+            groups.setdefault(sampling, []).append(i)
+        for sampling, idx in groups.items():  # one batched call per distinct sampling setting
+            tokens = self.engine.next_tokens([items[i][0] for i in idx], [items[i][1] for i in idx], sampling)
+            for i, row in zip(idx, tokens.numpy(), strict=True):
+                out[i] = row
+        return out
+
+    def _decode_batch(self, states: Sequence[WorldState]) -> list[np.ndarray]:
+        return list(self.decoder.decode_last(states).numpy())
+
+    def _check_started(self) -> WorldSpec:
+        if self.spec is None:
+            raise RuntimeError("InProcessBackend.start() was not awaited")
+        return self.spec
+
+    async def encode(self, frames: np.ndarray) -> np.ndarray:
+        spec = self._check_started()
+        _check_frames(frames, spec, 1, spec.window)
+        video = torch.from_numpy(np.ascontiguousarray(frames))[None]
+        run = lambda: self.decoder.encode(video)[0].numpy()  # noqa: E731
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def next_tokens(self, state: WorldState, action: int, sampling: SamplingConfig) -> np.ndarray:
+        spec = self._check_started()
+        if not 0 <= int(action) < spec.num_actions:
+            raise ValueError(f"action {action} is out of range [0, {spec.num_actions})")
+        _check_state(state, spec)
+        return await self._next.submit((state, int(action), sampling))
+
+    async def decode_last(self, state: WorldState) -> np.ndarray:
+        _check_state(state, self._check_started())
+        return await self._decode.submit(state)
+
+    async def infer_actions(self, frames: np.ndarray) -> np.ndarray:
+        spec = self._check_started()
+        _check_frames(frames, spec, 2, self.lam.cfg.max_frames)
+        video = torch.from_numpy(np.ascontiguousarray(frames))[None]
+        run = lambda: self.lam.infer_actions(video)[0].to(torch.int32).numpy()  # noqa: E731
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def ready(self) -> bool:
+        return self.spec is not None
+
+    async def close(self) -> None:
+        for b in self._batchers:
+            await b.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_frames(frames: np.ndarray, spec: WorldSpec, min_t: int, max_t: int) -> None:
+    want = (spec.height, spec.width, spec.channels)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != want:
+        raise ValueError(f"frames must be uint8 (t, {', '.join(map(str, want))}), got {frames.dtype} {frames.shape}")
+    if not min_t <= frames.shape[0] <= max_t:
+        raise ValueError(f"need {min_t} to {max_t} frames, got {frames.shape[0]}")
+
+
+def _check_state(state: WorldState, spec: WorldSpec) -> None:
+    t, n = state.tokens.shape
+    if n != spec.tokens_per_frame or not 1 <= t <= spec.window:
+        raise ValueError(f"state tokens {tuple(state.tokens.shape)} do not fit (1..{spec.window}, {spec.tokens_per_frame})")
+    if int(state.tokens.min()) < 0 or int(state.tokens.max()) >= spec.num_codes:
+        raise ValueError(f"state tokens out of range [0, {spec.num_codes})")
