@@ -76,7 +76,7 @@ class InProcessBackend:
     async def encode(self, frames: np.ndarray) -> np.ndarray:
         spec = self._check_started()
         _check_frames(frames, spec, 1, spec.window)
-        video = torch.from_numpy(np.ascontiguousarray(frames))[None]
+        video = torch.from_numpy(np.array(frames))[None]  # a writable copy
         run = lambda: self.decoder.encode(video)[0].numpy()  # noqa: E731
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
@@ -94,7 +94,7 @@ class InProcessBackend:
     async def infer_actions(self, frames: np.ndarray) -> np.ndarray:
         spec = self._check_started()
         _check_frames(frames, spec, 2, self.lam.cfg.max_frames)
-        video = torch.from_numpy(np.ascontiguousarray(frames))[None]
+        video = torch.from_numpy(np.array(frames))[None]  # a writable copy
         run = lambda: self.lam.infer_actions(video)[0].to(torch.int32).numpy()  # noqa: E731
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 

@@ -1,0 +1,140 @@
+"""Assembles a gateway process: model backend + session store + SessionService, served over gRPC, the web
+page and Prometheus metrics. `GatewayConfig` picks the implementations (embedded defaults or real services)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.gateway.auth import Authenticator, new_token
+from services.gateway.backend import ModelBackend
+from services.gateway.grpc_server import GrpcServer
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.sessions import Limits, SessionService
+from services.gateway.store import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    world: str = "worlds/demo"  # world dir: the in-process backend's models, and the page's prompt images
+    backend: str = "inprocess"  # "inprocess" (embedded default) or "triton"
+    triton_url: str = "127.0.0.1:8001"
+    store: str = "memory"  # "memory" (embedded default, one gateway only) or "redis"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8080  # web play page + JSON API; 0 = a free port, -1 = off
+    metrics_port: int = 9090  # Prometheus /metrics; -1 = off
+    tokens: str = ""  # "client:token,..." or "@tokens.json"; empty = one fresh token for client "local"
+    threads: int = 0  # torch threads of the in-process backend (0 = torch's default)
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("inprocess", "triton"):
+            raise ValueError(f"backend must be inprocess or triton, got {self.backend!r}")
+        if self.store not in ("memory", "redis"):
+            raise ValueError(f"store must be memory or redis, got {self.store!r}")
+
+
+def make_backend(cfg: GatewayConfig) -> ModelBackend:
+    if cfg.backend == "triton":
+        from services.gateway.triton_backend import TritonBackend
+
+        return TritonBackend(cfg.triton_url)
+    from services.gateway.inprocess import InProcessBackend
+
+    return InProcessBackend(Path(cfg.world), threads=cfg.threads)
+
+
+def make_store(cfg: GatewayConfig) -> SessionStore:
+    if cfg.store == "redis":
+        from services.gateway.redis_store import RedisStore
+
+        return RedisStore(cfg.redis_url)
+    from services.gateway.memory_store import MemoryStore
+
+    return MemoryStore()
+
+
+class Gateway:
+    """One gateway process. Backend and store may be injected (tests run several gateways over one store)."""
+
+    def __init__(self, cfg: GatewayConfig, backend: ModelBackend | None = None, store: SessionStore | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.token = None
+        if cfg.tokens:
+            auth = Authenticator.from_spec(cfg.tokens)
+        else:
+            self.token = new_token()
+            auth = Authenticator({self.token: "local"})
+        self.backend = backend or make_backend(cfg)
+        self.store = store or make_store(cfg)
+        self.service = SessionService(self.backend, self.store, auth, cfg.limits, metrics or GatewayMetrics())
+        self.grpc: GrpcServer | None = None
+        self._web_runner = None
+        self.http_port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_server = None
+
+    async def start(self) -> None:
+        await self.backend.start()
+        self.grpc = GrpcServer(self.service, self.cfg.host, self.cfg.grpc_port)
+        await self.grpc.start()
+        if self.cfg.http_port >= 0:
+            from aiohttp import web
+
+            from services.gateway.web import create_web_app
+
+            self._web_runner = web.AppRunner(create_web_app(self.service, Path(self.cfg.world)), access_log=None)
+            await self._web_runner.setup()
+            site = web.TCPSite(self._web_runner, self.cfg.host, self.cfg.http_port)
+            await site.start()
+            self.http_port = site._server.sockets[0].getsockname()[1]
+        if self.cfg.metrics_port >= 0:
+            self._metrics_server, _ = self.service.metrics.serve(self.cfg.metrics_port, self.cfg.host)
+            self.metrics_port = self._metrics_server.server_port
+
+    @property
+    def grpc_address(self) -> str:
+        assert self.grpc is not None, "start() first"
+        return self.grpc.address
+
+    def page_url(self) -> str | None:
+        if self.http_port is None:
+            return None
+        fragment = f"#token={self.token}" if self.token else ""
+        return f"http://{self.cfg.host}:{self.http_port}/{fragment}"
+
+    async def stop(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+        if self._web_runner is not None:
+            await self._web_runner.cleanup()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        await self.backend.close()
+        await self.store.close()
+
+
+async def serve_forever(gateway: Gateway, on_ready=None) -> None:
+    """Starts the gateway, calls on_ready(gateway), and runs until SIGINT/SIGTERM."""
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        if on_ready is not None:
+            on_ready(gateway)
+        await stop.wait()
+    finally:
+        await gateway.stop()

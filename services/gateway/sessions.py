@@ -1,0 +1,224 @@
+"""The gateway's core: play sessions over a ModelBackend and a SessionStore, with auth, limits and errors.
+
+Transport-neutral: the gRPC server (grpc_server.py) and the web page's JSON API (web.py) are thin adapters
+over SessionService. Every failure is a GatewayError whose `code` names the gRPC status to return; a failed
+call changes no session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from genie.media import load_image
+from genie.sampling import SamplingConfig, advance, new_state
+from services.gateway.auth import Authenticator
+from services.gateway.backend import BackendError, BackendUnavailable, ModelBackend, WorldSpec
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.store import LimitExceeded, SessionRecord, SessionStore, StoreUnavailable
+
+
+class GatewayError(Exception):
+    """A failed call: `code` is a gRPC status code name (NOT_FOUND, INVALID_ARGUMENT, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Limits:
+    session_ttl_s: float = 600.0  # idle sessions expire; every step refreshes
+    max_sessions_per_client: int = 16
+    max_prompt_bytes: int = 4 << 20  # encoded image or raw frames
+    max_prompt_pixels: int = 4096 * 4096  # before decoding: guards against decompression bombs
+    requests_per_second: int = 100  # per client, all calls
+    max_sampling_steps: int = 64
+    max_temperature: float = 10.0
+    commit_retries: int = 8  # optimistic-concurrency retries when another replica stepped the session first
+
+    def __post_init__(self) -> None:
+        if self.session_ttl_s <= 0 or self.max_sessions_per_client < 1 or self.requests_per_second < 1:
+            raise ValueError("ttl, max sessions and rate limit must be positive")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A session after a call, with the frame to show: (H, W, C) uint8."""
+
+    record: SessionRecord
+    frame: np.ndarray
+    action: int = -1
+
+
+class SessionService:
+    def __init__(self, backend: ModelBackend, store: SessionStore, auth: Authenticator, limits: Limits | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
+        self.backend, self.store, self.auth = backend, store, auth
+        self.limits = limits or Limits()
+        self.metrics = metrics or GatewayMetrics()
+
+    @property
+    def spec(self) -> WorldSpec:
+        return self.backend.spec
+
+    async def authorize(self, token: str | None) -> str:
+        """The client id of a token, after the rate limit; raises UNAUTHENTICATED / RESOURCE_EXHAUSTED."""
+        client = self.auth.client_of(token)
+        if client is None:
+            raise GatewayError("UNAUTHENTICATED", "missing or unknown API token (metadata 'authorization: Bearer <token>')")
+        if not await self._store(self.store.allow(client, self.limits.requests_per_second)):
+            raise GatewayError("RESOURCE_EXHAUSTED", f"rate limit: at most {self.limits.requests_per_second} requests/s per client")
+        return client
+
+    async def open(self, client: str, image: bytes | None = None, frames: np.ndarray | None = None, steps: int = 0,
+                   temperature: float | None = None, seed: int | None = None) -> Outcome:
+        """Starts a session from an encoded image or raw frames (t, H, W, C) uint8."""
+        prompt = self._prompt(image, frames)
+        sampling = self._sampling(steps, temperature)
+        if seed is None:
+            seed = random.SystemRandom().randrange(1 << 62)
+        elif not 0 <= seed < 1 << 63:
+            raise GatewayError("INVALID_ARGUMENT", f"seed must be in [0, 2^63), got {seed}")
+        if await self._store(self.store.count(client)) >= self.limits.max_sessions_per_client:
+            raise GatewayError("RESOURCE_EXHAUSTED", f"at most {self.limits.max_sessions_per_client} open sessions per client")
+        tokens = await self._model(self.backend.encode(prompt))
+        state = new_state(uuid.uuid4().hex, torch.from_numpy(tokens), seed)
+        frame = await self._model(self.backend.decode_last(state))
+        now = time.time()
+        record = SessionRecord(state.session_id, client, state, sampling, now, now + self.limits.session_ttl_s)
+        try:
+            await self._store(self.store.create(record, self.limits.max_sessions_per_client))
+        except LimitExceeded as exc:
+            raise GatewayError("RESOURCE_EXHAUSTED", str(exc)) from exc
+        self.metrics.sessions_opened.inc()
+        return Outcome(record, frame)
+
+    async def step(self, client: str, session_id: str, action: int) -> Outcome:
+        """Advances a session by one frame; retried on a concurrent commit, so steps are applied one at a time."""
+        spec = self.spec
+        if not 0 <= action < spec.num_actions:
+            raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions 0..{spec.num_actions - 1}")
+        started = time.perf_counter()
+        for _ in range(self.limits.commit_retries):
+            record = await self._owned(client, session_id)
+            tokens = await self._model(self.backend.next_tokens(record.state, action, record.sampling))
+            new = advance(record.state, torch.from_numpy(tokens), action, spec.window, spec.keep)
+            frame = await self._model(self.backend.decode_last(new))
+            updated = record.advanced(new, time.time(), self.limits.session_ttl_s)
+            if await self._store(self.store.commit(updated, record.version)):
+                self.metrics.steps.inc()
+                self.metrics.step_seconds.observe(time.perf_counter() - started)
+                return Outcome(updated, frame, action)
+            self.metrics.commit_conflicts.inc()
+            await asyncio.sleep(random.uniform(0, 0.01))  # let the other replica's commit land
+        raise GatewayError("ABORTED", f"session {session_id} is being stepped concurrently; retry")
+
+    async def get(self, client: str, session_id: str) -> SessionRecord:
+        return await self._owned(client, session_id)
+
+    async def close(self, client: str, session_id: str) -> None:
+        await self._owned(client, session_id)
+        if not await self._store(self.store.delete(session_id)):
+            raise GatewayError("NOT_FOUND", f"no session {session_id}")
+        self.metrics.sessions_closed.inc()
+
+    async def infer_actions(self, frames: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        if frames.nbytes > self.limits.max_prompt_bytes:
+            raise GatewayError("INVALID_ARGUMENT", f"clip is {frames.nbytes} bytes, the limit is {self.limits.max_prompt_bytes}")
+        self._check_raw(frames, spec)
+        return await self._model(self.backend.infer_actions(frames))
+
+    async def ready(self) -> bool:
+        try:
+            return await self.backend.ready() and await self.store.ping()
+        except Exception:
+            return False
+
+    # --- helpers -------------------------------------------------------------------------------------------
+
+    async def _owned(self, client: str, session_id: str) -> SessionRecord:
+        if not session_id or len(session_id) > 64:
+            raise GatewayError("INVALID_ARGUMENT", "session_id must be 1..64 characters")
+        record = await self._store(self.store.get(session_id))
+        if record is None or record.owner != client:  # another client's session is indistinguishable from none
+            raise GatewayError("NOT_FOUND", f"no session {session_id} (closed, expired, or never opened by this client)")
+        return record
+
+    def _prompt(self, image: bytes | None, frames: np.ndarray | None) -> np.ndarray:
+        spec = self.spec
+        if (image is None) == (frames is None):
+            raise GatewayError("INVALID_ARGUMENT", "give exactly one prompt: an image or raw frames")
+        if image is not None:
+            if not image:
+                raise GatewayError("INVALID_ARGUMENT", "the prompt image is empty")
+            if len(image) > self.limits.max_prompt_bytes:
+                raise GatewayError("INVALID_ARGUMENT", f"prompt image is {len(image)} bytes, over {self.limits.max_prompt_bytes}")
+            try:
+                with Image.open(io.BytesIO(image)) as im:  # reads the header only: size before pixels
+                    w, h = im.size
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise GatewayError("INVALID_ARGUMENT", f"cannot read the prompt image (PNG or JPEG expected): {exc}") from exc
+            if w * h > self.limits.max_prompt_pixels:
+                raise GatewayError("INVALID_ARGUMENT", f"prompt image is {w}x{h}, more than {self.limits.max_prompt_pixels} pixels")
+            try:
+                return load_image(image, spec.height, spec.width)[None]  # (1, H, W, C)
+            except ValueError as exc:
+                raise GatewayError("INVALID_ARGUMENT", str(exc)) from exc
+        assert frames is not None
+        if frames.nbytes > self.limits.max_prompt_bytes:
+            raise GatewayError("INVALID_ARGUMENT", f"prompt frames are {frames.nbytes} bytes, over {self.limits.max_prompt_bytes}")
+        self._check_raw(frames, spec, max_frames=spec.window)
+        return frames
+
+    @staticmethod
+    def _check_raw(frames: np.ndarray, spec: WorldSpec, max_frames: int | None = None) -> None:
+        want = (spec.height, spec.width, spec.channels)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != want:
+            raise GatewayError("INVALID_ARGUMENT", f"raw frames must be uint8 (count, {want[0]}, {want[1]}, {want[2]}), "
+                                                   f"got {frames.dtype} {tuple(frames.shape)}")
+        if frames.shape[0] < 1 or (max_frames is not None and frames.shape[0] > max_frames):
+            raise GatewayError("INVALID_ARGUMENT", f"need 1 to {max_frames} frames, got {frames.shape[0]}")
+
+    def _sampling(self, steps: int, temperature: float | None) -> SamplingConfig:
+        default = self.spec.sampling
+        if steps < 0 or steps > self.limits.max_sampling_steps:
+            raise GatewayError("INVALID_ARGUMENT", f"sampling steps must be in 1..{self.limits.max_sampling_steps} (0 = default)")
+        if temperature is not None and not 0 <= temperature <= self.limits.max_temperature:
+            raise GatewayError("INVALID_ARGUMENT", f"temperature must be in [0, {self.limits.max_temperature}]")
+        return SamplingConfig(steps=steps or default.steps, temperature=default.temperature if temperature is None else temperature,
+                              schedule=default.schedule, choice_temperature=default.choice_temperature,
+                              keep_frames=default.keep_frames)
+
+    @staticmethod
+    async def _store(op):
+        try:
+            return await op
+        except StoreUnavailable as exc:
+            raise GatewayError("UNAVAILABLE", str(exc)) from exc
+
+    @staticmethod
+    async def _model(op):
+        try:
+            return await op
+        except BackendUnavailable as exc:
+            raise GatewayError("UNAVAILABLE", f"model service unavailable: {exc}") from exc
+        except ValueError as exc:
+            raise GatewayError("INVALID_ARGUMENT", str(exc)) from exc
+        except BackendError as exc:
+            raise GatewayError("INTERNAL", f"model service failed: {exc}") from exc
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG", compress_level=1)  # fast: frames are small, latency matters
+    return buf.getvalue()

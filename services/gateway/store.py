@@ -1,0 +1,82 @@
+"""Session records and the store interface; implementations: MemoryStore (embedded default) and RedisStore.
+
+The store holds the truth about every session: its WorldState (token window, actions, seed, step, version),
+owner, sampling options and expiry. Steps commit with compare-and-set on the version, so two gateway replicas
+stepping one session can never interleave half-updates; the loser re-reads and tries again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from genie.sampling import SamplingConfig
+from genie.state import WorldState
+
+
+class LimitExceeded(Exception):
+    """The client already holds its maximum number of sessions."""
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    owner: str  # client id of the token that opened it
+    state: WorldState
+    sampling: SamplingConfig
+    created: float  # unix seconds
+    expires: float  # unix seconds; refreshed by every step
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    def meta_json(self) -> str:
+        """Everything but the state, as JSON (the state travels as safetensors bytes)."""
+        s = self.sampling
+        sampling = {"steps": s.steps, "temperature": s.temperature, "schedule": s.schedule,
+                    "choice_temperature": s.choice_temperature, "keep_frames": s.keep_frames}
+        return json.dumps({"owner": self.owner, "sampling": sampling, "created": self.created, "expires": self.expires})
+
+    @classmethod
+    def from_parts(cls, session_id: str, state_bytes: bytes, meta_json: str | bytes) -> SessionRecord:
+        meta = json.loads(meta_json)
+        state = WorldState.from_bytes(state_bytes)
+        if state.session_id != session_id:
+            raise ValueError(f"stored state belongs to {state.session_id!r}, not {session_id!r}")
+        return cls(session_id, meta["owner"], state, SamplingConfig(**meta["sampling"]), meta["created"], meta["expires"])
+
+    def advanced(self, state: WorldState, now: float, ttl_s: float) -> SessionRecord:
+        return replace(self, state=state, expires=now + ttl_s)
+
+
+class SessionStore(Protocol):
+    """Async session storage with TTL, per-owner counts, atomic versioned commits and a rate counter."""
+
+    async def create(self, record: SessionRecord, max_per_owner: int) -> None:
+        """Stores a new session, expiring at record.expires; raises LimitExceeded if the owner is at the limit."""
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        """The live session, or None when it does not exist or has expired."""
+
+    async def commit(self, record: SessionRecord, expected_version: int) -> bool:
+        """Replaces the session iff its stored version is `expected_version`; False when it moved on or is gone."""
+
+    async def delete(self, session_id: str) -> bool:
+        """Removes the session; False when it did not exist."""
+
+    async def count(self, owner: str) -> int:
+        """Live sessions of an owner."""
+
+    async def allow(self, owner: str, per_second: int) -> bool:
+        """Counts one request of `owner` in the current second; False when over `per_second`."""
+
+    async def ping(self) -> bool:
+        """True when the store answers."""
+
+    async def close(self) -> None: ...
+
+
+class StoreUnavailable(Exception):
+    """The session store cannot be reached; nothing was changed."""
