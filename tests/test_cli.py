@@ -1,4 +1,4 @@
-"""The `genie` command end to end: train the three models in parts, export a world, play it."""
+"""The `genie` command end to end: train the three models in parts, export a world, roll it out, play it."""
 
 import json
 
@@ -15,7 +15,7 @@ def _run(args):
     return result.exit_code, result.output
 
 
-def test_train_export_play(tmp_path):
+def test_train_export_rollout(tmp_path):
     root = str(tmp_path / "run")
     for kind in ("tokenizer", "lam", "dynamics"):
         code, out = _run(["train", kind, *TINY, "--run-root", root, "--set", f"train_{kind}.steps=20"])
@@ -23,8 +23,8 @@ def test_train_export_play(tmp_path):
         assert json.loads(out.strip().splitlines()[-1])["step"] == 20
     code, out = _run(["export", "--run-root", root, "--out", str(tmp_path / "world")])
     assert code == 0, out
-    gif = tmp_path / "play.gif"
-    code, out = _run(["play", "--world", str(tmp_path / "world"), "--steps", "5", "--actions", "0,1,2,3,1", "--out", str(gif)])
+    gif = tmp_path / "rollout.gif"
+    code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "5", "--actions", "0,1,2,3,1", "--out", str(gif)])
     assert code == 0, out
     report = json.loads(out.strip().splitlines()[-1])
     assert report["frames"] == 5 and report["actions"] == [0, 1, 2, 3, 1] and report["fps"] > 0
@@ -33,10 +33,10 @@ def test_train_export_play(tmp_path):
     assert len(list((tmp_path / "world" / "prompts").glob("*.png"))) == 8
     own = tmp_path / "mine.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(own)
-    code, out = _run(["play", "--world", str(tmp_path / "world"), "--steps", "2", "--prompt", str(own), "--out", str(gif)])
+    code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "2", "--prompt", str(own), "--out", str(gif)])
     assert code == 0, out
     for bad in (["--prompt", "99"], ["--prompt", str(tmp_path / "none.png")], ["--actions", "1,x"], ["--actions", "7"]):
-        code, out = _run(["play", "--world", str(tmp_path / "world"), "--steps", "1", *bad, "--out", str(gif)])
+        code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "1", *bad, "--out", str(gif)])
         assert code == 2 and out.count("error: ") == 1, (bad, out)
 
 
@@ -53,6 +53,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         ["train", "tokenizer", *TINY, "--run-root", str(tmp_path), "--set", "tokenizer.patch=5"],
         ["train", "dynamics", *TINY, "--run-root", str(tmp_path / "empty")],
         ["play", "--world", str(tmp_path / "nowhere")],
+        ["rollout", "--world", str(tmp_path / "nowhere")],
+        ["serve", "--world", str(tmp_path / "nowhere"), "--tokens", "nocolon"],
         ["config", "--preset", "nope"],
         ["export", "--run-root", str(tmp_path / "empty"), "--out", str(tmp_path / "w")],
     ]
@@ -66,3 +68,33 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 def test_config_prints_json():
     code, out = _run(["config", "--preset", "tiny", "--set", "sampling.steps=3"])
     assert code == 0 and json.loads(out)["sampling"]["steps"] == 3
+
+
+def test_play_serves_the_page_and_the_grpc_api_until_interrupted(trained_world_dir):
+    """`genie play` as users run it: a real process, its page over HTTP, its gRPC API, then Ctrl-C."""
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from services.gateway.client import GatewayClient
+
+    args = [sys.executable, "-m", "genie.cli", "play", "--world", str(trained_world_dir), "--no-browser",
+            "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1", "--threads", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        page = urllib.request.urlopen(info["page"], timeout=10).read().decode()
+        assert "<html" in page.lower()
+        assert info["page"].endswith(f"#token={info['token']}")
+
+        async def list_actions():
+            async with GatewayClient(info["grpc"], info["token"]) as client:
+                return await client.list_actions()
+
+        assert len(asyncio.run(list_actions()).actions) == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=20)
+    assert code == 0, proc.stderr.read()

@@ -1,0 +1,44 @@
+"""Batch generation through the ModelBackend interface: prompts x action sequences -> frames.
+
+Used by `genie rollout` and the rollout jobs; with the Triton backend it shares the model services with the
+gateway instead of loading its own copies. Sessions run concurrently, so the backend batches across them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from genie.sampling import SamplingConfig, advance, new_state
+from services.gateway.backend import ModelBackend
+
+
+async def rollout_one(backend: ModelBackend, prompt: np.ndarray, actions: Sequence[int], seed: int,
+                      sampling: SamplingConfig | None = None) -> np.ndarray:
+    """prompt: (t0, H, W, C) uint8 -> frames (1 + len(actions), H, W, C) uint8: the prompt's last frame as
+    reconstructed, then one generated frame per action."""
+    spec = backend.spec
+    sampling = sampling or spec.sampling
+    for a in actions:
+        if not 0 <= int(a) < spec.num_actions:
+            raise ValueError(f"action {a} is out of range [0, {spec.num_actions})")
+    state = new_state(uuid.uuid4().hex, torch.from_numpy(await backend.encode(prompt)), seed)
+    frames = [await backend.decode_last(state)]
+    for a in actions:
+        tokens = await backend.next_tokens(state, int(a), sampling)
+        state = advance(state, torch.from_numpy(tokens), int(a), spec.window, spec.keep)
+        frames.append(await backend.decode_last(state))
+    return np.stack(frames)
+
+
+async def rollout_many(backend: ModelBackend, prompts: Sequence[np.ndarray], actions: Sequence[Sequence[int]],
+                       seeds: Sequence[int], sampling: SamplingConfig | None = None) -> list[np.ndarray]:
+    """Runs every (prompt, actions, seed) concurrently; results in input order."""
+    if not len(prompts) == len(actions) == len(seeds):
+        raise ValueError(f"need as many action sequences and seeds as prompts: {len(prompts)}, {len(actions)}, {len(seeds)}")
+    jobs = [rollout_one(backend, p, a, s, sampling) for p, a, s in zip(prompts, actions, seeds, strict=True)]
+    return list(await asyncio.gather(*jobs))
