@@ -109,14 +109,21 @@ class SessionService:
             raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions 0..{spec.num_actions - 1}")
         started = time.perf_counter()
         for _ in range(self.limits.commit_retries):
+            t0 = time.perf_counter()
             record = await self._owned(client, session_id)
+            t1 = time.perf_counter()
             tokens = await self._model(self.backend.next_tokens(record.state, action, record.sampling))
             new = advance(record.state, torch.from_numpy(tokens), action, spec.window, spec.keep)
             frame = await self._model(self.backend.decode_last(new))
             updated = record.advanced(new, time.time(), self.limits.session_ttl_s)
-            if await self._store(self.store.commit(updated, record.version)):
+            t2 = time.perf_counter()
+            committed = await self._store(self.store.commit(updated, record.version))
+            t3 = time.perf_counter()
+            self.metrics.model_seconds.observe(t2 - t1)
+            self.metrics.store_seconds.observe((t1 - t0) + (t3 - t2))
+            if committed:
                 self.metrics.steps.inc()
-                self.metrics.step_seconds.observe(time.perf_counter() - started)
+                self.metrics.step_seconds.observe(t3 - started)
                 return Outcome(updated, frame, action)
             self.metrics.commit_conflicts.inc()
             await asyncio.sleep(random.uniform(0, 0.01))  # let the other replica's commit land
