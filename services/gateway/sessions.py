@@ -74,7 +74,7 @@ class SessionService:
         """The client id of a token, after the rate limit; raises UNAUTHENTICATED / RESOURCE_EXHAUSTED."""
         client = self.auth.client_of(token)
         if client is None:
-            raise GatewayError("UNAUTHENTICATED", "missing or unknown API token (metadata 'authorization: Bearer <token>')")
+            raise GatewayError("UNAUTHENTICATED", "missing or unknown API token (send 'authorization: Bearer <token>')")
         if not await self._store(self.store.allow(client, self.limits.requests_per_second)):
             raise GatewayError("RESOURCE_EXHAUSTED", f"rate limit: at most {self.limits.requests_per_second} requests/s per client")
         return client

@@ -1,0 +1,352 @@
+// Genie play page: picks a starting frame, opens a session over the gateway's JSON API and steps it with keys.
+// Steps are strictly ordered: key presses go into a queue and one loop sends them, one request at a time.
+"use strict";
+
+const MAX_QUEUE = 16; // key presses beyond this are dropped, so a held key cannot build up minutes of lag
+const ARROWS = ["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown"]; // -> actions 0..3
+const GLYPHS = { ArrowLeft: "←", ArrowRight: "→", ArrowUp: "↑", ArrowDown: "↓" };
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  token: null,
+  world: null, // GET /api/world
+  keys: new Map(), // KeyboardEvent.key -> action
+  prompt: 0, // the chosen prompt index, or null when an uploaded image is chosen
+  upload: null, // the chosen uploaded File
+  session: null, // the open session's id
+  starting: false,
+  epoch: 0, // bumped by every (re)start: replies for an older session are dropped
+  queue: [],
+  busy: false, // a step request is in flight
+};
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { Authorization: `Bearer ${state.token}` };
+  let payload;
+  if (body instanceof Blob) {
+    payload = body;
+    headers["Content-Type"] = body.type || "application/octet-stream";
+  } else if (body !== undefined) {
+    payload = JSON.stringify(body);
+    headers["Content-Type"] = "application/json";
+  }
+  let resp;
+  try {
+    resp = await fetch(path, { method, headers, body: payload, cache: "no-store" });
+  } catch {
+    throw new ApiError(0, "UNAVAILABLE", "cannot reach the gateway");
+  }
+  if (!resp.ok) {
+    let info = {};
+    try {
+      info = await resp.json();
+    } catch {
+      // not our JSON error (a proxy's page, say): fall back to the status line
+    }
+    throw new ApiError(resp.status, info.code || "UNKNOWN", info.message || `${resp.status} ${resp.statusText}`);
+  }
+  return resp;
+}
+
+// --- display ----------------------------------------------------------------------------------------------
+
+function setMode(mode) {
+  document.body.dataset.mode = mode;
+}
+
+function say(text, isError = false) {
+  const el = $("message");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+function showError(err) {
+  if (err.status === 404 && err.code === "NOT_FOUND") {
+    say("This session has expired or was closed. Press Restart (R) to start again.", true);
+  } else if (err.status === 401) {
+    say(`The token was refused: ${err.message}`, true);
+  } else if (err.status === 429) {
+    say(`Limit reached: ${err.message}`, true);
+  } else {
+    say(`Error (${err.code}): ${err.message}`, true);
+  }
+  setMode("error");
+}
+
+function showFrame(reply) {
+  const img = $("frame");
+  img.src = `data:image/png;base64,${reply.frame}`;
+  img.hidden = false;
+  document.body.dataset.session = reply.session_id; // for tests and for debugging from the console
+  $("placeholder").hidden = true;
+  $("step").textContent = String(reply.step);
+  $("last-action").textContent = reply.action === undefined ? "–" : actionLabel(reply.action, reply.action_name);
+}
+
+function actionLabel(id, name) {
+  return name === `action ${id}` ? name : `${id} · ${name}`; // worlds without names call them "action N"
+}
+
+function showQueue() {
+  $("queued").textContent = String(state.queue.length);
+}
+
+function flash(action) {
+  const button = document.querySelector(`#actions button[data-action="${action}"]`);
+  if (!button) return;
+  button.classList.add("pressed");
+  setTimeout(() => button.classList.remove("pressed"), 150);
+}
+
+// --- sessions ---------------------------------------------------------------------------------------------
+
+async function start() {
+  const epoch = ++state.epoch;
+  state.queue = [];
+  showQueue();
+  const old = state.session;
+  state.session = null;
+  if (old) api("DELETE", `/api/sessions/${old}`).catch(() => {}); // best effort: frees one of our session slots
+  if (state.prompt === null && !state.upload) return;
+  markChosen();
+  state.starting = true;
+  setMode("starting");
+  say("Starting…");
+  try {
+    const body = state.upload || { prompt: state.prompt };
+    const reply = await (await api("POST", "/api/sessions", body)).json();
+    if (epoch !== state.epoch) { // restarted again meanwhile: give this session's slot back
+      api("DELETE", `/api/sessions/${reply.session_id}`).catch(() => {});
+      return;
+    }
+    state.session = reply.session_id;
+    showFrame(reply);
+    setMode("playing");
+    say("Play with the keys or the buttons.");
+    pump();
+  } catch (err) {
+    if (epoch === state.epoch) showError(err);
+  } finally {
+    if (epoch === state.epoch) state.starting = false;
+  }
+}
+
+function act(action) {
+  if (!state.session && !state.starting) {
+    say(state.world && state.world.prompts === 0 ? "Upload a starting frame first." : "Pick a starting frame first (or press R).");
+    return;
+  }
+  if (state.queue.length >= MAX_QUEUE) return;
+  state.queue.push(action);
+  showQueue();
+  flash(action);
+  pump();
+}
+
+// The only sender of steps: one request in flight at a time, in key-press order.
+async function pump() {
+  if (state.busy) return;
+  state.busy = true;
+  try {
+    while (state.queue.length && state.session) {
+      const epoch = state.epoch;
+      const action = state.queue.shift();
+      showQueue();
+      try {
+        const reply = await (await api("POST", `/api/sessions/${state.session}/step`, { action })).json();
+        if (epoch === state.epoch) showFrame(reply);
+      } catch (err) {
+        if (epoch !== state.epoch) continue; // a failure of the session we already left
+        state.queue = [];
+        if (err.status === 404) state.session = null;
+        showError(err);
+        break;
+      }
+    }
+  } finally {
+    state.busy = false;
+    showQueue();
+  }
+}
+
+// --- setup ------------------------------------------------------------------------------------------------
+
+function buildKeys(numActions) {
+  const keys = new Map();
+  for (let a = 0; a < Math.min(numActions, 10); a++) keys.set(String((a + 1) % 10), a); // 1..9, then 0 = action 9
+  ARROWS.forEach((key, a) => {
+    if (a < numActions) keys.set(key, a);
+  });
+  return keys;
+}
+
+function kbd(text) {
+  const el = document.createElement("kbd");
+  el.textContent = text;
+  return el;
+}
+
+function buildControls(world) {
+  const actions = $("actions");
+  actions.replaceChildren();
+  const arrowOf = new Map(ARROWS.map((key, a) => [a, GLYPHS[key]]));
+  for (const { id, name } of world.actions) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.action = String(id);
+    button.title = `${name} (action ${id})`;
+    if (id < 10) button.append(kbd(String((id + 1) % 10)));
+    if (arrowOf.has(id)) button.append(kbd(arrowOf.get(id)));
+    const label = document.createElement("span");
+    label.textContent = name;
+    button.append(label);
+    button.addEventListener("click", () => act(id));
+    actions.append(button);
+  }
+  const legend = $("legend");
+  legend.replaceChildren();
+  const item = (...parts) => {
+    const li = document.createElement("li");
+    li.append(...parts);
+    legend.append(li);
+  };
+  const n = world.actions.length;
+  const last = Math.min(n, 10);
+  if (last === 1) item(kbd("1"), " latent action 0");
+  else item(kbd("1"), "…", kbd(String(last % 10)), ` latent actions 0…${last - 1}`);
+  ARROWS.slice(0, n).forEach((key, a) => item(kbd(GLYPHS[key]), ` ${actionLabel(a, world.actions[a].name)}`));
+  item(kbd("R"), " restart from the chosen frame");
+}
+
+function markChosen() {
+  for (const el of document.querySelectorAll("#prompts button")) {
+    el.classList.toggle("selected", state.upload === null && el.dataset.prompt === String(state.prompt));
+  }
+  $("upload").classList.toggle("selected", state.upload !== null);
+}
+
+function choose(index) {
+  state.prompt = index;
+  state.upload = null;
+  start();
+}
+
+function chooseUpload(event) {
+  const file = event.target.files[0];
+  if (!file) return;
+  state.upload = file;
+  state.prompt = null;
+  event.target.value = ""; // choosing the same file again fires change again
+  start();
+}
+
+async function loadThumb(index, img) {
+  try {
+    const blob = await (await api("GET", `/api/prompts/${index}`)).blob();
+    img.src = URL.createObjectURL(blob); // an <img> cannot send the auth header itself
+  } catch (err) {
+    img.alt = `prompt ${index} (failed: ${err.message})`;
+  }
+}
+
+function buildPrompts(world) {
+  const box = $("prompts");
+  box.replaceChildren();
+  for (let i = 0; i < world.prompts; i++) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.prompt = String(i);
+    button.title = `start from prompt ${i}`;
+    const img = document.createElement("img");
+    img.alt = `prompt ${i}`;
+    button.append(img);
+    button.addEventListener("click", () => choose(i));
+    box.append(button);
+    loadThumb(i, img);
+  }
+  if (world.prompts === 0) {
+    state.prompt = null;
+    box.textContent = "This world ships no prompt images.";
+  }
+}
+
+function onKey(event) {
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.target instanceof HTMLInputElement) return;
+  if (event.key === "r" || event.key === "R") {
+    event.preventDefault();
+    if (!event.repeat) start();
+    return;
+  }
+  const action = state.keys.get(event.key);
+  if (action === undefined) return;
+  event.preventDefault(); // arrows would scroll the page
+  if (event.repeat && state.queue.length) return; // a held key steps only as fast as the world answers
+  act(action);
+}
+
+async function connect() {
+  $("token-form").hidden = true;
+  setMode("loading");
+  try {
+    const world = await (await api("GET", "/api/world")).json();
+    state.world = world;
+    state.keys = buildKeys(world.actions.length);
+    $("world-info").textContent = `${world.width}×${world.height} frames · ${world.actions.length} latent actions · ` +
+      `${world.window}-frame memory`;
+    $("screen").style.aspectRatio = `${world.width} / ${world.height}`;
+    buildControls(world);
+    buildPrompts(world);
+    $("play").hidden = false;
+    setMode("idle");
+    say(world.prompts ? "Pick a starting frame." : "Upload a starting frame.");
+  } catch (err) {
+    showError(err);
+    if (err.status === 401) askToken();
+  }
+}
+
+function askToken() {
+  setMode("no-token");
+  const form = $("token-form");
+  form.hidden = false;
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("token-input").value.trim();
+    if (!token) return;
+    state.token = token;
+    history.replaceState(null, "", `#token=${encodeURIComponent(token)}`);
+    connect();
+  }, { once: true });
+}
+
+// Leaving or reloading the page closes its session, so reloads do not use up the client's session slots.
+// keepalive lets the request outlive the page (sendBeacon cannot carry the Authorization header).
+function closeOnLeave() {
+  if (!state.session) return;
+  fetch(`/api/sessions/${state.session}`, {
+    method: "DELETE", headers: { Authorization: `Bearer ${state.token}` }, keepalive: true,
+  }).catch(() => {});
+  state.session = null;
+}
+
+function main() {
+  state.token = new URLSearchParams(location.hash.slice(1)).get("token");
+  $("restart").addEventListener("click", () => start());
+  $("upload-input").addEventListener("change", chooseUpload);
+  document.addEventListener("keydown", onKey);
+  window.addEventListener("pagehide", closeOnLeave);
+  if (state.token) connect();
+  else askToken();
+}
+
+main();

@@ -1,0 +1,267 @@
+"""The play page in real headless Chromium (selenium), against the web app served from a background thread.
+
+Needs Debian's `chromium` and `chromium-driver`; skipped without them unless GENIE_REQUIRE_BROWSER=1 (CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from genie.worlds import load_prompts
+from services.gateway.auth import Authenticator
+from services.gateway.inprocess import InProcessBackend
+from services.gateway.memory_store import MemoryStore
+from services.gateway.sessions import Limits, SessionService
+from services.gateway.web import create_web_app
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+TOKEN = "page-test-token-0123456789"
+WAIT_S = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_installed() -> None:
+    """Runs first, so a machine without a browser skips before the tiny world is trained."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        reason = f"headless Chromium is not available (missing {', '.join(missing)}; apt-get install chromium chromium-driver)"
+        if os.environ.get("GENIE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"GENIE_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+class ServerThread:
+    """The web app on 127.0.0.1 (a free port), served by its own asyncio loop: selenium blocks, the server must not."""
+
+    def __init__(self, world_dir: Path) -> None:
+        self.world_dir = world_dir
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="web-test-server", daemon=True)
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.stepped: list[int] = []  # actions in the order the service received them
+
+    def start(self) -> str:
+        self.thread.start()
+        if not self.ready.wait(60) or self.error is not None:
+            raise RuntimeError(f"the test server did not start: {self.error!r}")
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException as exc:  # reported by start(), in the test's thread
+            self.error = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        self.backend = InProcessBackend(self.world_dir)
+        await self.backend.start()
+        self.service = SessionService(self.backend, MemoryStore(), Authenticator({TOKEN: "player"}),
+                                      Limits(requests_per_second=1000))
+        step = self.service.step
+
+        async def recording_step(client: str, session_id: str, action: int):
+            self.stepped.append(action)
+            return await step(client, session_id, action)
+
+        self.service.step = recording_step  # type: ignore[method-assign]
+        self.runner = web.AppRunner(create_web_app(self.service, self.world_dir))
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()  # port 0: the OS picks a free one
+        self.port = self.runner.addresses[0][1]
+
+    def call(self, coro):
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT_S)
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            await self.runner.cleanup()
+            await self.backend.close()
+
+        self.call(shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT_S)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def server(trained_world_dir) -> Iterator[ServerThread]:
+    srv = ServerThread(trained_world_dir)
+    srv.url = srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
+                "--window-size=1100,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(arg)
+    options.binary_location = str(CHROMIUM)
+    drv = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    drv.set_page_load_timeout(WAIT_S)
+    yield drv
+    drv.quit()
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def wait(driver, condition, message: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(condition, message)
+
+
+def text(driver, element_id: str) -> str:
+    return driver.execute_script("return document.getElementById(arguments[0]).textContent", element_id)
+
+
+def frame_src(driver) -> str:
+    return driver.execute_script("return document.getElementById('frame').getAttribute('src') || ''")
+
+
+def press(driver, *keys: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(*keys).perform()
+
+
+def open_page(driver, server, fragment: str = f"#token={TOKEN}") -> None:
+    driver.get("about:blank")  # a change of fragment alone would not reload the page
+    driver.get(f"{server.url}/{fragment}")
+
+
+def start_session(driver, server: ServerThread, prompt: int) -> str:
+    """Clicks a prompt thumbnail once all have loaded; returns the new session's id."""
+    from selenium.webdriver.common.by import By
+
+    loaded = "return [...document.querySelectorAll('#prompts img')].filter(i => i.complete && i.naturalWidth > 0).length"
+    count = len(load_prompts(server.world_dir))
+    wait(driver, lambda d: d.execute_script(loaded) == count, "prompt thumbnails did not load")
+    before = driver.execute_script("return document.body.dataset.session || ''")
+    driver.find_element(By.CSS_SELECTOR, f'#prompts button[data-prompt="{prompt}"]').click()
+    return wait_new_session(driver, before)
+
+
+def wait_new_session(driver, old: str) -> str:
+    """Waits until the page plays a session other than `old`, showing its first frame; returns its id."""
+    script = "return document.body.dataset.mode === 'playing' ? document.body.dataset.session : ''"
+    wait(driver, lambda d: d.execute_script(script) not in ("", old), "no new session started")
+    assert text(driver, "step") == "0" and frame_src(driver).startswith("data:image/png;base64,")
+    return driver.execute_script(script)
+
+
+def step_to(driver, step: int, src_before: str) -> str:
+    wait(driver, lambda d: text(d, "step") == str(step) and frame_src(d) != src_before,
+         f"step counter did not reach {step} with a new frame (shows {text(driver, 'step')})")
+    return frame_src(driver)
+
+
+# --- tests -----------------------------------------------------------------------------------------------
+
+
+def test_keys_and_buttons_step_the_world_in_order(driver, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(driver, server)
+    start_session(driver, server, prompt=2)
+    assert "Genie" in driver.title
+    legend = text(driver, "legend")
+    assert "action 0" in legend and "restart" in legend
+    buttons = driver.find_elements(By.CSS_SELECTOR, "#actions button")
+    assert len(buttons) == server.service.spec.num_actions  # 4 in the tiny world
+    assert driver.execute_script("return getComputedStyle(document.getElementById('frame')).imageRendering") == "pixelated"
+    src = frame_src(driver)
+    server.stepped.clear()
+
+    press(driver, "2")  # number keys 1..A -> actions 0..A-1
+    src = step_to(driver, 1, src)
+    assert text(driver, "last-action") == "action 1"
+    press(driver, Keys.ARROW_DOWN)  # arrows Left/Right/Up/Down -> actions 0..3
+    src = step_to(driver, 2, src)
+    assert text(driver, "last-action") == "action 3"
+    buttons[2].click()
+    src = step_to(driver, 3, src)
+
+    press(driver, "1", Keys.ARROW_RIGHT, "4", Keys.ARROW_UP, "1")  # faster than the world answers: queued, in order
+    step_to(driver, 8, src)
+    assert server.stepped == [1, 3, 2, 0, 1, 3, 2, 0]
+    assert driver.execute_script("return document.body.dataset.mode") == "playing"
+
+    shot = tmp_path / "play.png"
+    assert driver.save_screenshot(str(shot))
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size[0] >= 800 and len(np.unique(np.asarray(im.convert("L")))) > 10  # a rendered page, not a blank one
+
+
+def test_closed_session_shows_error_and_restart_recovers(driver, server):
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, server)
+    session = start_session(driver, server, prompt=0)
+    server.call(server.service.close("player", session))  # as if it had expired
+
+    press(driver, "1")
+    wait(driver, lambda d: "expired or was closed" in text(d, "message"), "no error message for a closed session")
+    assert driver.execute_script("return document.body.dataset.mode") == "error"
+    restart = driver.find_element(By.ID, "restart")
+    assert restart.is_displayed()
+
+    restart.click()
+    session = wait_new_session(driver, session)
+    assert text(driver, "message") != "" and "expired" not in text(driver, "message")
+    press(driver, "R")  # R restarts too
+    wait_new_session(driver, session)
+    src = frame_src(driver)
+    press(driver, "3")
+    step_to(driver, 1, src)
+
+    driver.get("about:blank")  # leaving the page closes its session; restarts closed the ones before
+    wait(driver, lambda d: server.call(server.service.store.count("player")) == 0, "sessions left open after leaving the page")
+
+
+def test_without_token_the_page_asks_for_one(driver, server):
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, server, fragment="")
+    form = driver.find_element(By.ID, "token-form")
+    wait(driver, lambda d: form.is_displayed(), "no token form")
+    driver.find_element(By.ID, "token-input").send_keys("not-the-right-token-at-all")
+    driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    wait(driver, lambda d: "token was refused" in text(d, "message"), "a bad token was not reported")
+
+    driver.find_element(By.ID, "token-input").clear()
+    driver.find_element(By.ID, "token-input").send_keys(TOKEN)
+    driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    wait(driver, lambda d: d.find_element(By.ID, "play").is_displayed(), "the page did not connect")
+    assert driver.current_url.endswith(f"#token={TOKEN}")
+    start_session(driver, server, prompt=1)
