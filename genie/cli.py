@@ -319,5 +319,14 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, out) -> None:
     click.echo(json.dumps({k: report[k] for k in ("tokenizer", "dynamics", "lam") if k in report}))
 
 
+def _add_service_commands() -> None:
+    # The CLI is the one module of genie/ that reaches into services/: it is the entry point for both.
+    from services.triton.cli import triton
+
+    main.add_command(triton)
+
+
+_add_service_commands()
+
 if __name__ == "__main__":
     main()

@@ -105,3 +105,21 @@ class ModelBackend(Protocol):
 
     async def close(self) -> None:
         """Releases connections and threads."""
+
+
+def check_frames(frames: np.ndarray, spec: WorldSpec, min_t: int, max_t: int) -> None:
+    """Raises ValueError unless frames are uint8 (t, H, W, C) of the world's size with min_t <= t <= max_t."""
+    want = (spec.height, spec.width, spec.channels)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != want:
+        raise ValueError(f"frames must be uint8 (t, {', '.join(map(str, want))}), got {frames.dtype} {frames.shape}")
+    if not min_t <= frames.shape[0] <= max_t:
+        raise ValueError(f"need {min_t} to {max_t} frames, got {frames.shape[0]}")
+
+
+def check_state(state: WorldState, spec: WorldSpec) -> None:
+    """Raises ValueError unless the state's token window fits the world (shape and code range)."""
+    t, n = state.tokens.shape
+    if n != spec.tokens_per_frame or not 1 <= t <= spec.window:
+        raise ValueError(f"state tokens {tuple(state.tokens.shape)} do not fit (1..{spec.window}, {spec.tokens_per_frame})")
+    if int(state.tokens.min()) < 0 or int(state.tokens.max()) >= spec.num_codes:
+        raise ValueError(f"state tokens out of range [0, {spec.num_codes})")

@@ -15,7 +15,7 @@ from genie.sampling import DynamicsEngine, FrameDecoder, SamplingConfig
 from genie.state import KVCacheStore, WorldState
 from genie.train.checkpoint import load_model
 from genie.worlds import load_world_config_of
-from services.gateway.backend import WorldSpec, world_spec
+from services.gateway.backend import WorldSpec, check_frames, check_state, world_spec
 from services.gateway.batcher import MicroBatcher
 
 
@@ -75,7 +75,7 @@ class InProcessBackend:
 
     async def encode(self, frames: np.ndarray) -> np.ndarray:
         spec = self._check_started()
-        _check_frames(frames, spec, 1, spec.window)
+        check_frames(frames, spec, 1, spec.window)
         video = torch.from_numpy(np.array(frames))[None]  # a writable copy
         run = lambda: self.decoder.encode(video)[0].numpy()  # noqa: E731
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
@@ -84,16 +84,16 @@ class InProcessBackend:
         spec = self._check_started()
         if not 0 <= int(action) < spec.num_actions:
             raise ValueError(f"action {action} is out of range [0, {spec.num_actions})")
-        _check_state(state, spec)
+        check_state(state, spec)
         return await self._next.submit((state, int(action), sampling))
 
     async def decode_last(self, state: WorldState) -> np.ndarray:
-        _check_state(state, self._check_started())
+        check_state(state, self._check_started())
         return await self._decode.submit(state)
 
     async def infer_actions(self, frames: np.ndarray) -> np.ndarray:
         spec = self._check_started()
-        _check_frames(frames, spec, 2, self.lam.cfg.max_frames)
+        check_frames(frames, spec, 2, self.lam.cfg.max_frames)
         video = torch.from_numpy(np.array(frames))[None]  # a writable copy
         run = lambda: self.lam.infer_actions(video)[0].to(torch.int32).numpy()  # noqa: E731
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
@@ -105,19 +105,3 @@ class InProcessBackend:
         for b in self._batchers:
             await b.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _check_frames(frames: np.ndarray, spec: WorldSpec, min_t: int, max_t: int) -> None:
-    want = (spec.height, spec.width, spec.channels)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != want:
-        raise ValueError(f"frames must be uint8 (t, {', '.join(map(str, want))}), got {frames.dtype} {frames.shape}")
-    if not min_t <= frames.shape[0] <= max_t:
-        raise ValueError(f"need {min_t} to {max_t} frames, got {frames.shape[0]}")
-
-
-def _check_state(state: WorldState, spec: WorldSpec) -> None:
-    t, n = state.tokens.shape
-    if n != spec.tokens_per_frame or not 1 <= t <= spec.window:
-        raise ValueError(f"state tokens {tuple(state.tokens.shape)} do not fit (1..{spec.window}, {spec.tokens_per_frame})")
-    if int(state.tokens.min()) < 0 or int(state.tokens.max()) >= spec.num_codes:
-        raise ValueError(f"state tokens out of range [0, {spec.num_codes})")

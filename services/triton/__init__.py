@@ -1,0 +1,17 @@
+"""The Triton model services: the wire protocol, the repository assembler and the tritonserver launcher.
+
+The launcher's names are re-exported lazily: the model.py glue inside Triton imports `services.triton.protocol`,
+and the CLI imports `services.triton.cli`, neither of which should pull in tritonclient and torch at import time.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Repository", "TritonServer", "assemble_repository", "free_ports", "pytriton_dir"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from services.triton import launcher
+
+        return getattr(launcher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

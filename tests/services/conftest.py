@@ -1,0 +1,41 @@
+"""Service fixtures: the tiny trained world in process and behind a real tritonserver (started once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_asyncio
+
+from services.gateway.inprocess import InProcessBackend
+from services.gateway.triton_backend import TritonBackend
+from services.triton import TritonServer, assemble_repository, free_ports
+
+
+@pytest.fixture(scope="session")
+def triton_server(trained_world_dir, tmp_path_factory):
+    """A tritonserver serving `trained_world_dir` on free loopback ports; tests may stop() and start() it.
+
+    One torch thread per model: three stub processes share the machine with pytest and the in-process backend.
+    """
+    root = tmp_path_factory.mktemp("triton")
+    repository = assemble_repository(trained_world_dir, root, threads=1)
+    server = TritonServer(repository, *free_ports(3), log_path=root / "triton.log")
+    server.start()
+    server.wait_ready(timeout=120)
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def inprocess_backend(trained_world_dir):
+    backend = InProcessBackend(trained_world_dir)
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def triton_backend(triton_server):
+    backend = TritonBackend(triton_server.grpc_url, timeout_s=30.0)
+    await backend.start()
+    yield backend
+    await backend.close()
