@@ -217,6 +217,8 @@ def main() -> None:
     args = parser.parse_args()
     machine = setup_run(args)
     base = {"bench": "gateway", "world": args.world.name, "backend": args.backend, "store": args.store}
+    if args.backend == "triton":
+        base["triton_threads"] = args.triton_threads
     image = args.world.joinpath("prompts", "00.png").read_bytes() if (args.world / "prompts").exists() else None
     image = image or load_prompts(args.world)[0].read_bytes()
 

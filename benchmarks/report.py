@@ -29,6 +29,21 @@ TABLES = {
         ["threads", "preset", "sampling_steps", "context_frames", "ms_cache", "ms_nocache", "nocache_over_cache",
          "others_cores"],
     ),
+    "gateway": (
+        ("world", "backend", "triton_threads", "store", "sessions"),
+        ["world", "backend", "triton_threads", "store", "sessions", "steps_per_session", "p50_ms", "p99_ms", "fps_aggregate",
+         "bare_p50_ms", "bare_fps_aggregate", "server_step_ms", "server_model_ms", "server_store_ms", "gateway_overhead",
+         "commit_conflicts"],
+    ),
+    "gateway_redis_memory": (
+        ("world",),
+        ["world", "idle_sessions", "redis_key_memory_usage", "redis_bytes_per_session_info"],
+    ),
+    "gateway_soak": (
+        ("world", "backend", "store", "soak_sessions"),
+        ["world", "backend", "store", "soak_sessions", "soak_seconds", "steps", "fps_aggregate", "p50_ms", "p99_ms", "errors",
+         "lost_sessions", "mismatched_sessions", "min_steps_per_session", "gateway_rss_mb_start", "gateway_rss_mb_end"],
+    ),
 }
 
 

@@ -38,9 +38,9 @@ def _caches(frames=4):
 def test_store_take_is_exclusive_and_counts():
     store = KVCacheStore()
     c = _caches()
-    store.put(("a", 1), c)
-    assert store.take(("a", 1)) is c
-    assert store.take(("a", 1)) is None
+    store.put(("a", "x", "1"), c)
+    assert store.take(("a", "x", "1")) is c
+    assert store.take(("a", "x", "1")) is None
     assert (store.hits, store.misses) == (1, 1)
     assert store.nbytes == 0
 
@@ -49,19 +49,29 @@ def test_store_evicts_least_recent_by_bytes():
     size = _caches().nbytes()
     store = KVCacheStore(max_bytes=2 * size)
     for i in range(3):
-        store.put(("s", i), _caches())
+        store.put((f"s{i}", "x", "1"), _caches())
     assert len(store) == 2 and store.nbytes == 2 * size
-    assert store.take(("s", 0)) is None  # oldest evicted
-    assert store.take(("s", 2)) is not None
+    assert store.take(("s0", "x", "1")) is None  # oldest evicted
+    assert store.take(("s2", "x", "1")) is not None
+
+
+def test_store_keeps_one_live_entry_per_session_and_part():
+    store = KVCacheStore()
+    store.put(("a", "dynamics", "v1"), _caches())
+    store.put(("a", "decoder", "v1"), _caches())
+    store.put(("a", "dynamics", "v2"), _caches())  # the session moved on: its v1 dynamics cache is dead
+    assert len(store) == 2 and store.take(("a", "dynamics", "v1")) is None
+    assert store.take(("a", "dynamics", "v2")) is not None and store.take(("a", "decoder", "v1")) is not None
+    assert store.nbytes == 0
 
 
 def test_store_drop_session_and_discard():
     store = KVCacheStore()
-    store.put(("a", 1), _caches())
-    store.put(("a", 2), _caches())
-    store.put(("b", 1), _caches())
+    store.put(("a", "x", "1"), _caches())
+    store.put(("a", "y", "2"), _caches())
+    store.put(("b", "x", "1"), _caches())
     store.drop_session("a")
-    store.discard(("b", 1))
+    store.discard(("b", "x", "1"))
     assert len(store) == 0 and store.nbytes == 0
 
 
