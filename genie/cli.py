@@ -101,7 +101,11 @@ def export(run_root, out) -> None:
 
 
 def _backend_options(f):
-    f = click.option("--triton-url", default="127.0.0.1:8001", show_default=True, help="Triton gRPC address (--backend triton).")(f)
+    f = click.option("--triton-model-urls", default="", envvar="GENIE_TRITON_MODEL_URLS",
+                     help="Per-model Triton addresses, e.g. tokenizer=tok:8001,dynamics=dyn:8001,lam=lam:8001 "
+                          "(default: all at --triton-url).")(f)
+    f = click.option("--triton-url", default="127.0.0.1:8001", show_default=True, envvar="GENIE_TRITON_URL",
+                     help="Triton gRPC address (--backend triton).")(f)
     f = click.option("--backend", type=click.Choice(["inprocess", "triton"]), default="inprocess", show_default=True,
                      help="Run the models in this process, or call the Triton model services.")(f)
     return f
@@ -117,7 +121,7 @@ def _backend_options(f):
 @click.option("--sampling-steps", type=int, help="MaskGIT steps (default: the world's).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("rollout.gif"), show_default=True)
 @_backend_options
-def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url) -> None:
+def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls) -> None:
     """Generate frames for a prompt and an action sequence and write a GIF, through the same model backend
     interface the gateway uses (in process, or the Triton services)."""
     import asyncio
@@ -130,7 +134,8 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
     from services.rollout import rollout_one
 
     async def run(image: Path):
-        models = make_backend(GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url))
+        models = make_backend(GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url,
+                                            triton_model_urls=triton_model_urls))
         try:
             await models.start()
             spec = models.spec
@@ -215,8 +220,8 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
 @click.option("--max-sessions", type=int, default=16, show_default=True, help="Open sessions per client.")
 @click.option("--rate", type=int, default=100, show_default=True, help="Requests per second per client.")
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
-def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, store, redis_url, tokens, session_ttl,
-          max_sessions, rate, threads) -> None:
+def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, store, redis_url, tokens,
+          session_ttl, max_sessions, rate, threads) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
     in-memory session store. Replicas sharing one Redis serve any session."""
     from services.gateway.app import GatewayConfig
@@ -224,7 +229,8 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_u
 
     try:
         limits = Limits(session_ttl_s=session_ttl, max_sessions_per_client=max_sessions, requests_per_second=rate)
-        cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, store=store, redis_url=redis_url,
+        cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, triton_model_urls=triton_model_urls,
+                            store=store, redis_url=redis_url,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
                             threads=threads, limits=limits)
     except ValueError as exc:

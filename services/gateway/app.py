@@ -25,6 +25,7 @@ class GatewayConfig:
     world: str = "worlds/demo"  # world dir: the in-process backend's models, and the page's prompt images
     backend: str = "inprocess"  # "inprocess" (embedded default) or "triton"
     triton_url: str = "127.0.0.1:8001"
+    triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=host:port,lam=host:port": a server per model
     store: str = "memory"  # "memory" (embedded default, one gateway only) or "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
@@ -46,10 +47,18 @@ def make_backend(cfg: GatewayConfig) -> ModelBackend:
     if cfg.backend == "triton":
         from services.gateway.triton_backend import TritonBackend
 
-        return TritonBackend(cfg.triton_url)
+        return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls))
     from services.gateway.inprocess import InProcessBackend
 
     return InProcessBackend(Path(cfg.world), threads=cfg.threads)
+
+
+def parse_model_urls(spec: str) -> dict[str, str]:
+    """"tokenizer=host:port,dynamics=host:port" -> {"tokenizer": "host:port", ...}."""
+    pairs = [p.split("=", 1) for p in spec.split(",") if p.strip()]
+    if any(len(p) != 2 or not p[1].strip() for p in pairs):
+        raise ValueError(f"Triton model URLs must be model=host:port[,model=host:port...], got {spec!r}")
+    return {name.strip(): url.strip() for name, url in pairs}
 
 
 def make_store(cfg: GatewayConfig) -> SessionStore:

@@ -50,17 +50,23 @@ class TritonBackend:
     """
 
     def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.05,
-                 reconnect_s: float = 0.25) -> None:
+                 reconnect_s: float = 0.25, model_urls: dict[str, str] | None = None) -> None:
+        unknown = set(model_urls or {}) - set(P.MODELS)
+        if unknown:
+            raise ValueError(f"unknown Triton models {sorted(unknown)}; expected some of {list(P.MODELS)}")
         self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+        # One server for all three models, or one per model (a Deployment each, as the Helm chart runs them).
+        self.urls = {m: (model_urls or {}).get(m, url) for m in P.MODELS}
         self.reconnect_s = reconnect_s
         self.spec: WorldSpec | None = None
         self.lam_frames = 0  # the longest clip the LAM takes, published in its config
-        self._client: triton_aio.InferenceServerClient | None = None
+        self._clients: dict[str, triton_aio.InferenceServerClient] = {}  # by URL
 
-    def _connect(self) -> triton_aio.InferenceServerClient:
-        if self._client is None:
+    def _connect(self, model: str) -> triton_aio.InferenceServerClient:
+        url = self.urls[model]
+        if url not in self._clients:
             ms = int(self.reconnect_s * 1000)
-            self._client = triton_aio.InferenceServerClient(self.url, channel_args=[
+            self._clients[url] = triton_aio.InferenceServerClient(url, channel_args=[
                 ("grpc.max_send_message_length", 2**31 - 1),
                 ("grpc.max_receive_message_length", 2**31 - 1),
                 ("grpc.initial_reconnect_backoff_ms", min(ms, 50)),
@@ -68,7 +74,7 @@ class TritonBackend:
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
             ])
-        return self._client
+        return self._clients[url]
 
     async def start(self) -> None:
         """Reads the WorldSpec the dynamics model publishes and checks every model is ready (else BackendUnavailable)."""
@@ -82,7 +88,7 @@ class TritonBackend:
             spec = WorldSpec.from_dict(json.loads(_param(dyn, P.PARAM_WORLD_SPEC)))
             self.lam_frames = int(_param(lam, P.PARAM_MAX_FRAMES))
         except (KeyError, ValueError, TypeError) as exc:
-            raise BackendError(f"Triton at {self.url}: the models do not publish a usable world spec: {exc}") from exc
+            raise BackendError(f"Triton at {self.urls[P.DYNAMICS]}: the models do not publish a usable world spec: {exc}") from exc
         for model in P.MODELS:
             await self._call(model, "check ready", lambda c, m=model: self._require_ready(c, m))
         self.spec = spec
@@ -122,18 +128,17 @@ class TritonBackend:
 
     async def ready(self) -> bool:
         try:
-            client = self._connect()
             for model in P.MODELS:
-                if not await client.is_model_ready(model, client_timeout=self.timeout_s):
+                if not await self._connect(model).is_model_ready(model, client_timeout=self.timeout_s):
                     return False
             return True
         except (InferenceServerException, OSError):
             return False
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
 
     async def statistics(self, model: str) -> dict:
         """Triton's inference statistics of one model (counts, batch sizes, timings) as JSON."""
@@ -145,15 +150,15 @@ class TritonBackend:
             model, inputs, outputs=[InferRequestedOutput(output)], client_timeout=self.timeout_s))
         value = result.as_numpy(output)
         if value is None or value.shape[:1] != (1,):
-            raise BackendError(f"Triton model {model!r} at {self.url} returned no {output} for one item")
+            raise BackendError(f"Triton model {model!r} at {self.urls[model]} returned no {output} for one item")
         return value[0].copy()  # drop the batch axis; a writable array, as the in-process backend returns
 
     async def _call(self, model: str, what: str, fn: Callable[[triton_aio.InferenceServerClient], Awaitable[T]]) -> T:
         """Runs fn(client) with retries on UNAVAILABLE; maps Triton's errors to the backend's exceptions."""
-        where = f"Triton model {model!r} at {self.url}"
+        where = f"Triton model {model!r} at {self.urls[model]}"
         for attempt in range(self.retries + 1):
             try:
-                return await fn(self._connect())
+                return await fn(self._connect(model))
             except InferenceServerException as exc:
                 status, message = exc.status(), exc.message()
                 if status == _UNAVAILABLE and attempt < self.retries:

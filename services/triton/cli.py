@@ -27,16 +27,23 @@ def triton() -> None:
                    "CPU, 1 each avoids oversubscription (benchmarks/README.md: 19.0 vs 11.5 frames/s at 16 sessions).")
 @click.option("--instances", default=1, show_default=True, help="Instances (processes) per model.")
 @click.option("--cache-bytes", default=1 << 30, show_default=True, help="Soft K/V cache cap per tokenizer/dynamics instance.")
+@click.option("--models", default="tokenizer,lam,dynamics", show_default=True,
+              help="Comma-separated models to serve (one per server when each model is its own Deployment).")
 @click.option("--repository", type=click.Path(file_okay=False, path_type=Path),
               help="Where to assemble the model repository (default: a temporary directory, removed on exit).")
 def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_port: int, threads: int, instances: int,
-          cache_bytes: int, repository: Path | None) -> None:
+          cache_bytes: int, models: str, repository: Path | None) -> None:
     """Assemble the repository for WORLD and run tritonserver until Ctrl-C (or SIGTERM)."""
     from services.triton.launcher import TritonServer, assemble_repository
 
     with tempfile.TemporaryDirectory(prefix="genie-triton-") as tmp:
-        repo = assemble_repository(world_dir, repository or Path(tmp), threads=threads, cache_bytes=cache_bytes,
-                                   instances=instances)
+        names = [m.strip() for m in models.split(",") if m.strip()]
+        try:
+            repo = assemble_repository(world_dir, repository or Path(tmp), threads=threads, cache_bytes=cache_bytes,
+                                       instances=instances, models=names)
+        except ValueError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
         server = TritonServer(repo, grpc_port, http_port, metrics_port, host=host)  # logs go to this terminal
         signal.signal(signal.SIGTERM, _interrupt)
         server.start()

@@ -23,6 +23,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def assemble_repository(
     instances: int = 1,
     max_batch_size: int | None = None,
     queue_delay_us: int | None = None,
+    models: Sequence[str] = P.MODELS,
 ) -> Repository:
     """Copies services/{tokenizer,lam,dynamics} into `out_dir/models`, filling each config's parameters.
 
@@ -73,8 +75,13 @@ def assemble_repository(
         cache_bytes: the soft K/V cache cap of each tokenizer / dynamics instance.
         instances: model instances (processes) per model.
         max_batch_size, queue_delay_us: override the pbtxt's dynamic batching settings when given.
+        models: which of tokenizer, lam, dynamics to serve (all by default; one per server in the Helm chart).
     Returns the Repository; `out_dir` is created, and its models/ and backends/ replaced.
     """
+    names = tuple(models)
+    unknown = set(names) - set(P.MODELS)
+    if unknown or not names:
+        raise ValueError(f"models must be some of {list(P.MODELS)}, got {list(names)}")
     world_dir, out_dir = Path(world_dir).resolve(), Path(out_dir).resolve()
     cfg = load_world_config_of(world_dir)  # fails early on a directory that is not a world
     models, backends = out_dir / "models", out_dir / "backends"
@@ -85,7 +92,7 @@ def assemble_repository(
         P.LAM: {P.PARAM_MAX_FRAMES: str(cfg.lam.max_frames)},
         P.DYNAMICS: {P.PARAM_CACHE_BYTES: str(cache_bytes), P.PARAM_WORLD_SPEC: json.dumps(world_spec(cfg).to_dict())},
     }
-    for name in P.MODELS:
+    for name in names:
         src = SERVICES_DIR / name
         config = text_format.Parse((src / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         params = {P.PARAM_WORLD_DIR: str(world_dir), P.PARAM_THREADS: str(threads), **extra[name]}

@@ -133,3 +133,30 @@ async def test_server_down_then_back_the_backend_recovers_by_itself(triton_serve
     # The same client, no restart: the channel reconnects; the K/V cache is gone and the recomputed step is identical.
     np.testing.assert_array_equal(await b.next_tokens(state, 2, spec.sampling), before)
     assert await b.ready()
+
+
+def test_repository_of_one_model(trained_world_dir, tmp_path):
+    """The Helm chart runs one Triton Deployment per model: each repository holds just that model."""
+    repo = assemble_repository(trained_world_dir, tmp_path / "repo", models=[P.DYNAMICS])
+    assert os.listdir(repo.models) == [P.DYNAMICS]
+    with pytest.raises(ValueError, match="models must be some of"):
+        assemble_repository(trained_world_dir, tmp_path / "bad", models=["decoder"])
+
+
+async def test_each_model_is_called_at_its_own_url(triton_server):
+    """Per-model URLs route each call to its own server (the chart's layout); one dead server fails by name."""
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+    backend = TritonBackend(triton_server.grpc_url, timeout_s=30.0, model_urls={P.TOKENIZER: dead})
+    assert backend.urls == {P.TOKENIZER: dead, P.LAM: triton_server.grpc_url, P.DYNAMICS: triton_server.grpc_url}
+    with pytest.raises(BackendUnavailable, match=f"'tokenizer' at {dead}"):
+        await backend.start()  # start() checks that every model is ready
+    await backend.close()
+    explicit = TritonBackend("127.0.0.1:1", timeout_s=30.0, model_urls={m: triton_server.grpc_url for m in P.MODELS})
+    await explicit.start()  # the default URL is dead, but no model uses it
+    try:
+        tokens = await explicit.encode(np.zeros((1, explicit.spec.height, explicit.spec.width, 3), np.uint8))
+        assert tokens.shape == (1, explicit.spec.tokens_per_frame)
+    finally:
+        await explicit.close()
+    with pytest.raises(ValueError, match="unknown Triton models"):
+        TritonBackend(triton_server.grpc_url, model_urls={"decoder": dead})
