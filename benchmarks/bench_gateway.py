@@ -174,7 +174,8 @@ async def soak(gw: GatewayProcess, image: bytes, sessions: int, seconds: float, 
     return {"soak_sessions": sessions, "soak_seconds": round(wall, 1), "steps": sum(ok), "fps_aggregate": sum(ok) / wall,
             "p50_ms": 1e3 * percentile(latencies, 50), "p99_ms": 1e3 * percentile(latencies, 99), "errors": errors,
             "lost_sessions": lost, "mismatched_sessions": mismatched, "min_steps_per_session": min(ok),
-            "gateway_rss_mb_start": round(rss0, 1), "gateway_rss_mb_end": round(gw.rss_mb(), 1)}
+            "gateway_rss_mb_start": round(rss0, 1), "gateway_rss_mb_end": round(gw.rss_mb(), 1),
+            "loadavg_1m_end": round(os.getloadavg()[0], 2)}
 
 
 async def redis_idle_memory(gw: GatewayProcess, image: bytes, redis_url: str, count: int) -> dict:
