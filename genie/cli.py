@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import click
 
-DEFAULT_WORLD = Path(__file__).resolve().parent.parent / "worlds" / "demo"
+# The shipped demo world; GENIE_WORLD overrides it (an installed package has no worlds/ beside it, e.g. in the image).
+DEFAULT_WORLD = Path(os.environ.get("GENIE_WORLD") or Path(__file__).resolve().parent.parent / "worlds" / "demo")
 
 
 def _fail(message: str) -> None:

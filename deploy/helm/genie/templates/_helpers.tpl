@@ -1,0 +1,174 @@
+{{/* Names, labels, images and the pieces every pod shares. */}}
+
+{{- define "genie.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "genie.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A component's resource name: (dict "ctx" $ "component" "gateway"). */}}
+{{- define "genie.componentName" -}}
+{{- printf "%s-%s" (include "genie.fullname" .ctx) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "genie.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "genie.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "genie.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "genie.selectorLabels" . }}
+app.kubernetes.io/part-of: genie
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
+
+{{/* Labels of resources that belong to the release, not to one component (ConfigMap, Secrets). */}}
+{{- define "genie.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "genie.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: genie
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The Genie image: (dict "ctx" $ "gpu" true|false). */}}
+{{- define "genie.image" -}}
+{{- $img := ternary .ctx.Values.gpu.image .ctx.Values.image .gpu }}
+{{- printf "%s:%s" $img.repository (default .ctx.Chart.AppVersion $img.tag) }}
+{{- end }}
+
+{{/* Whether a component with `gpu: <flag>` gets a GPU: (dict "ctx" $ "want" <flag>). Prints "true" or "". */}}
+{{- define "genie.useGpu" -}}
+{{- if and .ctx.Values.gpu.enabled .want }}true{{ end }}
+{{- end }}
+
+{{/* resources, plus one nvidia.com/gpu limit when gpu: (dict "resources" <map> "gpu" <bool>). */}}
+{{- define "genie.resources" -}}
+{{- $res := deepCopy (default dict .resources) }}
+{{- if .gpu }}
+{{- $limits := default dict $res.limits }}
+{{- $_ := set $limits "nvidia.com/gpu" 1 }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/* Pod-level placement and identity shared by every pod: (dict "ctx" $ "gpu" <bool>). */}}
+{{- define "genie.podCommon" -}}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .ctx.Values.podSecurityContext | nindent 2 }}
+{{- with .ctx.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .gpu }}
+{{- with .ctx.Values.gpu.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .ctx.Values.gpu.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Env every Genie container gets: a writable HOME on the read-only root filesystem. */}}
+{{- define "genie.baseEnv" -}}
+- name: HOME
+  value: /tmp
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- end }}
+
+{{/* Volumes and mounts for /tmp and the world. */}}
+{{- define "genie.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 1Gi
+{{- if .Values.world.existingClaim }}
+- name: worlds
+  persistentVolumeClaim:
+    claimName: {{ .Values.world.existingClaim }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "genie.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.world.existingClaim }}
+- name: worlds
+  mountPath: {{ .Values.world.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Model name -> "host:8001" of its Triton Service, as --triton-model-urls / GENIE_TRITON_MODEL_URLS want it. */}}
+{{- define "genie.tritonModelUrls" -}}
+{{- $urls := list }}
+{{- range $model := list "tokenizer" "dynamics" "lam" }}
+{{- $urls = append $urls (printf "%s=%s:8001" $model (include "genie.componentName" (dict "ctx" $ "component" $model))) }}
+{{- end }}
+{{- join "," $urls }}
+{{- end }}
+
+{{- define "genie.tokensSecretName" -}}
+{{- default (printf "%s-tokens" (include "genie.fullname" .)) .Values.gateway.auth.existingSecret }}
+{{- end }}
+
+{{- define "genie.tokensSecretKey" -}}
+{{- ternary .Values.gateway.auth.existingSecretKey "tokens" (ne .Values.gateway.auth.existingSecret "") }}
+{{- end }}
+
+{{- define "genie.redisSecretName" -}}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
+{{- .Values.redis.external.existingSecret }}
+{{- else }}
+{{- printf "%s-redis-url" (include "genie.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "genie.redisSecretKey" -}}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
+{{- .Values.redis.external.existingSecretKey }}
+{{- else }}
+{{- print "redis-url" }}
+{{- end }}
+{{- end }}
+
+{{/* The Redis base URL (no DB) the chart writes into its Secret. */}}
+{{- define "genie.redisBaseUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s:6379" (include "genie.componentName" (dict "ctx" . "component" "redis")) }}
+{{- else if .Values.redis.external.url }}
+{{- .Values.redis.external.url | trimSuffix "/" }}
+{{- else if not .Values.redis.external.existingSecret }}
+{{- fail "redis.enabled is false: set redis.external.url or redis.external.existingSecret" }}
+{{- end }}
+{{- end }}
+
+{{/* GENIE_REDIS_BASE_URL from the Secret, then the full URLs built from it (Kubernetes expands $(VAR) in env). */}}
+{{- define "genie.redisEnv" -}}
+- name: GENIE_REDIS_BASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "genie.redisSecretName" . }}
+      key: {{ include "genie.redisSecretKey" . }}
+{{- end }}
