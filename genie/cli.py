@@ -330,8 +330,10 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, out) -> None:
 def _add_service_commands() -> None:
     # The CLI is the one module of genie/ that reaches into services/: it is the entry point for both.
     from services.triton.cli import triton
+    from services.worker.cli import jobs
 
     main.add_command(triton)
+    main.add_command(jobs)
 
 
 _add_service_commands()

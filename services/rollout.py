@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,22 +18,36 @@ from genie.sampling import SamplingConfig, advance, new_state
 from services.gateway.backend import ModelBackend
 
 
-async def rollout_one(backend: ModelBackend, prompt: np.ndarray, actions: Sequence[int], seed: int,
-                      sampling: SamplingConfig | None = None) -> np.ndarray:
-    """prompt: (t0, H, W, C) uint8 -> frames (1 + len(actions), H, W, C) uint8: the prompt's last frame as
-    reconstructed, then one generated frame per action."""
+@dataclass(frozen=True)
+class Rollout:
+    frames: np.ndarray  # (1 + L, H, W, C) uint8: the prompt's last frame as reconstructed, then one per action
+    tokens: np.ndarray  # (1 + L, N) int32 in [0, K): the tokens of those frames
+
+
+async def rollout_trace(backend: ModelBackend, prompt: np.ndarray, actions: Sequence[int], seed: int,
+                        sampling: SamplingConfig | None = None) -> Rollout:
+    """prompt: (t0, H, W, C) uint8 -> the frames and their tokens for one action sequence (L = len(actions))."""
     spec = backend.spec
     sampling = sampling or spec.sampling
     for a in actions:
         if not 0 <= int(a) < spec.num_actions:
             raise ValueError(f"action {a} is out of range [0, {spec.num_actions})")
-    state = new_state(uuid.uuid4().hex, torch.from_numpy(await backend.encode(prompt)), seed)
-    frames = [await backend.decode_last(state)]
+    prompt_tokens = await backend.encode(prompt)  # (t0, N)
+    state = new_state(uuid.uuid4().hex, torch.from_numpy(prompt_tokens), seed)
+    frames, tokens = [await backend.decode_last(state)], [np.asarray(prompt_tokens[-1], dtype=np.int32)]
     for a in actions:
-        tokens = await backend.next_tokens(state, int(a), sampling)
-        state = advance(state, torch.from_numpy(tokens), int(a), spec.window, spec.keep)
+        step_tokens = await backend.next_tokens(state, int(a), sampling)
+        state = advance(state, torch.from_numpy(step_tokens), int(a), spec.window, spec.keep)
         frames.append(await backend.decode_last(state))
-    return np.stack(frames)
+        tokens.append(np.asarray(step_tokens, dtype=np.int32))
+    return Rollout(np.stack(frames), np.stack(tokens))
+
+
+async def rollout_one(backend: ModelBackend, prompt: np.ndarray, actions: Sequence[int], seed: int,
+                      sampling: SamplingConfig | None = None) -> np.ndarray:
+    """prompt: (t0, H, W, C) uint8 -> frames (1 + len(actions), H, W, C) uint8: the prompt's last frame as
+    reconstructed, then one generated frame per action."""
+    return (await rollout_trace(backend, prompt, actions, seed, sampling)).frames
 
 
 async def rollout_many(backend: ModelBackend, prompts: Sequence[np.ndarray], actions: Sequence[Sequence[int]],

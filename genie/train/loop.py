@@ -98,11 +98,14 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     tensorboard: bool = True,
+    on_step: Callable[[int, dict[str, float]], bool | None] | None = None,
 ) -> TrainResult:
     """Trains one model of `world`, resuming from the newest checkpoint in `run_dir` if there is one.
 
     stop_after: stop (with a checkpoint) after this many total steps, as a kill would; used to run in parts.
     frozen: checkpoint dirs of the trained tokenizer and LAM, needed for kind="dynamics".
+    on_step: called after every step with (steps done, that step's scalars); returning True stops the run there
+        with a checkpoint, as stop_after does. Jobs use it to report progress and to stop on cancel or time limit.
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
@@ -147,6 +150,9 @@ def train(
         opt.step()
         losses.append(logs["loss"])
         done = step + 1
+        stop = on_step is not None and bool(on_step(done, logs))
+        if stop:
+            end = done  # log, checkpoint and report this step as the last one
         if done % cfg.log_every == 0 or done == end:
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if writer is not None:
@@ -154,6 +160,9 @@ def train(
                     writer.add_scalar(f"{kind}/{name}", value, done)
         if done % cfg.ckpt_every == 0 or done == end:
             saved = _save(run_dir, kind, model, opt, done, cfg)
+        if stop:
+            break
+    bar.close()
     if writer is not None:
         writer.close()
     return TrainResult(kind, end, start, saved, logs, time.perf_counter() - t0, losses)

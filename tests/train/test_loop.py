@@ -117,3 +117,16 @@ def test_lr_schedule_warmup_then_cosine(tiny_world_cfg):
     assert lr_at(60, cfg) == pytest.approx(0.55)
     assert lr_at(110, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+
+
+def test_on_step_sees_every_step_and_stops_with_a_checkpoint(tiny_world_cfg, tmp_path):
+    """Returning True from on_step stops like stop_after (jobs use it for cancel and time limits); resuming is exact."""
+    cfg = apply_overrides(tiny_world_cfg, ["train_lam.steps=10", "train_lam.ckpt_every=100"])
+    straight = train("lam", cfg, tmp_path / "a", progress=False, tensorboard=False)
+    seen = []
+    first = train("lam", cfg, tmp_path / "b", progress=False, tensorboard=False,
+                  on_step=lambda done, logs: seen.append((done, logs["loss"])) or done == 4)
+    assert seen == [(i + 1, loss) for i, loss in enumerate(straight.losses[:4])]
+    assert first.step == 4 and first.checkpoint == latest_checkpoint(tmp_path / "b") and first.checkpoint.name == "step_00000004"
+    rest = train("lam", cfg, tmp_path / "b", progress=False, tensorboard=False, on_step=lambda done, logs: False)
+    assert rest.resumed_from == 4 and rest.step == 10 and first.losses + rest.losses == straight.losses

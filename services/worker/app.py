@@ -1,0 +1,22 @@
+"""The Celery app of the job workers: Redis broker and results, queues `train` and `rollout`, JSON messages.
+
+Start one worker per queue (the --pool solo keeps CUDA out of forked children and runs one job at a time):
+    celery -A services.worker.app worker -Q train --pool solo --concurrency 1 -n train@%h
+    celery -A services.worker.app worker -Q rollout --pool solo --concurrency 1 -n rollout@%h
+Configured from the environment (services/worker/settings.py): GENIE_BROKER_URL, GENIE_RESULT_BACKEND, GENIE_JOBS_DIR,
+GENIE_TASK_TIME_LIMIT, GENIE_VISIBILITY_TIMEOUT, GENIE_WORKER_METRICS_PORT, GENIE_ROLLOUT_BACKEND, GENIE_WORLD,
+GENIE_TRITON_URL, GENIE_TRITON_MODEL_URLS, GENIE_JOB_LEASE_TTL.
+"""
+
+from __future__ import annotations
+
+from services.worker import metrics
+from services.worker.runtime import JobTask
+from services.worker.settings import WorkerSettings, make_app
+
+settings = WorkerSettings.from_env()
+app = make_app(settings)
+JobTask.settings = settings
+metrics.connect(settings.metrics_port, settings.metrics_host)
+
+import services.worker.tasks  # noqa: E402,F401  registers the tasks on `app`

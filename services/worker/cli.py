@@ -1,0 +1,184 @@
+"""`genie jobs`: submit training and rollout jobs to the Celery workers, follow them, cancel them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from services.worker.settings import DEFAULT_BROKER
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _client(ctx: click.Context):
+    from services.worker.jobs import JobClient
+    from services.worker.settings import WorkerSettings
+
+    try:
+        return JobClient(WorkerSettings.from_env(broker_url=ctx.obj["broker"], result_backend=ctx.obj["result_backend"]))
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import kombu.exceptions
+    import redis
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
+
+
+@click.group("jobs")
+@click.option("--broker", envvar="GENIE_BROKER_URL", default=DEFAULT_BROKER, show_default=True,
+              help="Celery broker (Redis) URL, as the workers' GENIE_BROKER_URL.")
+@click.option("--result-backend", envvar="GENIE_RESULT_BACKEND", default="",
+              help="The workers' result backend when it is not the broker's Redis DB (GENIE_RESULT_BACKEND).")
+@click.pass_context
+def jobs(ctx: click.Context, broker: str, result_backend: str) -> None:
+    """Offline jobs on the Celery workers: training runs and batch rollouts (queues `train` and `rollout`)."""
+    ctx.obj = {"broker": broker, "result_backend": result_backend}
+
+
+@jobs.group()
+def submit() -> None:
+    """Validate a job and queue it; bad arguments exit with code 2 and queue nothing."""
+
+
+@submit.command("train")
+@click.argument("kind", type=click.Choice(["tokenizer", "lam", "dynamics"]))
+@click.option("--preset", help="Named world config (tiny, sprites, demo, peer-small). Default: demo.")
+@click.option("--config", "config", type=click.Path(path_type=Path), help="World config JSON (see `genie config`).")
+@click.option("--set", "overrides", multiple=True, help="Dotted override, e.g. --set train_tokenizer.steps=500.")
+@click.option("--run-root", default="", help="Train in RUN_ROOT/KIND (dynamics reads RUN_ROOT/tokenizer and /lam). "
+                                             "Default: GENIE_JOBS_DIR/<job id> on the worker.")
+@click.option("--tokenizer", "tokenizer_ckpt", default="", help="Tokenizer checkpoint dir (dynamics).")
+@click.option("--lam", "lam_ckpt", default="", help="LAM checkpoint dir (dynamics).")
+@click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
+@click.option("--tensorboard", is_flag=True, help="Write TensorBoard scalars to RUN_ROOT/KIND/tb.")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
+@click.pass_context
+def submit_train(ctx, kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, threads, tensorboard, wait) -> None:
+    """Queue the training of one model; a redelivered job resumes from its newest checkpoint."""
+    from services.worker.jobs import resolve_world
+    from services.worker.specs import TrainJobSpec
+
+    client = _client(ctx)
+    try:
+        spec = TrainJobSpec(kind, resolve_world(preset, config, overrides), run_root=run_root, tokenizer=tokenizer_ckpt,
+                            lam=lam_ckpt, threads=threads, tensorboard=tensorboard)
+        job_id = client.submit_train(spec)
+    except ValueError as exc:
+        _fail(str(exc))
+    except _connection_errors() as exc:
+        _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
+    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": kind, "steps": spec.steps}))
+    if wait:
+        _follow(client, job_id)
+
+
+@submit.command("rollout")
+@click.option("--world", "world_dir", type=click.Path(path_type=Path),
+              help="World dir the workers load (in-process backend); validation reads it. Default: GENIE_WORLD.")
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="A PNG/JPEG path, or the index of one of the world's prompts; repeat for several.")
+@click.option("--actions", "actions", multiple=True, required=True,
+              help="An action sequence: '3,1,0,2' or 'random:N'; repeat for several. Every prompt runs every sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Item i (prompt-major) samples with SEED + i.")
+@click.option("--sampling-steps", type=int, default=0, help="MaskGIT steps (default: the world's).")
+@click.option("--chunk-size", type=int, default=4, show_default=True, help="Items per chunk task.")
+@click.option("--parallel", type=int, default=4, show_default=True, help="Items of a chunk generated concurrently.")
+@click.option("--out", default="", help="Output dir. Default: GENIE_JOBS_DIR/<job id> on the worker.")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
+@click.pass_context
+def submit_rollout(ctx, world_dir, prompts, actions, seed, sampling_steps, chunk_size, parallel, out, wait) -> None:
+    """Queue a batch rollout: prompts x action sequences -> GIFs, frames and tokens, plus a manifest."""
+    from genie.worlds import load_world_config_of
+    from services.worker.jobs import parse_actions, resolve_prompts
+    from services.worker.specs import RolloutJobSpec
+
+    client = _client(ctx)
+    world = Path(world_dir or client.settings.world)
+    try:
+        num_actions = load_world_config_of(world).dynamics.num_actions
+        spec = RolloutJobSpec(resolve_prompts(prompts, world), parse_actions(actions, num_actions, seed), seed=seed,
+                              sampling_steps=sampling_steps, chunk_size=chunk_size, parallel=parallel, out=out,
+                              world=str(world_dir) if world_dir else "")
+        job_id = client.submit_rollout(spec, world)
+    except ValueError as exc:
+        _fail(str(exc))
+    except _connection_errors() as exc:
+        _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
+    click.echo(json.dumps({"job": job_id, "queue": "rollout", "items": spec.total, "chunks": spec.num_chunks}))
+    if wait:
+        _follow(client, job_id)
+
+
+def progress_line(st, width: int = 30) -> str:
+    """`<id> train PROGRESS [#########.....] 120/200 60% step 120 loss 0.0812`."""
+    frac = min(1.0, st.done / st.total) if st.total else 0.0
+    bar = "#" * round(frac * width) + "." * (width - round(frac * width))
+    parts = [st.job_id, st.kind, st.state, f"[{bar}]", f"{st.done}/{st.total}", f"{frac:.0%}"]
+    if st.detail.get("loss") is not None:
+        parts.append(f"loss {st.detail['loss']:.4f}")
+    if st.worker:
+        parts.append(f"on {st.worker}")
+    if st.error:
+        parts.append(f"- {st.error}")
+    return " ".join(parts)
+
+
+def _follow(client, job_id: str, timeout: float | None = None) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    tty = sys.stdout.isatty()
+    while True:
+        st = client.status(job_id)
+        line = progress_line(st)
+        click.echo(("\r" + line) if tty else line, nl=not tty or st.terminal)
+        if st.terminal:
+            click.echo(json.dumps(st.to_json()))
+            sys.exit(0 if st.state == "SUCCESS" else 1)
+        if deadline is not None and time.monotonic() > deadline:
+            sys.exit(1)
+        time.sleep(0.5 if tty else 2.0)
+
+
+@jobs.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole status as JSON.")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
+@click.option("--timeout", type=float, help="With --wait: give up (exit 1) after this many seconds.")
+@click.pass_context
+def status(ctx, job_id, as_json, wait, timeout) -> None:
+    """Show a job's state and progress (QUEUED, PROGRESS, RETRY, SUCCESS, FAILURE, CANCELLING, CANCELLED)."""
+    client = _client(ctx)
+    try:
+        st = client.status(job_id)
+    except KeyError as exc:
+        _fail(exc.args[0])
+    except _connection_errors() as exc:
+        _fail(f"cannot reach the result backend at {client.settings.store_url}: {exc}")
+    if wait:
+        _follow(client, job_id, timeout)
+    click.echo(json.dumps(st.to_json()) if as_json else progress_line(st))
+
+
+@jobs.command()
+@click.argument("job_id")
+@click.pass_context
+def cancel(ctx, job_id) -> None:
+    """Cancel a job: a queued one never runs, a running one stops at its next step or item (training keeps a
+    checkpoint there, so resubmitting with the same --run-root continues it)."""
+    client = _client(ctx)
+    try:
+        st = client.cancel(job_id)
+    except KeyError as exc:
+        _fail(exc.args[0])
+    except _connection_errors() as exc:
+        _fail(f"cannot reach the result backend at {client.settings.store_url}: {exc}")
+    click.echo(progress_line(st))

@@ -1,0 +1,149 @@
+"""Worker settings from the environment (the Helm chart's contract) and the Celery configuration built from them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery import Celery
+from kombu import Queue
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/1"
+QUEUES = ("train", "rollout")
+RESULT_TTL_S = 7 * 24 * 3600  # job records, results and cancel flags live this long
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    broker_url: str = DEFAULT_BROKER
+    result_backend: str = ""  # "" = the broker URL
+    jobs_dir: str = "runs/jobs"  # job outputs when a job names no path: JOBS_DIR/<job id>
+    # Seconds one delivery of a task may run. The solo pool cannot enforce Celery's time limits, so tasks check this
+    # deadline themselves between steps/items: training stops with a checkpoint and continues in a fresh delivery.
+    task_time_limit: int = 3600
+    # Seconds before Redis hands an unacknowledged message to another worker; must exceed task_time_limit, or a
+    # running task would be delivered twice. 0 = task_time_limit + max(300, task_time_limit // 4).
+    visibility_timeout: int = 0
+    metrics_port: int = 9100  # Prometheus /metrics of the worker; 0 or -1 = off
+    metrics_host: str = "0.0.0.0"  # a pod's metrics must be reachable from Prometheus
+    rollout_backend: str = "inprocess"  # "inprocess" (the world's models in the worker) or "triton"
+    world: str = "worlds/demo"  # world dir of the in-process backend (and where the CLI validates rollouts)
+    triton_url: str = "127.0.0.1:8001"
+    triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=host:port,lam=host:port", as `genie serve`
+    lease_ttl: int = 60  # seconds a killed worker's claim on a job outlives it (a live one renews it every ttl/4)
+
+    def __post_init__(self) -> None:
+        if not self.broker_url:
+            raise ValueError("the broker URL is empty")
+        if self.task_time_limit < 1:
+            raise ValueError(f"GENIE_TASK_TIME_LIMIT must be >= 1 s, got {self.task_time_limit}")
+        if self.visibility_timeout and self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(f"GENIE_VISIBILITY_TIMEOUT ({self.visibility_timeout} s) must exceed GENIE_TASK_TIME_LIMIT "
+                             f"({self.task_time_limit} s), or Redis redelivers tasks that are still running")
+        if self.rollout_backend not in ("inprocess", "triton"):
+            raise ValueError(f"GENIE_ROLLOUT_BACKEND must be inprocess or triton, got {self.rollout_backend!r}")
+        if self.lease_ttl < 2:
+            raise ValueError(f"GENIE_JOB_LEASE_TTL must be >= 2 s, got {self.lease_ttl}")
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def store_url(self) -> str:
+        """The Redis holding job records, cancel flags and leases: the broker's, which every client and worker knows
+        (a client may not be told a separate result backend); the result backend's when the broker is not Redis."""
+        for url in (self.broker_url, self.backend_url):
+            if url.startswith(("redis://", "rediss://")):
+                return url
+        raise ValueError(f"jobs keep their records in Redis: neither {self.broker_url!r} nor {self.backend_url!r} is one")
+
+    @property
+    def visibility(self) -> int:
+        return self.visibility_timeout or self.task_time_limit + max(300, self.task_time_limit // 4)
+
+    @property
+    def soft_deadline_s(self) -> float:
+        """When a delivery stops taking new steps/items: a margin before the limit for the checkpoint and handoff."""
+        return self.task_time_limit - min(120.0, 0.1 * self.task_time_limit)
+
+    def job_dir(self, job_id: str) -> Path:
+        return Path(self.jobs_dir) / job_id
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> WorkerSettings:
+        env = os.environ if env is None else env
+        broker = env.get("GENIE_BROKER_URL") or DEFAULT_BROKER
+        values = {
+            "broker_url": broker,
+            "result_backend": env.get("GENIE_RESULT_BACKEND", ""),
+            "jobs_dir": env.get("GENIE_JOBS_DIR") or "runs/jobs",
+            "task_time_limit": _int(env, "GENIE_TASK_TIME_LIMIT", 3600),
+            "visibility_timeout": _int(env, "GENIE_VISIBILITY_TIMEOUT", 0),
+            "metrics_port": _int(env, "GENIE_WORKER_METRICS_PORT", 9100),
+            "metrics_host": env.get("GENIE_WORKER_METRICS_HOST") or "0.0.0.0",
+            "rollout_backend": env.get("GENIE_ROLLOUT_BACKEND") or "inprocess",
+            "world": env.get("GENIE_WORLD") or "worlds/demo",
+            "triton_url": env.get("GENIE_TRITON_URL") or "127.0.0.1:8001",
+            "triton_model_urls": env.get("GENIE_TRITON_MODEL_URLS", ""),
+            "lease_ttl": _int(env, "GENIE_JOB_LEASE_TTL", 60),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def celery_config(s: WorkerSettings) -> dict:
+    """Celery settings: JSON only, late acks with one message in hand, and a visibility timeout above the limit."""
+    return {
+        "broker_url": s.broker_url,
+        "result_backend": s.backend_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Ack after the task ran, so a worker killed mid-job leaves the message to be redelivered...
+        "task_acks_late": True,
+        # ...also when a pool child dies (prefork; with --pool solo the whole worker dies and Redis redelivers).
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,  # hold one job at a time: a queued job stays takeable by idle workers
+        # STARTED would overwrite a stored SUCCESS when a finished task is redelivered; tasks report PROGRESS instead.
+        "task_track_started": False,
+        "task_time_limit": s.task_time_limit,  # enforced by prefork pools only; tasks enforce their own deadline
+        "broker_transport_options": {
+            "visibility_timeout": s.visibility,
+            # kombu sweeps for abandoned messages every interval * throttle seconds (100 s by default): scale the
+            # sweep with the timeout, so a short test timeout also recovers promptly.
+            "unacked_restore_interval": max(1, min(10, s.visibility // 8)),
+            "unacked_restore_throttle": 1,
+        },
+        "broker_connection_retry_on_startup": True,
+        "result_expires": RESULT_TTL_S,
+        "task_queues": [Queue(q, routing_key=q) for q in QUEUES],
+        "task_default_queue": "rollout",
+        "task_routes": {
+            "genie.train": {"queue": "train"},
+            "genie.rollout": {"queue": "rollout"},
+            "genie.rollout.chunk": {"queue": "rollout"},
+            "genie.rollout.manifest": {"queue": "rollout"},
+        },
+        "worker_hijack_root_logger": True,
+    }
+
+
+def make_app(settings: WorkerSettings) -> Celery:
+    """A Celery app on `settings`. Clients use one to send tasks by name without importing the task code."""
+    app = Celery("genie")
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,183 @@
+"""Typed job specs: what a train or rollout job asks for, carried as plain JSON task arguments (never pickled)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genie.config import MODEL_KINDS, WorldConfig, from_dict, to_dict
+
+MAX_ITEMS = 100_000  # prompts x action sequences in one rollout job
+MAX_ACTIONS = 10_000  # actions in one sequence
+MAX_CHUNK = 1_000
+
+
+@dataclass(frozen=True)
+class TrainJobSpec:
+    """Train one model of `world` under RUN_ROOT/KIND; a redelivered job resumes from the newest checkpoint there."""
+
+    kind: str  # tokenizer | lam | dynamics
+    world: WorldConfig = field(default_factory=WorldConfig)  # resolved at submit (preset/config + overrides)
+    run_root: str = ""  # "" = the worker's GENIE_JOBS_DIR/<job id>
+    tokenizer: str = ""  # dynamics: frozen checkpoint dirs; "" = the newest under RUN_ROOT/tokenizer (RUN_ROOT/lam)
+    lam: str = ""
+    threads: int = 0  # torch threads for this job (0 = the worker's default)
+    tensorboard: bool = False  # scalars under RUN_ROOT/KIND/tb
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"unknown model kind {self.kind!r}; expected one of {MODEL_KINDS}")
+        if not isinstance(self.world, WorldConfig):
+            raise ValueError(f"world must be a WorldConfig, got {type(self.world).__name__}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.kind != "dynamics" and (self.tokenizer or self.lam):
+            raise ValueError("--tokenizer/--lam checkpoints are inputs of dynamics training only")
+
+    @property
+    def steps(self) -> int:
+        return self.world.train_config(self.kind).steps
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "world": to_dict(self.world), "run_root": self.run_root, "tokenizer": self.tokenizer,
+                "lam": self.lam, "threads": self.threads, "tensorboard": self.tensorboard}
+
+    @classmethod
+    def from_json(cls, data: Any) -> TrainJobSpec:
+        data = _object(data, "train job", {"kind", "world", "run_root", "tokenizer", "lam", "threads", "tensorboard"})
+        return cls(
+            kind=_typed(data, "kind", str),
+            world=from_dict(WorldConfig, data.get("world", {})),
+            run_root=_typed(data, "run_root", str, ""),
+            tokenizer=_typed(data, "tokenizer", str, ""),
+            lam=_typed(data, "lam", str, ""),
+            threads=_typed(data, "threads", int, 0),
+            tensorboard=_typed(data, "tensorboard", bool, False),
+        )
+
+
+@dataclass(frozen=True)
+class RolloutItem:
+    """One output of a rollout job: a prompt under one action sequence, with its own seed."""
+
+    index: int
+    prompt_index: int
+    actions_index: int
+    prompt: str
+    actions: tuple[int, ...]
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"item_{self.index:05d}"
+
+
+@dataclass(frozen=True)
+class RolloutJobSpec:
+    """Generate every prompt under every action sequence; item i (prompt-major order) samples with seed + i."""
+
+    prompts: tuple[str, ...]  # image paths (PNG/JPEG) the workers can read
+    actions: tuple[tuple[int, ...], ...]  # latent action sequences, each in [0, A)
+    seed: int = 0
+    sampling_steps: int = 0  # MaskGIT steps; 0 = the world's default
+    chunk_size: int = 4  # items per chunk task (the unit of parallelism across workers and of redelivery)
+    parallel: int = 4  # items of a chunk generated concurrently (the backend batches them)
+    out: str = ""  # output dir; "" = the worker's GENIE_JOBS_DIR/<job id>
+    world: str = ""  # in-process backend's world dir; "" = the worker's GENIE_WORLD
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("a rollout job needs at least one prompt")
+        if not self.actions or any(len(a) == 0 for a in self.actions):
+            raise ValueError("a rollout job needs at least one non-empty action sequence")
+        if any(len(a) > MAX_ACTIONS for a in self.actions):
+            raise ValueError(f"action sequences are limited to {MAX_ACTIONS} actions")
+        if any(a < 0 for seq in self.actions for a in seq):
+            raise ValueError("actions must be >= 0")
+        if len(self.prompts) * len(self.actions) > MAX_ITEMS:
+            raise ValueError(f"{len(self.prompts)} prompts x {len(self.actions)} sequences exceeds {MAX_ITEMS} items")
+        if not 1 <= self.chunk_size <= MAX_CHUNK:
+            raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK}], got {self.chunk_size}")
+        if self.parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if self.sampling_steps < 0:
+            raise ValueError(f"sampling_steps must be >= 0, got {self.sampling_steps}")
+
+    @property
+    def total(self) -> int:
+        return len(self.prompts) * len(self.actions)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.total / self.chunk_size)
+
+    def items(self) -> list[RolloutItem]:
+        return [RolloutItem(p * len(self.actions) + a, p, a, prompt, seq, self.seed + p * len(self.actions) + a)
+                for p, prompt in enumerate(self.prompts) for a, seq in enumerate(self.actions)]
+
+    def chunk(self, index: int) -> list[RolloutItem]:
+        if not 0 <= index < self.num_chunks:
+            raise ValueError(f"chunk {index} out of range [0, {self.num_chunks})")
+        return self.items()[index * self.chunk_size:(index + 1) * self.chunk_size]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompts": list(self.prompts), "actions": [list(a) for a in self.actions], "seed": self.seed,
+                "sampling_steps": self.sampling_steps, "chunk_size": self.chunk_size, "parallel": self.parallel,
+                "out": self.out, "world": self.world}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RolloutJobSpec:
+        keys = {"prompts", "actions", "seed", "sampling_steps", "chunk_size", "parallel", "out", "world"}
+        data = _object(data, "rollout job", keys)
+        prompts = _typed(data, "prompts", list)
+        actions = _typed(data, "actions", list)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("rollout job: prompts must be strings (image paths)")
+        if not all(isinstance(seq, list) and all(_is_int(a) for a in seq) for seq in actions):
+            raise ValueError("rollout job: actions must be lists of integers")
+        return cls(
+            prompts=tuple(prompts),
+            actions=tuple(tuple(seq) for seq in actions),
+            seed=_typed(data, "seed", int, 0),
+            sampling_steps=_typed(data, "sampling_steps", int, 0),
+            chunk_size=_typed(data, "chunk_size", int, 4),
+            parallel=_typed(data, "parallel", int, 4),
+            out=_typed(data, "out", str, ""),
+            world=_typed(data, "world", str, ""),
+        )
+
+
+def chunk_id(job_id: str, index: int) -> str:
+    """Chunk tasks get ids derived from the job's, so status finds them and a resent chunk keeps its identity."""
+    return f"{job_id}-chunk-{index:04d}"
+
+
+def resolve_dir(path: str, default: Path) -> Path:
+    return Path(path) if path else default
+
+
+def _object(data: Any, what: str, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected an object, got {type(data).__name__}")
+    unknown = set(data) - keys
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {sorted(unknown)}")
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _typed(data: dict[str, Any], key: str, tp: type, default: Any = ...) -> Any:
+    if key not in data:
+        if default is ...:
+            raise ValueError(f"missing {key!r}")
+        return default
+    value = data[key]
+    ok = _is_int(value) if tp is int else isinstance(value, tp)
+    if not ok:
+        raise ValueError(f"{key!r} must be {tp.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,209 @@
+"""The job tasks: `genie.train` (queue train) and `genie.rollout` (queue rollout), which splits into a chord of
+`genie.rollout.chunk` tasks and a final `genie.rollout.manifest`. Thin: they parse JSON specs, call genie.train or
+the rollout path over the shared model-backend interface, and return JSON summaries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import chord
+
+from services.gateway.backend import BackendUnavailable
+from services.worker.app import app, settings
+from services.worker.metrics import METRICS
+from services.worker.outputs import (
+    build_manifest,
+    item_done,
+    missing_items,
+    remove_partial_items,
+    write_item,
+    write_json_atomic,
+)
+from services.worker.runtime import PROGRESS, Execution, JobTask, runner
+from services.worker.specs import RolloutItem, RolloutJobSpec, TrainJobSpec, chunk_id, resolve_dir
+
+log = logging.getLogger(__name__)
+_TRANSIENT = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_RETRY = {"retry_backoff": True, "retry_backoff_max": min(600, settings.visibility // 2), "retry_jitter": True,
+          "max_retries": 5}
+
+
+class IncompleteRollout(Exception):
+    """The manifest ran before every item was on disk; it retries until they are."""
+
+
+@app.task(bind=True, base=JobTask, name="genie.train", autoretry_for=_TRANSIENT, **_RETRY)
+def train(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
+    """Trains spec.kind under RUN_ROOT/KIND; a redelivery (or a continuation) resumes from the newest checkpoint."""
+    import torch
+
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    job = TrainJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
+    job_id = self.request.id
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"done": 0, "total": job.steps})
+    threads = torch.get_num_threads()
+    try:
+        with self.execution(job_id, job.steps) as run:
+            return _train(run, job, job_id)
+    finally:
+        torch.set_num_threads(threads)  # a job's --threads must not outlive it in this worker
+
+
+def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
+    import torch
+
+    from genie.train.checkpoint import latest_checkpoint, read_meta
+    from genie.train.loop import train as run_train
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    root = resolve_dir(job.run_root, settings.job_dir(job_id))
+    frozen = {}
+    if job.kind == "dynamics":
+        frozen = {"tokenizer": Path(job.tokenizer) if job.tokenizer else latest_checkpoint(root / "tokenizer"),
+                  "lam": Path(job.lam) if job.lam else latest_checkpoint(root / "lam")}
+    total, stop = job.steps, []
+    latest = latest_checkpoint(root / job.kind)
+    run.report(read_meta(latest)["step"] if latest else 0, force=True, kind=job.kind, run_dir=str(root / job.kind))
+
+    def on_step(done: int, logs: dict[str, float]) -> bool:
+        METRICS.train_steps.labels(job.kind).inc()
+        run.report(done, force=done == total, kind=job.kind, step=done, loss=logs["loss"])
+        reason = run.stop_reason() if done < total else None
+        if reason:
+            stop.append(reason)
+        return bool(reason)
+
+    result = run_train(job.kind, job.world, root / job.kind, frozen=frozen, progress=False, tensorboard=job.tensorboard,
+                       on_step=on_step)
+    summary = {
+        "job": job_id, "kind": job.kind, "run_dir": str(root / job.kind), "step": result.step, "total": total,
+        "resumed_from": result.resumed_from, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "seconds": round(result.seconds, 3), "loss": result.losses[-1] if result.losses else None,
+        "logs": {k: round(v, 6) for k, v in result.logs.items()},
+        "losses": result.losses[-1000:],  # this delivery's steps (the newest 1000)
+    }
+    if stop:
+        run.report(result.step, force=True, kind=job.kind, step=result.step, checkpoint=summary["checkpoint"])
+        run.end(stop[0], {"done": result.step, **{k: summary[k] for k in ("kind", "step", "total", "checkpoint", "run_dir")}})
+    return summary
+
+
+@app.task(bind=True, base=JobTask, name="genie.rollout", autoretry_for=_TRANSIENT, **_RETRY)
+def rollout(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
+    """Writes the spec to the output dir and replaces itself by a chord of chunk tasks + the manifest task, which
+    inherits this task's id: the job id's final result is the manifest summary."""
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    job = RolloutJobSpec.from_json(spec)
+    job_id = self.request.id
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"done": 0, "total": job.total})
+    out = resolve_dir(job.out, settings.job_dir(job_id))
+    out.mkdir(parents=True, exist_ok=True)
+    job = replace(job, out=str(out))
+    write_json_atomic(out / "spec.json", job.to_json())  # chunks and manifest read it: their messages stay small
+    self.update_state(state=PROGRESS, meta={"done": 0, "total": job.total, "chunks": job.num_chunks, "out": str(out)})
+    header = [rollout_chunk.si(job_id, str(out), k).set(task_id=chunk_id(job_id, k)) for k in range(job.num_chunks)]
+    METRICS.set_outcome(self.request.id, "SPLIT")
+    return self.replace(chord(header, rollout_manifest.si(job_id, str(out))))
+
+
+def _load_spec(out: str) -> RolloutJobSpec:
+    return RolloutJobSpec.from_json(json.loads((Path(out) / "spec.json").read_text()))
+
+
+@app.task(bind=True, base=JobTask, name="genie.rollout.chunk", autoretry_for=(BackendUnavailable, *_TRANSIENT), **_RETRY)
+def rollout_chunk(self: JobTask, job_id: str, out: str, index: int) -> dict[str, Any]:
+    """Generates the chunk's items that are not on disk yet; each is written whole under its deterministic name."""
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    job = _load_spec(out)
+    items = job.chunk(index)
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"chunk": index, "done": 0, "total": len(items)})
+    with self.execution(job_id, len(items)) as run:
+        return _run_chunk(run, job, Path(out), index, items)
+
+
+def _run_chunk(run: Execution, job: RolloutJobSpec, out: Path, index: int, items: list[RolloutItem]) -> dict[str, Any]:
+    from genie.media import load_image
+    from services.gateway.app import GatewayConfig, make_backend
+    from services.rollout import rollout_trace
+
+    t0 = time.perf_counter()
+    world = job.world or settings.world
+    cfg = GatewayConfig(world=world, backend=settings.rollout_backend, triton_url=settings.triton_url,
+                        triton_model_urls=settings.triton_model_urls)
+    backend = runner().backend(settings, world, lambda: make_backend(cfg))
+    spec = backend.spec
+    bad = sorted({a for item in items for a in item.actions if a >= spec.num_actions})
+    if bad:
+        raise ValueError(f"actions {bad} are out of range for the served world ([0, {spec.num_actions}))")
+    sampling = replace(spec.sampling, steps=job.sampling_steps) if job.sampling_steps else spec.sampling
+    todo = [item for item in items if not item_done(out, item)]
+    counts = {"done": len(items) - len(todo), "written": 0}
+    stops: list[str] = []
+    gate = asyncio.Semaphore(job.parallel)
+    run.report(counts["done"], force=True, chunk=index)
+
+    async def one(item: RolloutItem) -> None:
+        async with gate:
+            reason = run.stop_reason()
+            if reason or stops:
+                stops.append(reason or stops[0])
+                return
+            prompt = load_image(Path(item.prompt), spec.height, spec.width)[None]  # (1, H, W, C)
+            result = await rollout_trace(backend, prompt, item.actions, item.seed, sampling)
+            meta = {"sampling_steps": sampling.steps, "temperature": sampling.temperature}
+            if write_item(out, item, result.frames, result.tokens, meta):
+                counts["written"] += 1
+                METRICS.rollout_items.inc()
+                METRICS.rollout_frames.inc(len(result.frames) - 1)
+            counts["done"] += 1
+            run.report(counts["done"], chunk=index)
+
+    async def every() -> list:
+        return await asyncio.gather(*(one(item) for item in todo), return_exceptions=True)
+
+    outcomes = runner().run(every())
+    errors = [e for e in outcomes if isinstance(e, BaseException)]
+    if errors:
+        raise errors[0]
+    if stops:
+        run.end(stops[0], {"chunk": index, "done": counts["done"], "total": len(items)})
+    run.report(counts["done"], force=True, chunk=index)
+    return {"chunk": index, "items": [item.name for item in items], "written": counts["written"],
+            "skipped": len(items) - len(todo), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@app.task(bind=True, base=JobTask, name="genie.rollout.manifest", autoretry_for=(IncompleteRollout, *_TRANSIENT),
+          **{**_RETRY, "max_retries": 12})
+def rollout_manifest(self: JobTask, job_id: str, out: str) -> dict[str, Any]:
+    """Checks every item is on disk, then writes manifest.json (rewriting it identically when redelivered)."""
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    job = _load_spec(out)
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"done": job.total - len(missing_items(Path(out), job)), "total": job.total})
+    missing = missing_items(Path(out), job)
+    if missing:
+        raise IncompleteRollout(f"{len(missing)} of {job.total} items are not written yet, e.g. {missing[:3]}")
+    manifest = build_manifest(Path(out), job_id, job, settings.rollout_backend)
+    write_json_atomic(Path(out) / "manifest.json", manifest)
+    remove_partial_items(Path(out))
+    return {"job": job_id, "out": out, "manifest": str(Path(out) / "manifest.json"), "items": manifest["count"],
+            "done": job.total, "total": job.total, "frames": sum(e["frames"] for e in manifest["items"])}
