@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import pytest
 import pytest_asyncio
+import redis
 
 from services.gateway.inprocess import InProcessBackend
 from services.gateway.triton_backend import TritonBackend
 from services.triton import TritonServer, assemble_repository, free_ports
+
+
+@pytest.fixture(scope="session")
+def require_redis():
+    """check(url) -> url, after a ping; fails (never skips) without a real Redis: scripts/test.sh starts one."""
+
+    def check(url: str) -> str:
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        except redis.exceptions.ConnectionError as exc:
+            pytest.fail(f"these tests need a real Redis at {url} (scripts/test.sh starts one): {exc}")
+        return url
+
+    return check
 
 
 @pytest.fixture(scope="session")

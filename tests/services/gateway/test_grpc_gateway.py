@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import urllib.request
 
@@ -164,35 +165,33 @@ async def test_session_limit_per_client(alice, bob, trained_world_dir):
     await bob.open(image=_png(trained_world_dir))  # another client is not affected
 
 
-async def test_rate_limit(trained_world_dir):
-    cfg = GatewayConfig(world=str(trained_world_dir), grpc_port=0, http_port=-1, metrics_port=-1, tokens=TOKENS,
-                        limits=Limits(requests_per_second=3))
-    gw = Gateway(cfg, backend=InProcessBackend(trained_world_dir), store=MemoryStore())
+@contextlib.asynccontextmanager
+async def _gateway_with(world_dir, limits: Limits):
+    """A gateway of its own with these limits (the shared fixture's are loose)."""
+    cfg = GatewayConfig(world=str(world_dir), grpc_port=0, http_port=-1, metrics_port=-1, tokens=TOKENS, limits=limits)
+    gw = Gateway(cfg, backend=InProcessBackend(world_dir), store=MemoryStore())
     await gw.start()
     try:
-        async with GatewayClient(gw.grpc_address, ALICE) as c:
-            results = await asyncio.gather(*[c.list_actions() for _ in range(8)], return_exceptions=True)
-        limited = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-        assert limited and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in limited)
-        assert len(results) - len(limited) <= 6  # at most 3 per second, across at most two seconds
+        yield gw
     finally:
         await gw.stop()
+
+
+async def test_rate_limit(trained_world_dir):
+    async with _gateway_with(trained_world_dir, Limits(requests_per_second=3)) as gw, GatewayClient(gw.grpc_address, ALICE) as c:
+        results = await asyncio.gather(*[c.list_actions() for _ in range(8)], return_exceptions=True)
+    limited = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert limited and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in limited)
+    assert len(results) - len(limited) <= 6  # at most 3 per second, across at most two seconds
 
 
 async def test_expired_session_is_not_found(trained_world_dir):
-    cfg = GatewayConfig(world=str(trained_world_dir), grpc_port=0, http_port=-1, metrics_port=-1, tokens=TOKENS,
-                        limits=Limits(session_ttl_s=0.5))
-    gw = Gateway(cfg, backend=InProcessBackend(trained_world_dir), store=MemoryStore())
-    await gw.start()
-    try:
-        async with GatewayClient(gw.grpc_address, ALICE) as c:
-            sid = (await c.open(image=_png(trained_world_dir))).session.session_id
-            await c.step(sid, 0)  # refreshes the TTL
-            await asyncio.sleep(0.8)
-            code, details = await _code(c.step(sid, 0))
-            assert code == grpc.StatusCode.NOT_FOUND and "expired" in details
-    finally:
-        await gw.stop()
+    async with _gateway_with(trained_world_dir, Limits(session_ttl_s=0.5)) as gw, GatewayClient(gw.grpc_address, ALICE) as c:
+        sid = (await c.open(image=_png(trained_world_dir))).session.session_id
+        await c.step(sid, 0)  # refreshes the TTL
+        await asyncio.sleep(0.8)
+        code, details = await _code(c.step(sid, 0))
+        assert code == grpc.StatusCode.NOT_FOUND and "expired" in details
 
 
 async def test_list_actions_infer_actions(alice, trained_world_dir, tiny_world_cfg):

@@ -124,12 +124,8 @@ class Kit:
 
 
 @pytest.fixture(scope="session")
-def broker_url() -> str:
-    try:
-        redis.Redis.from_url(BROKER, socket_connect_timeout=2).ping()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.fail(f"these tests need a real Redis at {BROKER} (scripts/test.sh starts one): {exc}")
-    return BROKER
+def broker_url(require_redis) -> str:
+    return require_redis(BROKER)
 
 
 @pytest.fixture(scope="module")
