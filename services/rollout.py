@@ -1,12 +1,11 @@
 """Batch generation through the ModelBackend interface: prompts x action sequences -> frames.
 
 Used by `genie rollout` and the rollout jobs; with the Triton backend it shares the model services with the
-gateway instead of loading its own copies. Sessions run concurrently, so the backend batches across them.
+gateway instead of loading its own copies. Callers run rollouts concurrently, so the backend batches across them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,11 +48,3 @@ async def rollout_one(backend: ModelBackend, prompt: np.ndarray, actions: Sequen
     reconstructed, then one generated frame per action."""
     return (await rollout_trace(backend, prompt, actions, seed, sampling)).frames
 
-
-async def rollout_many(backend: ModelBackend, prompts: Sequence[np.ndarray], actions: Sequence[Sequence[int]],
-                       seeds: Sequence[int], sampling: SamplingConfig | None = None) -> list[np.ndarray]:
-    """Runs every (prompt, actions, seed) concurrently; results in input order."""
-    if not len(prompts) == len(actions) == len(seeds):
-        raise ValueError(f"need as many action sequences and seeds as prompts: {len(prompts)}, {len(actions)}, {len(seeds)}")
-    jobs = [rollout_one(backend, p, a, s, sampling) for p, a, s in zip(prompts, actions, seeds, strict=True)]
-    return list(await asyncio.gather(*jobs))

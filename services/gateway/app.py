@@ -105,7 +105,7 @@ class Gateway:
             await self._web_runner.setup()
             site = web.TCPSite(self._web_runner, self.cfg.host, self.cfg.http_port)
             await site.start()
-            self.http_port = site._server.sockets[0].getsockname()[1]
+            self.http_port = self._web_runner.addresses[0][1]  # the bound port (a free one when asked for 0)
         if self.cfg.metrics_port >= 0:
             self._metrics_server, _ = self.service.metrics.serve(self.cfg.metrics_port, self.cfg.host)
             self.metrics_port = self._metrics_server.server_port
