@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.gateway.auth import Authenticator, new_token
-from services.gateway.backend import ModelBackend
+from services.gateway.backend import BackendUnavailable, ModelBackend
 from services.gateway.grpc_server import GrpcServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.sessions import Limits, SessionService
@@ -93,7 +93,10 @@ class Gateway:
         self._metrics_server = None
 
     async def start(self) -> None:
-        await self.backend.start()
+        try:
+            await self.backend.start()
+        except BackendUnavailable as exc:  # serve anyway: health says NOT_SERVING and calls retry the backend
+            log.warning("model backend not available yet, serving UNAVAILABLE until it is: %s", exc)
         self.grpc = GrpcServer(self.service, self.cfg.host, self.cfg.grpc_port)
         await self.grpc.start()
         if self.cfg.http_port >= 0:

@@ -125,7 +125,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     async def ListActions(self, request: pb.ListActionsRequest, context) -> pb.ListActionsResponse:
         async def run(client: str) -> pb.ListActionsResponse:
-            spec = self.service.spec
+            spec = await self.service.world()
             actions = [pb.Action(id=i, name=spec.action_name(i)) for i in range(spec.num_actions)]
             return pb.ListActionsResponse(actions=actions, height=spec.height, width=spec.width, channels=spec.channels,
                                           window=spec.window)

@@ -68,6 +68,14 @@ class SessionService:
 
     @property
     def spec(self) -> WorldSpec:
+        """The served world; valid once world() has succeeded (every call below awaits it first)."""
+        return self.backend.spec
+
+    async def world(self) -> WorldSpec:
+        """The served world, starting the backend if it has not started yet: a gateway may come up before its
+        model services and answers UNAVAILABLE (health NOT_SERVING) until they are there."""
+        if self.backend.spec is None:
+            await self._model(self.backend.start())
         return self.backend.spec
 
     async def authorize(self, token: str | None) -> str:
@@ -82,6 +90,7 @@ class SessionService:
     async def open(self, client: str, image: bytes | None = None, frames: np.ndarray | None = None, steps: int = 0,
                    temperature: float | None = None, seed: int | None = None) -> Outcome:
         """Starts a session from an encoded image or raw frames (t, H, W, C) uint8."""
+        await self.world()
         prompt = self._prompt(image, frames)
         sampling = self._sampling(steps, temperature)
         if seed is None:
@@ -104,7 +113,7 @@ class SessionService:
 
     async def step(self, client: str, session_id: str, action: int) -> Outcome:
         """Advances a session by one frame; retried on a concurrent commit, so steps are applied one at a time."""
-        spec = self.spec
+        spec = await self.world()
         if not 0 <= action < spec.num_actions:
             raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions 0..{spec.num_actions - 1}")
         started = time.perf_counter()
@@ -139,7 +148,7 @@ class SessionService:
         self.metrics.sessions_closed.inc()
 
     async def infer_actions(self, frames: np.ndarray) -> np.ndarray:
-        spec = self.spec
+        spec = await self.world()
         if frames.nbytes > self.limits.max_prompt_bytes:
             raise GatewayError("INVALID_ARGUMENT", f"clip is {frames.nbytes} bytes, the limit is {self.limits.max_prompt_bytes}")
         self._check_raw(frames, spec)
@@ -147,6 +156,7 @@ class SessionService:
 
     async def ready(self) -> bool:
         try:
+            await self.world()
             return await self.backend.ready() and await self.store.ping()
         except Exception:
             return False

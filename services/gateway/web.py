@@ -137,16 +137,13 @@ async def _client(request: web.Request) -> str:
     return await request.app[SERVICE].authorize(bearer(request.headers.get("Authorization")))
 
 
-def _spec(service: SessionService) -> WorldSpec:
-    spec = service.backend.spec
-    if spec is None:  # the backend has not finished start()
-        raise GatewayError("UNAVAILABLE", "the world is still loading; retry shortly")
-    return spec
+async def _spec(service: SessionService) -> WorldSpec:
+    return await service.world()  # starts the backend if it is not up yet (UNAVAILABLE while it cannot)
 
 
 async def _world(request: web.Request) -> web.Response:
     await _client(request)
-    spec = _spec(request.app[SERVICE])
+    spec = await _spec(request.app[SERVICE])
     actions = [{"id": a, "name": spec.action_name(a)} for a in range(spec.num_actions)]
     return web.json_response({"actions": actions, "height": spec.height, "width": spec.width, "window": spec.window,
                               "prompts": len(request.app[PROMPTS])})

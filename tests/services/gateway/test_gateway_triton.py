@@ -81,3 +81,31 @@ async def test_triton_down_is_unavailable_and_the_gateway_recovers(trained_world
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await gw.stop()
+
+
+async def test_a_gateway_started_before_triton_serves_once_it_is_up(trained_world_dir, triton_server):
+    """Deployments start in any order: the gateway comes up, says NOT_SERVING / UNAVAILABLE, then serves."""
+    triton_server.kill()
+    try:
+        gw = _gateway(trained_world_dir, TritonBackend(triton_server.grpc_url, timeout_s=5.0))
+        await gw.start()  # does not fail: the models are not there yet
+        async with GatewayClient(gw.grpc_address, ALICE) as client, grpc.aio.insecure_channel(gw.grpc_address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="genie.v1.Gateway"))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.list_actions()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            triton_server.start()
+            triton_server.wait_ready(timeout=120)
+            assert len((await client.list_actions()).actions) > 0
+            sid = (await client.open(image=_png(trained_world_dir))).session.session_id
+            assert (await client.step(sid, 1)).step == 1
+            await gw.grpc._update_health()
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="genie.v1.Gateway"))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        await gw.stop()
+    finally:
+        if not triton_server.running:  # leave the shared server up for the tests after this one
+            triton_server.start()
+            triton_server.wait_ready(timeout=120)

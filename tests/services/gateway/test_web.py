@@ -49,9 +49,9 @@ def frame_of(reply: dict) -> np.ndarray:
 
 
 @asynccontextmanager
-async def serve(world_dir: Path, limits: Limits | None = None, start: bool = True) -> AsyncIterator[TestClient]:
-    backend = InProcessBackend(world_dir)
-    if start:
+async def serve(world_dir: Path, limits: Limits | None = None, backend=None) -> AsyncIterator[TestClient]:
+    backend = backend or InProcessBackend(world_dir)
+    if isinstance(backend, InProcessBackend):
         await backend.start()
     limits = limits or Limits(max_prompt_bytes=MAX_PROMPT, requests_per_second=10_000)
     service = SessionService(backend, MemoryStore(), Authenticator({ALICE: "alice", BOB: "bob"}), limits)
@@ -259,8 +259,13 @@ async def test_rate_limit_is_429(trained_world_dir):
     assert 200 in statuses and 429 in statuses  # six calls cannot all fall in seconds allowing two each
 
 
-async def test_not_ready_backend_is_503(trained_world_dir):
-    async with serve(trained_world_dir, start=False) as client:
+async def test_unreachable_model_services_are_503(trained_world_dir):
+    """Model services that are not up (yet): the page's API answers 503 and the health check says not ready."""
+    from services.gateway.triton_backend import TritonBackend
+    from services.triton import free_ports
+
+    async with serve(trained_world_dir, backend=TritonBackend(f"127.0.0.1:{free_ports(1)[0]}", timeout_s=2.0)) as client:
         resp = await client.get("/healthz")
         assert resp.status == 503 and (await resp.json())["ready"] is False
-        await expect_error(await client.get("/api/world", headers=auth()), 503, "UNAVAILABLE")
+        message = await expect_error(await client.get("/api/world", headers=auth()), 503, "UNAVAILABLE")
+        assert "model service unavailable" in message
