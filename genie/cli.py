@@ -299,6 +299,40 @@ def data_generate(env, split, episodes, out, workers, seed, num_levels, max_fram
     click.echo(json.dumps(summary))
 
 
+@data.command("import")
+@click.argument("videos", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New dataset directory.")
+@click.option("--fps", type=float, default=10.0, show_default=True, help="Output frame rate (never upsampled).")
+@click.option("--height", type=int, default=64, show_default=True)
+@click.option("--width", type=int, default=64, show_default=True)
+@click.option("--static-threshold", type=float, default=2.0, show_default=True,
+              help="Mean |pixel difference| (0-255) below which a frame counts as a repeat; 0 = keep all.")
+@click.option("--static-frames", type=int, default=10, show_default=True,
+              help="Repeats in a row (output frames) that are dropped as a static stretch and end the episode.")
+@click.option("--scene-cut", type=float, default=50.0, show_default=True,
+              help="Mean |pixel difference| from the previous frame that starts a new episode; 0 = off.")
+@click.option("--min-frames", type=int, default=16, show_default=True, help="Shorter episodes are dropped.")
+@click.option("--max-frames", type=int, default=500, show_default=True, help="Episodes are cut at this length.")
+@click.option("--image-fps", type=float, default=0.0, show_default=True,
+              help="Frame rate of image folders (0 = --fps, every image kept).")
+@click.option("--quiet", is_flag=True)
+def data_import(videos, out, fps, height, width, static_threshold, static_frames, scene_cut, min_frames, max_frames,
+                image_fps, quiet) -> None:
+    """Import videos (mp4, webm, mkv, gif, ..., folders of numbered images) as a dataset without true actions.
+
+    Unreadable files are reported in the summary and skipped; exits 2 only if nothing could be imported."""
+    from genie.data.video import VideoImportConfig, import_videos
+
+    try:
+        cfg = VideoImportConfig(fps=fps, height=height, width=width, static_threshold=static_threshold,
+                                static_frames=static_frames, scene_cut=scene_cut, min_frames=min_frames,
+                                max_frames=max_frames, image_fps=image_fps)
+        summary = import_videos(list(videos), out, cfg, progress=not quiet)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(summary))
+
+
 @main.command("eval")
 @click.option("--world", "world_dir", type=click.Path(path_type=Path), default=DEFAULT_WORLD, show_default=True)
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
