@@ -50,7 +50,10 @@ def main(verbose: bool) -> None:
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, stop_after, threads, quiet) -> None:
-    """Train one model; re-running the same command resumes from the newest checkpoint."""
+    """Train one model; re-running the same command resumes from the newest checkpoint.
+
+    Runs unchanged under `torchrun --nproc-per-node N` (gloo on CPU): DDP, each rank a slice of every global
+    batch, only rank 0 writes checkpoints; a checkpoint resumes under any world size."""
     import torch
 
     from genie.train.checkpoint import latest_checkpoint
@@ -69,6 +72,8 @@ def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, s
         result = run_train(kind, world, run_root / kind, frozen=frozen, stop_after=stop_after, progress=not quiet)
     except (ValueError, FloatingPointError) as exc:
         _fail(str(exc))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the same result: rank 0 reports it
+        return
     click.echo(json.dumps({
         "kind": kind, "step": result.step, "resumed_from": result.resumed_from,
         "checkpoint": str(result.checkpoint), "seconds": round(result.seconds, 1),

@@ -23,7 +23,8 @@ MODEL_KINDS = ("tokenizer", "lam", "dynamics")
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8  # the global batch of a step, whatever the number of processes
+    grad_accum: int = 1  # micro-batches per process per step (batch_size / (processes * grad_accum) rows each)
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -39,6 +40,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum must be >= 1 and divide batch_size={self.batch_size}, got {self.grad_accum}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:

@@ -162,8 +162,12 @@ class ShardedClips:
         return self.data.clip(ep, start, self.clip_frames)
 
     def batch(self, step: int, batch_size: int) -> VideoBatch:
+        return self.batch_rows(step, batch_size, 0, batch_size)
+
+    def batch_rows(self, step: int, batch_size: int, start: int, stop: int) -> VideoBatch:
+        """Rows [start, stop) of batch(step, batch_size), reading only their clips."""
         rng = np.random.default_rng([self.seed, step])
-        picks = rng.integers(0, self.num_clips, size=batch_size)
+        picks = rng.integers(0, self.num_clips, size=batch_size)[start:stop]
         clips = [self.clip_at(int(k)) for k in picks]
         frames = torch.from_numpy(np.stack([f for f, _ in clips]))
         actions = torch.from_numpy(np.stack([a for _, a in clips]))

@@ -74,7 +74,11 @@ class MovingSprites:
 
     def batch(self, step: int, batch_size: int) -> VideoBatch:
         """The training batch for `step`: clips step*B .. step*B + B - 1."""
-        clips = [self.clip(step * batch_size + i) for i in range(batch_size)]
+        return self.batch_rows(step, batch_size, 0, batch_size)
+
+    def batch_rows(self, step: int, batch_size: int, start: int, stop: int) -> VideoBatch:
+        """Rows [start, stop) of batch(step, batch_size), built alone (one process's share of a global batch)."""
+        clips = [self.clip(step * batch_size + i) for i in range(start, stop)]
         frames = torch.from_numpy(np.stack([f for f, _ in clips]))
         actions = torch.from_numpy(np.stack([a for _, a in clips]))
         return VideoBatch(frames=frames, actions=actions)

@@ -1,1 +1,1 @@
-"""Training: the shared loop and checkpoints."""
+"""Training: the shared loop (one process or data-parallel under torchrun) and checkpoints."""

@@ -15,12 +15,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from genie.config import MODEL_KINDS, TrainConfig, WorldConfig, to_dict
 from genie.data import make_source
 from genie.data.source import VideoBatch, VideoSource
+from genie.models.dynamics import DynamicsModelConfig
+from genie.nn.maskgit import random_frame_mask
+from genie.train import distributed
 from genie.train.checkpoint import (
+    STEP_PREFIX,
     build_model,
     checkpoint_dir,
     latest_checkpoint,
@@ -34,7 +39,8 @@ from genie.train.checkpoint import (
 )
 
 log = logging.getLogger(__name__)
-Objective = Callable[[VideoBatch, torch.Generator], tuple[Tensor, dict[str, float]]]
+# (batch, the step's generator, which rows of the global batch `batch` is: None = all) -> (loss, scalars)
+Objective = Callable[[VideoBatch, torch.Generator, "slice | None"], tuple[Tensor, dict[str, float]]]
 
 
 @dataclass
@@ -58,7 +64,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: dict[str, Path]) -> Objective:
     if kind in ("tokenizer", "lam"):
-        return lambda batch, gen: _loss_and_logs(model(batch.frames))
+        return lambda batch, gen, rows=None: _loss_and_logs(model(batch.frames))  # per-element means: parts add up
     for need in ("tokenizer", "lam"):
         if need not in frozen or frozen[need] is None:
             raise ValueError(f"training dynamics needs a trained {need} checkpoint (--{need} PATH)")
@@ -70,13 +76,35 @@ def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: dict[str
     if lam.cfg.num_actions != d.num_actions:
         raise ValueError(f"LAM checkpoint {frozen['lam']} has {lam.cfg.num_actions} actions, dynamics expects {d.num_actions}")
 
-    def objective(batch: VideoBatch, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    total = world.train_dynamics.batch_size
+
+    def objective(batch: VideoBatch, gen: torch.Generator, rows: slice | None = None) -> tuple[Tensor, dict[str, float]]:
+        replay = gen.get_state()
         with torch.no_grad():
             tokens = tokenizer.encode(batch.frames)  # (B, T, N)
             actions = lam.infer_actions(batch.frames)  # (B, T-1)
-        return _loss_and_logs(model(tokens, actions, generator=gen))
+        loss, logs = _loss_and_logs(model(tokens, actions, generator=gen))
+        if rows is None:
+            return loss, logs
+        # The CE is a mean over masked tokens and parts of a batch mask different numbers of them: weigh this
+        # part by its share of the batch's masked tokens, so averaging over parts gives the whole batch's CE.
+        share = _masked_share(d, replay, rows, total, tokens.shape[1:])
+        loss = loss * (share * total / (rows.stop - rows.start))
+        logs["loss"] = logs["ce"] = loss.item()
+        return loss, logs
 
     return objective
+
+
+def _masked_share(d: DynamicsModelConfig, replay: torch.Tensor, rows: slice, total: int, tn: tuple[int, int]) -> float:
+    """The fraction of the global batch's masked tokens in `rows`, by replaying DynamicsModel.forward's draws
+    (action dropout, then the frame mask) for all `total` rows from the step generator's state `replay`."""
+    gen = torch.Generator().set_state(replay)
+    t, n = tn
+    if d.action_dropout > 0:
+        torch.rand(total, t, generator=gen)
+    counts = random_frame_mask((total, t, n), d.mask_min, d.mask_max, gen).sum((1, 2))  # (total,)
+    return float(counts[rows].sum() / counts.sum())
 
 
 def _loss_and_logs(out) -> tuple[Tensor, dict[str, float]]:
@@ -106,66 +134,150 @@ def train(
     frozen: checkpoint dirs of the trained tokenizer and LAM, needed for kind="dynamics".
     on_step: called after every step with (steps done, that step's scalars); returning True stops the run there
         with a checkpoint, as stop_after does. Jobs use it to report progress and to stop on cancel or time limit.
+
+    Under torchrun (WORLD_SIZE > 1) each process trains its rows of every global batch with DDP (gloo), see
+    genie.train.distributed; rank 0 alone writes checkpoints, world.json, TensorBoard and the progress bar.
+    cfg.batch_size is the global batch whatever the world size, so a checkpoint resumes under any world size.
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
     cfg = world.train_config(kind)
-    run_dir = Path(run_dir)
+    topo = distributed.topology()
+    micro = distributed.check_batch(cfg.batch_size, topo.world, cfg.grad_accum)
+    owns_group = distributed.init(topo)
+    try:
+        return _train(kind, world, cfg, topo, micro, Path(run_dir), frozen, source, stop_after, progress, tensorboard, on_step)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+
+
+def _train(
+    kind: str,
+    world: WorldConfig,
+    cfg: TrainConfig,
+    topo: distributed.Topology,
+    micro: int,
+    run_dir: Path,
+    frozen: dict[str, Path] | None,
+    source: VideoSource | None,
+    stop_after: int | None,
+    progress: bool,
+    tensorboard: bool,
+    on_step: Callable[[int, dict[str, float]], bool | None] | None,
+) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build_model(kind, world.model_config(kind))
-    objective = _objective(kind, model, world, frozen or {})
+    # The objective calls the DDP wrapper (its forward arms the gradient all-reduce); checkpoints hold `model`.
+    trained = DistributedDataParallel(model, forward_sync_buffers=False) if topo.distributed else model
+    objective = _objective(kind, trained, world, frozen or {})
     source = source or make_source(world.data)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
     start = 0
-    remove_partial_checkpoints(run_dir)
-    latest = latest_checkpoint(run_dir)
+    if topo.leader:
+        remove_partial_checkpoints(run_dir)
+    latest = latest_checkpoint(run_dir) if topo.leader else None
+    # Every rank resumes from the checkpoint rank 0 found (run_dir is shared).
+    latest_step = distributed.broadcast_int(-1 if latest is None else int(latest.name[len(STEP_PREFIX) :]), topo)
+    latest = None if latest_step < 0 else checkpoint_dir(run_dir, latest_step)
     if latest is not None:
         start = _resume(latest, kind, model, opt)
         log.info("resuming %s from %s (step %d)", kind, latest, start)
-    # Written only once the config is accepted, so a refused resume leaves the run's record untouched.
-    tmp = run_dir / ".world.json.tmp"
-    tmp.write_text(json.dumps(to_dict(world), indent=2))
-    os.replace(tmp, run_dir / "world.json")
-    writer = _writer(run_dir, start) if tensorboard else None
+    if topo.leader:  # written only once the config is accepted, so a refused resume leaves the record untouched
+        tmp = run_dir / ".world.json.tmp"
+        tmp.write_text(json.dumps(to_dict(world), indent=2))
+        os.replace(tmp, run_dir / "world.json")
+    # One process without accumulation runs exactly the original step; otherwise a step is split into rows.
+    split = topo.distributed or cfg.grad_accum > 1
+    resets = distributed.install_code_resets(model, topo) if split else []
+    writer = _writer(run_dir, start) if tensorboard and topo.leader else None
     t0, logs, saved, losses = time.perf_counter(), {}, latest, []
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     model.train()
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {kind}", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        batch = source.batch(step, cfg.batch_size)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
-        with autocast:
-            loss, logs = objective(batch, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{kind} loss is {loss.item()} at step {step}; last checkpoint kept: {saved}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-        logs["lr"] = opt.param_groups[0]["lr"]
-        opt.step()
-        losses.append(logs["loss"])
-        done = step + 1
-        stop = on_step is not None and bool(on_step(done, logs))
-        if stop:
-            end = done  # log, checkpoint and report this step as the last one
-        if done % cfg.log_every == 0 or done == end:
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if writer is not None:
-                for name, value in logs.items():
-                    writer.add_scalar(f"{kind}/{name}", value, done)
-        if done % cfg.ckpt_every == 0 or done == end:
-            saved = _save(run_dir, kind, model, opt, done, cfg)
-        if stop:
-            break
-    bar.close()
-    if writer is not None:
-        writer.close()
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {kind}", disable=not (progress and topo.leader))
+    try:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            if split:
+                logs = _split_step(trained, objective, source, step, cfg, topo, micro, resets)
+                loss = torch.tensor(logs["loss"])
+            else:
+                batch = source.batch(step, cfg.batch_size)
+                with _autocast(cfg):
+                    loss, logs = objective(batch, _step_generator(cfg, step))
+                loss.backward()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{kind} loss is {loss.item()} at step {step}; last checkpoint kept: {saved}")
+            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            logs["lr"] = opt.param_groups[0]["lr"]
+            opt.step()
+            losses.append(logs["loss"])
+            done = step + 1
+            stop = on_step is not None and bool(on_step(done, logs))
+            stop = bool(distributed.broadcast_int(int(stop), topo)) if on_step is not None else stop
+            if stop:
+                end = done  # log, checkpoint and report this step as the last one
+            if done % cfg.log_every == 0 or done == end:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                if writer is not None:
+                    for name, value in logs.items():
+                        writer.add_scalar(f"{kind}/{name}", value, done)
+            if done % cfg.ckpt_every == 0 or done == end:
+                if topo.leader:
+                    _save(run_dir, kind, model, opt, done, cfg)
+                distributed.barrier(topo)  # no rank runs ahead of a checkpoint it may have to resume from
+                saved = checkpoint_dir(run_dir, done)
+            if stop:
+                break
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        distributed.remove_code_resets(model)
     return TrainResult(kind, end, start, saved, logs, time.perf_counter() - t0, losses)
+
+
+def _autocast(cfg: TrainConfig):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+
+
+def _step_generator(cfg: TrainConfig, step: int) -> torch.Generator:
+    """The generator of a step's per-sample randomness (masks, dropout): a function of (seed, step) alone."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+
+def _split_step(
+    trained: nn.Module,
+    objective: Objective,
+    source: VideoSource,
+    step: int,
+    cfg: TrainConfig,
+    topo: distributed.Topology,
+    micro: int,
+    resets: list[distributed.GlobalCodeReset],
+) -> dict[str, float]:
+    """Forward + backward of this rank's rows of the global batch, `micro` rows at a time; DDP averages the
+    gradients over ranks on the last micro-batch. Returns the scalars averaged over the global batch."""
+    first = topo.rank * micro * cfg.grad_accum
+    logs = []
+    for m in range(cfg.grad_accum):
+        last = m == cfg.grad_accum - 1
+        rows = slice(first + m * micro, first + (m + 1) * micro)
+        batch = distributed.batch_rows(source, step, cfg.batch_size, rows.start, rows.stop)
+        gen = _step_generator(cfg, step)  # every micro-batch replays the step's draws and keeps its rows
+        for r in resets:
+            r.last_micro = last
+        sync = contextlib.nullcontext() if last or not isinstance(trained, DistributedDataParallel) else trained.no_sync()
+        with sync:
+            with _autocast(cfg), distributed.SlicedDraws(gen, rows, cfg.batch_size):
+                loss, micro_logs = objective(batch, gen, rows)
+            (loss / cfg.grad_accum).backward()
+        logs.append(micro_logs)
+    return distributed.mean_logs(logs, topo)
 
 
 def _writer(run_dir: Path, start: int):
