@@ -34,6 +34,16 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
 
 
+def _job_call(client, method, job_id: str):
+    """client.status / client.cancel of one job; an unknown job or an unreachable store exits 2 with one line."""
+    try:
+        return method(job_id)
+    except KeyError as exc:
+        _fail(exc.args[0])
+    except _connection_errors() as exc:
+        _fail(f"cannot reach the result backend at {client.settings.store_url}: {exc}")
+
+
 @click.group("jobs")
 @click.option("--broker", envvar="GENIE_BROKER_URL", default=DEFAULT_BROKER, show_default=True,
               help="Celery broker (Redis) URL, as the workers' GENIE_BROKER_URL.")
@@ -157,12 +167,7 @@ def _follow(client, job_id: str, timeout: float | None = None) -> None:
 def status(ctx, job_id, as_json, wait, timeout) -> None:
     """Show a job's state and progress (QUEUED, PROGRESS, RETRY, SUCCESS, FAILURE, CANCELLING, CANCELLED)."""
     client = _client(ctx)
-    try:
-        st = client.status(job_id)
-    except KeyError as exc:
-        _fail(exc.args[0])
-    except _connection_errors() as exc:
-        _fail(f"cannot reach the result backend at {client.settings.store_url}: {exc}")
+    st = _job_call(client, client.status, job_id)
     if wait:
         _follow(client, job_id, timeout)
     click.echo(json.dumps(st.to_json()) if as_json else progress_line(st))
@@ -175,10 +180,4 @@ def cancel(ctx, job_id) -> None:
     """Cancel a job: a queued one never runs, a running one stops at its next step or item (training keeps a
     checkpoint there, so resubmitting with the same --run-root continues it)."""
     client = _client(ctx)
-    try:
-        st = client.cancel(job_id)
-    except KeyError as exc:
-        _fail(exc.args[0])
-    except _connection_errors() as exc:
-        _fail(f"cannot reach the result backend at {client.settings.store_url}: {exc}")
-    click.echo(progress_line(st))
+    click.echo(progress_line(_job_call(client, client.cancel, job_id)))
