@@ -345,9 +345,14 @@ def data_import(videos, out, fps, height, width, static_threshold, static_frames
 @click.option("--clips", type=int, default=64, show_default=True)
 @click.option("--horizon", type=int, default=4, show_default=True, help="t of the ΔtPSNR (paper: 4).")
 @click.option("--sampling-steps", type=int, help="MaskGIT steps (default: the world's).")
+@click.option("--drift-steps", type=int, default=0, show_default=True,
+              help="Also run sessions this many steps past the prompt (e.g. 64) on held-out clips driven by inferred "
+                   "actions and plot PSNR vs step into drift.png (report 'drift'); 0 = off, it is slow.")
+@click.option("--drift-clips", type=int, default=16, show_default=True, help="Clips of drift-steps + 1 frames.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True)
-def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, out) -> None:
-    """Evaluate a world: reconstruction PSNR/SSIM, ΔtPSNR, action consistency; writes report.json + compare.gif."""
+def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, drift_clips, out) -> None:
+    """Evaluate a world: reconstruction PSNR/SSIM, ΔtPSNR, action consistency; writes report.json + compare.gif
+    (and drift.png with --drift-steps)."""
     from dataclasses import replace
 
     from genie.data import make_source
@@ -360,10 +365,11 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, out) -> None:
         data_cfg = replace(wcfg.data, source="shards", path=str(data_dir), eval_path=str(data_dir)) if data_dir else wcfg.data
         source = make_source(data_cfg, evaluation=True)
         sampling = replace(wcfg.sampling, steps=sampling_steps) if sampling_steps else None
-        report = run_eval(world_dir, source, EvalConfig(clips=clips, horizon=horizon), out, sampling=sampling)
+        ecfg = EvalConfig(clips=clips, horizon=horizon, drift_steps=drift_steps, drift_clips=drift_clips)
+        report = run_eval(world_dir, source, ecfg, out, sampling=sampling)
     except ValueError as exc:
         _fail(str(exc))
-    click.echo(json.dumps({k: report[k] for k in ("tokenizer", "dynamics", "lam") if k in report}))
+    click.echo(json.dumps({k: report[k] for k in ("tokenizer", "dynamics", "lam", "drift") if k in report}))
 
 
 def _add_service_commands() -> None:

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 
 from genie.data.source import VideoSource
+from genie.eval.drift import drift
+from genie.eval.drift import rollout as _rollout
 from genie.eval.metrics import action_consistency, psnr, ssim
 from genie.media import write_gif
 from genie.models.common import to_uint8
-from genie.sampling import SamplingConfig, World
+from genie.sampling import SamplingConfig
 from genie.train.checkpoint import load_model
 from genie.worlds import load_world
 
@@ -28,20 +30,14 @@ class EvalConfig:
     seed: int = 0
     gif_clips: int = 4  # clips shown side by side in the GIF (truth | inferred actions | random actions)
     num_true_actions: int = 0  # 0: taken from the data (max true action + 1)
+    drift_steps: int = 0  # long-session drift (drift.png, report["drift"]) over this many steps; 0 = off
+    drift_clips: int = 16  # clips of drift_steps + 1 frames (shards: episodes that long)
 
     def __post_init__(self) -> None:
         if self.clips < 1 or self.batch_size < 1 or self.horizon < 1 or self.gif_clips < 0:
             raise ValueError("clips, batch_size and horizon must be >= 1, gif_clips >= 0")
-
-
-def _rollout(world: World, prompt: torch.Tensor, actions: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """prompt (B, 1, H, W, C) uint8, actions (B, S) -> generated frames (B, S, H, W, C) uint8."""
-    states, _ = world.reset(prompt, seeds)
-    frames = []
-    for s in range(actions.shape[1]):
-        states, f = world.step(states, actions[:, s].tolist())
-        frames.append(f)
-    return torch.stack(frames, dim=1)
+        if self.drift_steps < 0 or self.drift_clips < 1:
+            raise ValueError(f"drift_steps must be >= 0 and drift_clips >= 1, got {self.drift_steps}, {self.drift_clips}")
 
 
 @torch.no_grad()
@@ -116,6 +112,8 @@ def evaluate(
     if gif_rows:
         write_gif(np.concatenate(gif_rows, axis=1), out_dir / "compare.gif", fps=4, scale=3)
         report["gif"] = str(out_dir / "compare.gif")
+    if cfg.drift_steps:
+        report["drift"] = drift(world, lam, source, cfg.drift_steps, cfg.drift_clips, cfg.seed, cfg.batch_size, out_dir)
     (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2))
     return report
 
