@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict
 from genie.data import make_source
@@ -70,3 +72,152 @@ def load_world(
     tokenizer = load_model(world_dir / "tokenizer", "tokenizer")
     dynamics = load_model(world_dir / "dynamics", "dynamics")
     return World(tokenizer, dynamics, sampling or cfg.sampling, cache=cache), cfg
+
+
+# --- Action names: WORLD/actions.json ------------------------------------------------------------------------------
+
+ACTIONS_FILE = "actions.json"
+NAME_SOURCES = ("mapping", "user", "default")
+MAX_NAME_CHARS = 32
+# A latent action is named after its majority true action only when it was seen at least MIN_NAMING_COUNT times and
+# that true action is at least MIN_NAMING_LIFT times more frequent under it than in the data overall.
+MIN_NAMING_COUNT = 8
+MIN_NAMING_LIFT = 1.5
+
+
+def default_action_names(num_actions: int) -> list[str]:
+    """"action 0", "action 1", ...: the names of a world nobody named."""
+    return [f"action {a}" for a in range(num_actions)]
+
+
+def check_action_names(names: list[str]) -> list[str]:
+    """Returns the names if each is a non-empty, printable string of at most MAX_NAME_CHARS and all are unique."""
+    if not isinstance(names, (list, tuple)) or not names:
+        raise ValueError("action names must be a non-empty list of strings")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"action name {i} must be a non-empty string, got {name!r}")
+        if len(name) > MAX_NAME_CHARS or not name.isprintable():
+            raise ValueError(f"action name {i} {name!r} must be printable and at most {MAX_NAME_CHARS} characters")
+    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    if dupes:
+        raise ValueError(f"action names must be unique; repeated: {dupes}")
+    return list(names)
+
+
+def read_actions_file(world_dir: Path) -> dict[str, Any] | None:
+    """The parsed WORLD/actions.json ({"names", "source", ...}), None if absent; ValueError naming the file if bad."""
+    path = Path(world_dir) / ACTIONS_FILE
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or "names" not in doc:
+            raise ValueError('expected a JSON object with "names"')
+        check_action_names(doc["names"])
+        if doc.get("source", "user") not in NAME_SOURCES:
+            raise ValueError(f"source must be one of {list(NAME_SOURCES)}, got {doc.get('source')!r}")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: bad action names file: {exc}") from exc
+    return doc
+
+
+def load_action_names(world_dir: Path, num_actions: int) -> list[str]:
+    """The world's action names from WORLD/actions.json; "action N" when there is none.
+
+    Raises ValueError naming the file when it is malformed or names a different number of actions.
+    """
+    doc = read_actions_file(world_dir)
+    if doc is None:
+        return default_action_names(num_actions)
+    if len(doc["names"]) != num_actions:
+        raise ValueError(f"{Path(world_dir) / ACTIONS_FILE}: {len(doc['names'])} names for {num_actions} actions")
+    return list(doc["names"])
+
+
+def save_action_names(world_dir: Path, names: list[str], source: str, evidence: dict[str, Any] | None = None) -> Path:
+    """Writes WORLD/actions.json atomically: {"names", "source"} plus the optional "mapping" evidence."""
+    check_action_names(names)
+    if source not in NAME_SOURCES:
+        raise ValueError(f"source must be one of {list(NAME_SOURCES)}, got {source!r}")
+    doc: dict[str, Any] = {"names": list(names), "source": source}
+    if evidence is not None:
+        doc["mapping"] = evidence
+    path = Path(world_dir) / ACTIONS_FILE
+    tmp = path.with_name(f".tmp-{os.getpid()}-{ACTIONS_FILE}")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def names_from_mapping(mapping: dict[str, Any] | None, num_actions: int) -> list[str]:
+    """Player-readable names from a latent -> true action mapping (genie.eval.metrics.action_mapping).
+
+    Only latents seen at least MIN_NAMING_COUNT times are named; the others keep "action N". True actions that
+    are key combos ("LEFT+UP") are read as keys first: a latent is called after the keys that most of its
+    transitions press and that it makes at least MIN_NAMING_LIFT times likelier than the data does, e.g.
+    "UP (79%)" when 79% of its transitions press UP. Failing that, after its majority true action when that is
+    MIN_NAMING_LIFT times likelier than overall, e.g. "RIGHT+UP (41%)". Repeated names get " #<latent>".
+    """
+    names = default_action_names(num_actions)
+    mapping = mapping or {}
+    for entry in mapping.get("latents", [])[:num_actions]:
+        if entry.get("count", 0) < MIN_NAMING_COUNT or entry.get("majority_name") is None:
+            continue
+        a = int(entry["latent"])
+        keys = _key_name(entry, mapping)
+        if keys is not None:
+            names[a] = keys
+        elif (entry.get("lift") or 0.0) >= MIN_NAMING_LIFT:
+            names[a] = f"{entry['majority_name'][:20]} ({entry['purity']:.0%})"
+    for a, name in enumerate(names):
+        if names.count(name) > 1:
+            names[a] = f"{name} #{a}"
+    return names
+
+
+def _key_name(entry: dict[str, Any], mapping: dict[str, Any]) -> str | None:
+    """"KEY+KEY (share)" for the keys pressed in most of a latent's transitions, more often than in the data."""
+    counts, true_names, base = entry.get("counts"), mapping.get("true_names"), mapping.get("true_frequency")
+    if not counts or not true_names or not base or not len(counts) == len(true_names) == len(base):
+        return None
+    combos = [set(name.split("+")) - {"NOOP"} for name in true_names]  # the keys each true action presses
+    total = sum(counts)
+
+    def share(keys: set[str], weights: list[float]) -> float:
+        return sum(w for w, combo in zip(weights, combos, strict=True) if keys <= combo) / sum(weights)
+
+    keys = {k for combo in combos for k in combo}
+    chosen = sorted((k for k in keys if share({k}, counts) >= 0.5 and share({k}, counts) >= MIN_NAMING_LIFT
+                     * share({k}, base)), key=lambda k: -share({k}, counts))
+    if not chosen or not any(len(c) > 1 for c in combos) or total == 0:  # no key, or the actions are not combos
+        return None
+    return f"{'+'.join(chosen)[:20]} ({share(set(chosen), counts):.0%})"
+
+
+def apply_action_names_from_report(world_dir: Path, report: dict[str, Any], overwrite_user: bool = False) -> list[str]:
+    """Names the world's actions from an eval report's report["lam"]["mapping"] and returns the names in effect.
+
+    Never overwrites names a user edited (source "user") unless `overwrite_user`. Without a mapping (no true
+    actions in the data), the names are "action N" (source "default").
+    """
+    world_dir = Path(world_dir)
+    num_actions = load_world_config_of(world_dir).dynamics.num_actions
+    doc = None if overwrite_user else read_actions_file(world_dir)
+    if doc is not None and doc.get("source", "user") == "user":  # a hand-written file without a source is the user's
+        return load_action_names(world_dir, num_actions)
+    mapping = (report.get("lam") or {}).get("mapping")
+    names = names_from_mapping(mapping, num_actions)
+    source = "mapping" if names != default_action_names(num_actions) else "default"
+    save_action_names(world_dir, names, source, evidence=_evidence(mapping) if mapping else None)
+    return names
+
+
+def _evidence(mapping: dict[str, Any]) -> dict[str, Any]:
+    """The part of a mapping worth keeping next to the names: accuracies and each latent's majority and purity."""
+    keep = ("latent", "count", "majority_name", "purity", "lift")
+    return {
+        "many_to_one_accuracy": mapping.get("many_to_one_accuracy"),
+        "one_to_one_accuracy": mapping.get("one_to_one_accuracy"),
+        "latents": [{k: e.get(k) for k in keep} for e in mapping.get("latents", [])],
+    }

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genie.media import load_image, save_png, write_gif
+from genie.media import CAPTION_HEIGHT, load_image, save_png, write_gif
 
 
 def _png(w, h, color=(10, 200, 30)):
@@ -37,3 +37,17 @@ def test_write_gif_validates(tmp_path):
     path = write_gif(frames, tmp_path / "x.gif", scale=2)
     with Image.open(path) as im:
         assert im.n_frames == 3 and im.size == (8, 8)
+
+
+def test_write_gif_captions_add_a_strip_and_keep_frames(tmp_path):
+    frames = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 100, 200)])
+    plain = write_gif(frames, tmp_path / "plain.gif", scale=4)
+    captioned = write_gif(frames, tmp_path / "cap.gif", scale=4, captions=["prompt", "1: left", "2: jump"])
+    with Image.open(plain) as a, Image.open(captioned) as b:
+        assert a.size == (32, 32) and b.size == (32, 32 + CAPTION_HEIGHT)
+        assert a.n_frames == b.n_frames == 3
+        b.seek(0)
+        strip = np.array(b.convert("RGB"))[32:]
+        assert (strip > 128).any()  # text was written into the black strip
+    with pytest.raises(ValueError, match="one caption per frame"):
+        write_gif(frames, tmp_path / "bad.gif", captions=["only one"])

@@ -20,6 +20,14 @@ from genie.data.shards import ShardWriter
 
 SPLIT_LEVELS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # first level of each split's range
 LEVELS_PER_SPLIT = 1_000_000
+# Procgen's 15 actions, in the order of its key combos (`ProcgenGym3Env.get_combos()`); () is NOOP.
+ACTION_NAMES = ("LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP",
+                "D", "A", "W", "S", "Q", "E")
+
+
+def combo_names(combos) -> tuple[str, ...]:
+    """Procgen key combos, e.g. [("LEFT", "DOWN"), ()] -> ("LEFT+DOWN", "NOOP")."""
+    return tuple("+".join(c) if c else "NOOP" for c in combos)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ def _chunk(cfg: ProcgenConfig, chunk: int) -> list[tuple[np.ndarray, np.ndarray,
     )
     rng = np.random.default_rng(policy_seed)
     num_actions = int(env.ac_space.eltype.n)
+    if combo_names(env.get_combos()) != ACTION_NAMES:
+        raise ValueError(f"procgen's actions {combo_names(env.get_combos())} are not the expected {ACTION_NAMES}")
     out: list[tuple[np.ndarray, np.ndarray, dict]] = []
     attempts = 0
     while len(out) < n and attempts < 20 * n:
@@ -105,7 +115,8 @@ def generate(cfg: ProcgenConfig, out: Path, workers: int = 1, progress: bool = T
             writer.add(frames, actions, meta)
         bar.update(len(episodes))
     bar.close()
-    info = {"source": "procgen", "config": asdict(cfg), "num_true_actions": 15}
+    info = {"source": "procgen", "config": asdict(cfg), "num_true_actions": len(ACTION_NAMES),
+            "action_names": list(ACTION_NAMES)}
     writer.close(info)
     return {"episodes": len(writer.episodes), "frames": writer.total_frames, "out": str(out)}
 

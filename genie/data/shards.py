@@ -139,6 +139,19 @@ class ShardedDataset:
     def num_frames(self) -> int:
         return sum(e.length for e in self.episodes)
 
+    @property
+    def true_action_names(self) -> list[str] | None:
+        """Human-readable names of the true actions (index.json info "action_names"), None if not recorded."""
+        return true_action_names(self.info)
+
+
+def true_action_names(info: dict[str, Any]) -> list[str] | None:
+    """The true action names a dataset's info records; None for old datasets or sources without them."""
+    names = info.get("action_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return list(names)
+
 
 class ShardedClips:
     """A VideoSource of fixed-length clips: batch(step) is a pure function of (seed, step)."""
@@ -155,6 +168,11 @@ class ShardedClips:
     @property
     def num_clips(self) -> int:
         return int(self._cum[-1])
+
+    @property
+    def true_action_names(self) -> list[str] | None:
+        """Names of the dataset's true actions, None when it does not record them."""
+        return self.data.true_action_names
 
     def clip_at(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         ep = int(np.searchsorted(self._cum, k, side="right"))

@@ -1,6 +1,8 @@
-"""Evaluation metrics: PSNR, SSIM, controllability (ΔtPSNR) and latent-vs-true action consistency."""
+"""Evaluation metrics: PSNR, SSIM, controllability (ΔtPSNR), latent-vs-true action consistency and mapping."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,13 +61,7 @@ def action_consistency(latent: np.ndarray, true: np.ndarray, num_latent: int, nu
     one-to-one latent -> true mapping (Hungarian), the accuracy when each latent maps to its most frequent
     true action (many-to-one), the chance level of that (most frequent true action), and latent usage.
     """
-    latent, true = np.asarray(latent).ravel(), np.asarray(true).ravel()
-    if latent.shape != true.shape or latent.size == 0:
-        raise ValueError(f"need equal, non-empty action arrays, got {latent.shape} and {true.shape}")
-    if latent.min() < 0 or latent.max() >= num_latent or true.min() < 0 or true.max() >= num_true:
-        raise ValueError("actions out of range")
-    joint = np.zeros((num_latent, num_true), dtype=np.float64)
-    np.add.at(joint, (latent, true), 1)
+    joint = _joint_counts(latent, true, num_latent, num_true)
     n = joint.sum()
     p = joint / n
     pl, pt = p.sum(1), p.sum(0)
@@ -82,4 +78,70 @@ def action_consistency(latent: np.ndarray, true: np.ndarray, num_latent: int, nu
         "majority_baseline": float(joint.sum(axis=0).max() / n),
         "latent_usage": float((joint.sum(axis=1) > 0).mean()),
         "transitions": int(n),
+    }
+
+
+
+def _joint_counts(latent: np.ndarray, true: np.ndarray, num_latent: int, num_true: int) -> np.ndarray:
+    """(num_latent, num_true) float64 counts of paired (latent, true) actions, after checking shapes and ranges."""
+    latent, true = np.asarray(latent).ravel(), np.asarray(true).ravel()
+    if latent.shape != true.shape or latent.size == 0:
+        raise ValueError(f"need equal, non-empty action arrays, got {latent.shape} and {true.shape}")
+    if latent.min() < 0 or latent.max() >= num_latent or true.min() < 0 or true.max() >= num_true:
+        raise ValueError("actions out of range")
+    joint = np.zeros((num_latent, num_true), dtype=np.float64)
+    np.add.at(joint, (latent, true), 1)
+    return joint
+
+
+def true_action_labels(names: list[str] | None, num_true: int) -> list[str]:
+    """Names of true actions 0..num_true-1: the dataset's where it records them, else "true N"."""
+    names = list(names or [])
+    return [names[j] if j < len(names) else f"true {j}" for j in range(num_true)]
+
+
+def action_mapping(
+    latent: np.ndarray, true: np.ndarray, num_latent: int, num_true: int, true_names: list[str] | None = None
+) -> dict[str, Any]:
+    """What each latent action means in terms of the simulator's true actions, over paired transitions.
+
+    For each latent: how often it occurs ("count"), its counts and distribution over true actions, its most
+    frequent true action ("majority", "majority_name"), that action's share ("purity") and how much more likely
+    the latent makes it than the data overall ("lift"; 1 = no information). Overall: the accuracy of mapping each
+    latent to its majority true action (many-to-one), of the best one-to-one mapping (Hungarian; "one_to_one"
+    gives each latent's partner), and the frequency of every true action.
+    """
+    joint = _joint_counts(latent, true, num_latent, num_true)  # (A, num_true)
+    n = joint.sum()
+    labels = true_action_labels(true_names, num_true)
+    base = joint.sum(axis=0) / n  # (num_true,) how often each true action occurs
+    rows, cols = linear_sum_assignment(-joint)
+    partner = {int(r): int(c) for r, c in zip(rows, cols, strict=True)}
+    latents = []
+    for a in range(num_latent):
+        count = joint[a].sum()
+        if count == 0:
+            latents.append({"latent": a, "count": 0, "counts": [0] * num_true, "distribution": None, "majority": None,
+                            "majority_name": None, "purity": None, "lift": None})
+            continue
+        j = int(joint[a].argmax())
+        purity = float(joint[a, j] / count)
+        latents.append({
+            "latent": a,
+            "count": int(count),
+            "counts": joint[a].astype(int).tolist(),
+            "distribution": (joint[a] / count).tolist(),
+            "majority": j,
+            "majority_name": labels[j],
+            "purity": purity,
+            "lift": purity / float(base[j]),
+        })
+    return {
+        "true_names": labels,
+        "true_frequency": base.tolist(),
+        "many_to_one_accuracy": float(joint.max(axis=1).sum() / n),
+        "one_to_one_accuracy": float(joint[rows, cols].sum() / n),
+        "one_to_one": [labels[partner[a]] if a in partner else None for a in range(num_latent)],
+        "transitions": int(n),
+        "latents": latents,
     }

@@ -1,4 +1,8 @@
-"""`genie eval`: tokenizer reconstruction, LAM action consistency and dynamics controllability of a world."""
+"""`genie eval`: tokenizer reconstruction, LAM action consistency and dynamics controllability of a world.
+
+Also the latent -> true action mapping (where the data records true actions) and the action atlas (what each
+latent action does from a few held-out prompts; genie.eval.atlas).
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,17 @@ import numpy as np
 import torch
 
 from genie.data.source import VideoSource
+from genie.data.synthetic import ACTION_NAMES as SPRITE_ACTION_NAMES
+from genie.data.synthetic import MovingSprites
+from genie.eval.atlas import action_atlas
 from genie.eval.drift import drift
 from genie.eval.drift import rollout as _rollout
-from genie.eval.metrics import action_consistency, psnr, ssim
+from genie.eval.metrics import action_consistency, action_mapping, psnr, ssim
 from genie.media import write_gif
 from genie.models.common import to_uint8
 from genie.sampling import SamplingConfig
 from genie.train.checkpoint import load_model
-from genie.worlds import load_world
+from genie.worlds import load_world, names_from_mapping, read_actions_file
 
 
 @dataclass(frozen=True)
@@ -32,19 +39,27 @@ class EvalConfig:
     num_true_actions: int = 0  # 0: taken from the data (max true action + 1)
     drift_steps: int = 0  # long-session drift (drift.png, report["drift"]) over this many steps; 0 = off
     drift_clips: int = 16  # clips of drift_steps + 1 frames (shards: episodes that long)
+    atlas_prompts: int = 4  # held-out first frames the action atlas starts from (atlas.png/gif); 0 = off
+    atlas_steps: int = 8  # steps each latent action is held in the atlas
 
     def __post_init__(self) -> None:
         if self.clips < 1 or self.batch_size < 1 or self.horizon < 1 or self.gif_clips < 0:
             raise ValueError("clips, batch_size and horizon must be >= 1, gif_clips >= 0")
         if self.drift_steps < 0 or self.drift_clips < 1:
             raise ValueError(f"drift_steps must be >= 0 and drift_clips >= 1, got {self.drift_steps}, {self.drift_clips}")
+        if self.atlas_prompts < 0 or self.atlas_steps < 1:
+            raise ValueError(f"atlas_prompts must be >= 0, atlas_steps >= 1, got {self.atlas_prompts}, {self.atlas_steps}")
 
 
 @torch.no_grad()
 def evaluate(
     world_dir: Path, source: VideoSource, cfg: EvalConfig, out_dir: Path, sampling: SamplingConfig | None = None
 ) -> dict[str, Any]:
-    """Evaluates a world directory on held-out clips; writes report.json and compare.gif into `out_dir`."""
+    """Evaluates a world directory on held-out clips; writes report.json, compare.gif and atlas.png/gif into `out_dir`.
+
+    report["lam"]["mapping"] (with true actions) is genie.eval.metrics.action_mapping; report["atlas"] holds the
+    atlas files and per-action numbers (genie.eval.atlas.action_atlas).
+    """
     world, wcfg = load_world(world_dir, sampling=sampling)
     lam = load_model(Path(world_dir) / "lam", "lam")
     tokenizer = world.tokenizer
@@ -55,6 +70,7 @@ def evaluate(
     latent_all, true_all = [], []
     inf_psnr, rnd_psnr, inf_ssim = [], [], []
     gif_rows: list[np.ndarray] = []
+    atlas_prompts: list[torch.Tensor] = []  # first frames of held-out clips, each (H, W, C)
     done, step = 0, 0
     while done < cfg.clips:
         batch = source.batch(step, min(cfg.batch_size, cfg.clips - done))
@@ -81,6 +97,7 @@ def evaluate(
         inf_ssim.append(ssim(gen_inf, truth))
         for i in range(min(b, cfg.gif_clips - len(gif_rows))):
             gif_rows.append(_side_by_side(frames[i, : h + 1], gen_inf[i], gen_rnd[i]))
+        atlas_prompts.extend(frames[: cfg.atlas_prompts - len(atlas_prompts), 0])
         done += b
     inf, rnd = torch.cat(inf_psnr), torch.cat(rnd_psnr)  # (M, h)
     report: dict[str, Any] = {
@@ -105,17 +122,47 @@ def evaluate(
     }
     if latent_all:
         latent_np, true_np = np.concatenate(latent_all), np.concatenate(true_all)
+        known = true_np >= 0  # -1: no true action recorded for that transition
+        latent_np, true_np = latent_np[known], true_np[known]
+    if latent_all and true_np.size:
         num_true = cfg.num_true_actions or int(true_np.max()) + 1
         report["lam"] = action_consistency(latent_np, true_np, world.num_actions, num_true)
+        true_names = _true_action_names(source)
+        report["lam"]["mapping"] = action_mapping(
+            latent_np, true_np, world.num_actions, max(num_true, len(true_names or [])), true_names
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if gif_rows:
         write_gif(np.concatenate(gif_rows, axis=1), out_dir / "compare.gif", fps=4, scale=3)
         report["gif"] = str(out_dir / "compare.gif")
+    if atlas_prompts:
+        names = _atlas_names(Path(world_dir), report, world.num_actions)
+        report["atlas"] = action_atlas(
+            world, torch.stack(atlas_prompts), cfg.atlas_steps, names, out_dir, seed=cfg.seed, batch_size=64
+        )
     if cfg.drift_steps:
         report["drift"] = drift(world, lam, source, cfg.drift_steps, cfg.drift_clips, cfg.seed, cfg.batch_size, out_dir)
     (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2))
     return report
+
+
+def _true_action_names(source: VideoSource) -> list[str] | None:
+    """Names of the source's true actions (shards record them in index.json; sprites have fixed ones)."""
+    if isinstance(source, MovingSprites):
+        return list(SPRITE_ACTION_NAMES)
+    return getattr(source, "true_action_names", None)
+
+
+def _atlas_names(world_dir: Path, report: dict[str, Any], num_actions: int) -> list[str]:
+    """The names the atlas shows: a user's edits in actions.json, else what this report's mapping derives."""
+    try:
+        doc = read_actions_file(world_dir)
+    except ValueError:
+        doc = None  # a broken names file must not stop the eval; `genie world names` reports it
+    if doc is not None and doc.get("source", "user") == "user" and len(doc["names"]) == num_actions:
+        return list(doc["names"])
+    return names_from_mapping((report.get("lam") or {}).get("mapping"), num_actions)
 
 
 def _side_by_side(truth: torch.Tensor, inferred: torch.Tensor, random: torch.Tensor) -> np.ndarray:

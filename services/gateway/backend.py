@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from genie.config import WorldConfig
 from genie.sampling import SamplingConfig
 from genie.state import WorldState
+from genie.worlds import default_action_names, load_action_names, load_world_config_of
 
 
 class BackendUnavailable(Exception):
@@ -77,6 +79,17 @@ def world_spec(cfg: WorldConfig, action_names: Sequence[str] = ()) -> WorldSpec:
         sampling=cfg.sampling,
         action_names=tuple(action_names),
     )
+
+
+def world_spec_of(world_dir: Path) -> WorldSpec:
+    """The WorldSpec of a world directory, with the action names of its actions.json (`genie world names`).
+
+    Raises ValueError when the directory is not a world or its actions.json is malformed. Default names
+    ("action N") are not stored: an empty `action_names` means the same.
+    """
+    cfg = load_world_config_of(world_dir)
+    names = load_action_names(world_dir, cfg.dynamics.num_actions)
+    return world_spec(cfg, () if names == default_action_names(cfg.dynamics.num_actions) else names)
 
 
 class ModelBackend(Protocol):

@@ -15,7 +15,7 @@ from genie.sampling import DynamicsEngine, FrameDecoder, SamplingConfig
 from genie.state import KVCacheStore, WorldState
 from genie.train.checkpoint import load_model
 from genie.worlds import load_world_config_of
-from services.gateway.backend import WorldSpec, check_frames, check_state, world_spec
+from services.gateway.backend import WorldSpec, check_frames, check_state, world_spec_of
 from services.gateway.batcher import MicroBatcher
 
 
@@ -38,8 +38,9 @@ class InProcessBackend:
         if self.spec is not None:
             return
         cfg = load_world_config_of(self.world_dir)
+        spec = world_spec_of(self.world_dir)  # fails before loading models if actions.json is malformed
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load, cfg)
-        self.spec = world_spec(cfg)
+        self.spec = spec
 
     def _load(self, cfg: WorldConfig) -> None:
         if self.threads:

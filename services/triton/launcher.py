@@ -31,7 +31,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from genie.worlds import load_world_config_of
-from services.gateway.backend import world_spec
+from services.gateway.backend import world_spec_of
 from services.triton import protocol as P
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def assemble_repository(
     extra = {
         P.TOKENIZER: {P.PARAM_CACHE_BYTES: str(cache_bytes)},
         P.LAM: {P.PARAM_MAX_FRAMES: str(cfg.lam.max_frames)},
-        P.DYNAMICS: {P.PARAM_CACHE_BYTES: str(cache_bytes), P.PARAM_WORLD_SPEC: json.dumps(world_spec(cfg).to_dict())},
+        P.DYNAMICS: {P.PARAM_CACHE_BYTES: str(cache_bytes), P.PARAM_WORLD_SPEC: json.dumps(world_spec_of(world_dir).to_dict())},
     }
     for name in names:
         src = SERVICES_DIR / name

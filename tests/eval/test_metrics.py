@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from genie.eval.metrics import PSNR_CAP, action_consistency, psnr, ssim
+from genie.eval.metrics import PSNR_CAP, action_consistency, action_mapping, psnr, ssim
 
 
 def test_psnr_hand_computed():
@@ -74,3 +74,31 @@ def test_action_consistency_rejects_bad_input():
         action_consistency(np.array([0, 9]), np.array([0, 1]), 8, 5)
     with pytest.raises(ValueError, match="equal, non-empty"):
         action_consistency(np.array([0]), np.array([0, 1]), 8, 5)
+
+
+def test_action_mapping_on_a_hand_made_pairing():
+    # latent 0 -> true [0, 0, 1]; latent 1 -> [1, 1]; latent 2 -> [1, 1, 1, 2]; latent 3 never occurs.
+    latent = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    true = np.array([0, 0, 1, 1, 1, 1, 1, 1, 2])
+    m = action_mapping(latent, true, num_latent=4, num_true=3, true_names=["LEFT", "RIGHT"])
+    assert m["true_names"] == ["LEFT", "RIGHT", "true 2"]  # names the dataset lacks fall back to "true N"
+    assert m["transitions"] == 9 and m["true_frequency"] == pytest.approx([2 / 9, 6 / 9, 1 / 9])
+    l0, l1, l2, l3 = m["latents"]
+    assert (l0["majority_name"], l0["count"], l0["counts"]) == ("LEFT", 3, [2, 1, 0])
+    assert l0["purity"] == pytest.approx(2 / 3) and l0["lift"] == pytest.approx((2 / 3) / (2 / 9))
+    assert l0["distribution"] == pytest.approx([2 / 3, 1 / 3, 0])
+    assert (l1["majority"], l1["purity"], l1["lift"]) == (1, 1.0, pytest.approx(1.5))
+    assert (l2["majority_name"], l2["purity"]) == ("RIGHT", 0.75)
+    assert l3["count"] == 0 and l3["majority"] is None and l3["purity"] is None
+    # Many-to-one: 0 -> LEFT, 1 -> RIGHT, 2 -> RIGHT: 2 + 2 + 3 of 9. One-to-one can use RIGHT once: 2 + 3 + 0 = 5.
+    assert m["many_to_one_accuracy"] == pytest.approx(7 / 9)
+    assert m["one_to_one_accuracy"] == pytest.approx(5 / 9)
+    assert m["one_to_one_accuracy"] == pytest.approx(action_consistency(latent, true, 4, 3)["one_to_one_accuracy"])
+    assert m["one_to_one"][0] == "LEFT" and len(set(n for n in m["one_to_one"] if n)) == 3
+
+
+def test_action_mapping_validates():
+    with pytest.raises(ValueError, match="out of range"):
+        action_mapping(np.array([0, 5]), np.array([0, 1]), 4, 2)
+    with pytest.raises(ValueError, match="non-empty"):
+        action_mapping(np.array([], dtype=int), np.array([], dtype=int), 4, 2)
