@@ -55,9 +55,14 @@ def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, s
     Runs unchanged under `torchrun --nproc-per-node N` (gloo on CPU): DDP, each rank a slice of every global
     batch, only rank 0 writes checkpoints; a checkpoint resumes under any world size."""
     import torch
+    from torch.distributed.elastic.multiprocessing.errors import record
 
     from genie.train.checkpoint import latest_checkpoint
     from genie.train.loop import train as run_train
+
+    # Under torchrun, record() writes an uncaught exception to torchrun's error file, so its failure summary (and a
+    # Kubernetes Job's log tail) names the root cause instead of only "child failed".
+    run_train = record(run_train)
 
     if threads:
         torch.set_num_threads(threads)
@@ -130,7 +135,8 @@ def _backend_options(f):
 @_backend_options
 def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls) -> None:
     """Generate frames for a prompt and an action sequence and write a GIF, through the same model backend
-    interface the gateway uses (in process, or the Triton services)."""
+    interface the gateway uses (in process, or the Triton services). Each frame is captioned with its step and the
+    name of the action that led to it (WORLD/actions.json; `genie world names`)."""
     import asyncio
     from dataclasses import replace
 
@@ -151,17 +157,18 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
             frame = load_image(image, spec.height, spec.width)
             t0 = time.perf_counter()
             frames = await rollout_one(models, frame[None], seq, seed, sampling)
-            return seq, frames, time.perf_counter() - t0
+            captions = ["prompt"] + [f"{t + 1}: {spec.action_name(a)}" for t, a in enumerate(seq)]
+            return seq, frames, captions, time.perf_counter() - t0
         finally:
             await models.close()
 
     try:
         if backend == "inprocess" and not (Path(world_dir) / "world.json").exists():
             raise ValueError(f"{world_dir} is not a world directory (no world.json)")
-        seq, frames, elapsed = asyncio.run(run(_prompt_path(prompt, load_prompts(world_dir))))
+        seq, frames, captions, elapsed = asyncio.run(run(_prompt_path(prompt, load_prompts(world_dir))))
     except (ValueError, BackendUnavailable) as exc:
         _fail(str(exc))
-    write_gif(frames, out)
+    write_gif(frames, out, captions=captions)  # under each frame: the step and the action that led to it
     click.echo(json.dumps({"gif": str(out), "frames": len(seq), "fps": round(len(seq) / elapsed, 2), "actions": seq}))
 
 
@@ -349,10 +356,14 @@ def data_import(videos, out, fps, height, width, static_threshold, static_frames
               help="Also run sessions this many steps past the prompt (e.g. 64) on held-out clips driven by inferred "
                    "actions and plot PSNR vs step into drift.png (report 'drift'); 0 = off, it is slow.")
 @click.option("--drift-clips", type=int, default=16, show_default=True, help="Clips of drift-steps + 1 frames.")
+@click.option("--atlas-prompts", type=int, default=4, show_default=True,
+              help="Held-out prompts of the action atlas (atlas.png/gif: each latent action from each); 0 = off.")
+@click.option("--atlas-steps", type=int, default=8, show_default=True, help="Steps each action is held in the atlas.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True)
-def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, drift_clips, out) -> None:
-    """Evaluate a world: reconstruction PSNR/SSIM, ΔtPSNR, action consistency; writes report.json + compare.gif
-    (and drift.png with --drift-steps)."""
+def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, drift_clips, atlas_prompts, atlas_steps,
+             out) -> None:
+    """Evaluate a world: reconstruction PSNR/SSIM, ΔtPSNR, action consistency and the latent -> true action
+    mapping; writes report.json, compare.gif, atlas.png/gif (and drift.png with --drift-steps)."""
     from dataclasses import replace
 
     from genie.data import make_source
@@ -365,20 +376,31 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, d
         data_cfg = replace(wcfg.data, source="shards", path=str(data_dir), eval_path=str(data_dir)) if data_dir else wcfg.data
         source = make_source(data_cfg, evaluation=True)
         sampling = replace(wcfg.sampling, steps=sampling_steps) if sampling_steps else None
-        ecfg = EvalConfig(clips=clips, horizon=horizon, drift_steps=drift_steps, drift_clips=drift_clips)
+        ecfg = EvalConfig(clips=clips, horizon=horizon, drift_steps=drift_steps, drift_clips=drift_clips,
+                          atlas_prompts=atlas_prompts, atlas_steps=atlas_steps)
         report = run_eval(world_dir, source, ecfg, out, sampling=sampling)
     except ValueError as exc:
         _fail(str(exc))
-    click.echo(json.dumps({k: report[k] for k in ("tokenizer", "dynamics", "lam", "drift") if k in report}))
+    summary = {k: report[k] for k in ("tokenizer", "dynamics", "lam", "drift") if k in report}
+    if "mapping" in summary.get("lam", {}):  # the full mapping is in report.json; print its headline numbers
+        mapping = summary["lam"]["mapping"]
+        summary["lam"] = {**summary["lam"], "mapping": {
+            "many_to_one_accuracy": mapping["many_to_one_accuracy"], "one_to_one_accuracy": mapping["one_to_one_accuracy"],
+            "majority": [e["majority_name"] for e in mapping["latents"]]}}
+    if "atlas" in report:
+        summary["atlas"] = {k: report["atlas"][k] for k in ("png", "gif", "mean_psnr_between_actions")}
+    click.echo(json.dumps(summary))
 
 
 def _add_service_commands() -> None:
     # The CLI is the one module of genie/ that reaches into services/: it is the entry point for both.
+    from genie.world_cli import world
     from services.triton.cli import triton
     from services.worker.cli import jobs
 
     main.add_command(triton)
     main.add_command(jobs)
+    main.add_command(world)
 
 
 _add_service_commands()

@@ -2,10 +2,14 @@
 
 import json
 
+import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
 from genie.cli import main
+from genie.config import to_dict
+from genie.media import CAPTION_HEIGHT
+from genie.presets import tiny
 
 TINY = ["--preset", "tiny", "--quiet"]
 
@@ -29,7 +33,16 @@ def test_train_export_rollout(tmp_path):
     report = json.loads(out.strip().splitlines()[-1])
     assert report["frames"] == 5 and report["actions"] == [0, 1, 2, 3, 1] and report["fps"] > 0
     with Image.open(gif) as im:
-        assert im.n_frames == 6 and im.size == (64, 64)
+        assert im.n_frames == 6 and im.size == (64, 64 + CAPTION_HEIGHT)  # a caption strip under each frame
+        im.seek(1)
+        default_strip = np.array(im.convert("RGB"))[64:]
+    code, out = _run(["world", "names", str(tmp_path / "world"), "--set", "0=jump right", "--set", "1=duck"])
+    assert code == 0, out
+    code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "5", "--actions", "0,1,2,3,1", "--out", str(gif)])
+    assert code == 0, out
+    with Image.open(gif) as im:
+        im.seek(1)  # the frame action 0 led to: its caption now names it
+        assert not np.array_equal(np.array(im.convert("RGB"))[64:], default_strip)
     assert len(list((tmp_path / "world" / "prompts").glob("*.png"))) == 8
     own = tmp_path / "mine.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(own)
@@ -98,3 +111,29 @@ def test_play_serves_the_page_and_the_grpc_api_until_interrupted(trained_world_d
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=20)
     assert code == 0, proc.stderr.read()
+
+
+def test_world_names_view_edit_rederive_and_errors(tmp_path):
+    world = tmp_path / "w"
+    world.mkdir()
+    (world / "world.json").write_text(json.dumps(to_dict(tiny())))
+    a = tiny().dynamics.num_actions
+    code, out = _run(["world", "names", str(world)])
+    assert code == 0 and json.loads(out) == {"world": str(world), "names": [f"action {i}" for i in range(a)],
+                                             "source": "default"}
+    code, out = _run(["world", "names", str(world), "--set", '1=jump right', "--set", "0=left"])
+    assert code == 0, out
+    shown = json.loads(out)
+    assert shown["names"][:2] == ["left", "jump right"] and shown["source"] == "user"
+    assert json.loads((world / "actions.json").read_text())["names"] == shown["names"]
+    for bad in (["--set", f"{a}=far"], ["--set", "0=jump right"], ["--set", "nonsense"], ["--set", "0="],
+                ["--from-report", str(tmp_path / "none.json")]):
+        code, out = _run(["world", "names", str(world), *bad])
+        assert code == 2 and out.count("error: ") == 1, (bad, out)
+    assert json.loads((world / "actions.json").read_text())["names"] == shown["names"]  # bad edits change nothing
+    report = {"lam": {"mapping": {"latents": [{"latent": 0, "count": 40, "majority_name": "RIGHT", "purity": 0.5,
+                                               "lift": 3.0}]}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    code, out = _run(["world", "names", str(world), "--from-report", str(tmp_path / "report.json")])
+    assert code == 0, out
+    assert json.loads(out)["names"][:2] == ["RIGHT (50%)", "action 1"] and json.loads(out)["source"] == "mapping"

@@ -71,23 +71,69 @@ def submit() -> None:
 @click.option("--lam", "lam_ckpt", default="", help="LAM checkpoint dir (dynamics).")
 @click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard scalars to RUN_ROOT/KIND/tb.")
+@click.option("--backend", type=click.Choice(["local", "kubernetes"]), default="local", show_default=True,
+              help="Train in the worker process, or have the worker launch and supervise a Kubernetes Job of torchrun "
+                   "pods (the chart's worker.kubernetes.enabled).")
+@click.option("--nodes", type=int, default=1, show_default=True, help="kubernetes: pods (torchrun nodes).")
+@click.option("--gpus-per-node", type=int, default=0, show_default=True, help="kubernetes: GPUs per pod.")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
 @click.pass_context
-def submit_train(ctx, kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, threads, tensorboard, wait) -> None:
-    """Queue the training of one model; a redelivered job resumes from its newest checkpoint."""
+def submit_train(ctx, kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, threads, tensorboard, backend,
+                 nodes, gpus_per_node, wait) -> None:
+    """Queue the training of one model; a redelivered job resumes from its newest checkpoint. With --backend
+    kubernetes the worker runs it as an Indexed Job of NODES torchrun pods; status and cancel work the same."""
     from services.worker.jobs import resolve_world
     from services.worker.specs import TrainJobSpec
 
     client = _client(ctx)
     try:
         spec = TrainJobSpec(kind, resolve_world(preset, config, overrides), run_root=run_root, tokenizer=tokenizer_ckpt,
-                            lam=lam_ckpt, threads=threads, tensorboard=tensorboard)
+                            lam=lam_ckpt, threads=threads, tensorboard=tensorboard, backend=backend, nodes=nodes,
+                            gpus_per_node=gpus_per_node)
         job_id = client.submit_train(spec)
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
         _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
     click.echo(json.dumps({"job": job_id, "queue": "train", "kind": kind, "steps": spec.steps}))
+    if wait:
+        _follow(client, job_id)
+
+
+@submit.command("world")
+@click.option("--data", "data_dir", default="", help="Training dataset dir the workers can read (default: the "
+              "config's data section); its frame size sets the world's.")
+@click.option("--eval-data", default="", help="Held-out dataset dir for the eval (default: the config's data.eval_path).")
+@click.option("--preset", help="Named world config (tiny, sprites, demo, peer-small). Default: demo.")
+@click.option("--config", "config", type=click.Path(path_type=Path), help="World config JSON (see `genie config`).")
+@click.option("--set", "overrides", multiple=True, help="Dotted override, e.g. --set train_dynamics.steps=500.")
+@click.option("--out", default="", help="World dir to write. Default: GENIE_JOBS_DIR/<job id>/world on the worker.")
+@click.option("--run-root", default="", help="Training runs (resumable). Default: GENIE_JOBS_DIR/<job id>/runs.")
+@click.option("--eval-clips", type=int, default=64, show_default=True, help="Clips evaluated; 0 = no eval.")
+@click.option("--drift-steps", type=int, default=0, show_default=True, help="Also measure drift over this many steps.")
+@click.option("--atlas-prompts", type=int, default=4, show_default=True, help="Prompts per action in the atlas.")
+@click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
+@click.pass_context
+def submit_world(ctx, data_dir, eval_data, preset, config, overrides, out, run_root, eval_clips, drift_steps,
+                 atlas_prompts, threads, wait) -> None:
+    """Queue `genie world build` as a chain of jobs: train tokenizer -> LAM -> dynamics, then export, evaluate and
+    name the actions. Status shows the stage and the steps done over all three."""
+    from genie.build import with_data
+    from services.worker.jobs import resolve_world
+    from services.worker.specs import WorldJobSpec
+
+    client = _client(ctx)
+    try:
+        world = with_data(resolve_world(preset, config, overrides), data_dir, eval_data)
+        spec = WorldJobSpec(world, out=out, run_root=run_root, eval_clips=eval_clips, drift_steps=drift_steps,
+                            atlas_prompts=atlas_prompts, threads=threads)
+        job_id = client.submit_world(spec)
+    except ValueError as exc:
+        _fail(str(exc))
+    except _connection_errors() as exc:
+        _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
+    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "world", "steps": spec.stage_steps}))
     if wait:
         _follow(client, job_id)
 
@@ -134,6 +180,8 @@ def progress_line(st, width: int = 30) -> str:
     frac = min(1.0, st.done / st.total) if st.total else 0.0
     bar = "#" * round(frac * width) + "." * (width - round(frac * width))
     parts = [st.job_id, st.kind, st.state, f"[{bar}]", f"{st.done}/{st.total}", f"{frac:.0%}"]
+    if st.detail.get("stage") and not st.terminal:
+        parts.append(f"stage {st.detail['stage']}")
     if st.detail.get("loss") is not None:
         parts.append(f"loss {st.detail['loss']:.4f}")
     if st.worker:

@@ -15,7 +15,7 @@ from typing import Any
 
 from genie.config import WorldConfig, apply_overrides, from_dict, load_world_config, to_dict
 from services.worker.settings import WorkerSettings
-from services.worker.specs import RolloutJobSpec, TrainJobSpec, chunk_id
+from services.worker.specs import RolloutJobSpec, TrainJobSpec, WorldJobSpec, chunk_id, stage_id
 from services.worker.store import JobStore
 
 TERMINAL = ("SUCCESS", "FAILURE", "CANCELLED")
@@ -38,6 +38,14 @@ def check_train_spec(spec: TrainJobSpec) -> None:
     missing or mismatched frozen tokenizer/LAM checkpoints for dynamics."""
     from genie.train.checkpoint import latest_checkpoint, read_meta
 
+    if spec.gpus_per_node:
+        raise ValueError("GPU training is not supported yet: the training loop runs on CPU (gloo) and would leave "
+                         "the pods' GPUs idle; use --gpus-per-node 0")
+    if spec.backend == "kubernetes":
+        from genie.train.distributed import check_batch
+
+        cfg = spec.world.train_config(spec.kind)
+        check_batch(cfg.batch_size, spec.processes, cfg.grad_accum)  # every torchrun process gets whole samples
     data = spec.world.data
     if data.source == "shards" and not Path(data.path).is_dir():
         raise ValueError(f"data.path {data.path!r} is not a dataset directory (`genie data generate` writes one)")
@@ -132,7 +140,7 @@ def check_rollout_spec(spec: RolloutJobSpec, world_dir: Path) -> None:
 @dataclass
 class JobStatus:
     job_id: str
-    kind: str  # "train" or "rollout"
+    kind: str  # "train", "world" or "rollout"
     state: str  # QUEUED, PROGRESS, RETRY, SUCCESS, FAILURE, CANCELLING, CANCELLED
     done: int = 0  # steps or items
     total: int = 0
@@ -178,16 +186,24 @@ class JobClient:
         extra = {"chunks": spec.num_chunks, "chunk_size": spec.chunk_size}
         return self._send("rollout", "genie.rollout", spec.to_json(), spec.total, job_id, extra)
 
-    def _send(self, kind: str, task: str, args: dict, total: int, job_id: str | None, extra: dict | None = None) -> str:
+    def submit_world(self, spec: WorldJobSpec, job_id: str | None = None) -> str:
+        """Queues `genie world build` as a chain; the data and any run root to resume are checked first."""
+        check_world_spec(spec)
+        extra = {"stages": spec.stage_steps}
+        return self._send("world", "genie.world", spec.to_json(), spec.total, job_id, extra, queue="train")
+
+    def _send(self, kind: str, task: str, args: dict, total: int, job_id: str | None, extra: dict | None = None,
+              queue: str | None = None) -> str:
         job_id = job_id or uuid.uuid4().hex[:16]
         if not _JOB_ID.match(job_id):
             raise ValueError(f"job id {job_id!r} must be 1-64 letters, digits, '_', '-', '.'")
         if self.store.record(job_id) is not None:
             raise ValueError(f"job {job_id} exists already")
         # The record first: `status` knows the job from the moment its message can be taken.
-        self.store.put_record(job_id, {"job": job_id, "kind": kind, "task": task, "queue": kind, "spec": args,
+        queue = queue or kind
+        self.store.put_record(job_id, {"job": job_id, "kind": kind, "task": task, "queue": queue, "spec": args,
                                        "total": total, "submitted_at": time.time(), **(extra or {})})
-        self.app.send_task(task, args=[args], task_id=job_id, queue=kind)
+        self.app.send_task(task, args=[args], task_id=job_id, queue=queue)
         return job_id
 
     def record(self, job_id: str) -> dict[str, Any]:
@@ -214,6 +230,8 @@ class JobClient:
             st.error = f"{type(info).__name__}: {info}"
         if record["kind"] == "rollout" and state != "SUCCESS":
             state, started = self._rollout_progress(st, record, state, started)
+        elif record["kind"] == "world" and state != "SUCCESS":
+            state, started = self._world_progress(st, record, state, started)
         else:
             st.worker = self.store.lease_holder(job_id)
         st.state = "QUEUED" if state == "PENDING" else state
@@ -246,6 +264,36 @@ class JobClient:
         st.detail = {**st.detail, "done": done, "total": total}
         return state, started
 
+    def _world_progress(self, st: JobStatus, record: dict[str, Any], state: str, started: bool) -> tuple[str, bool]:
+        """Training steps over the three stage tasks (then 1 for export + eval); FAILURE/CANCELLED with a stage."""
+        from celery.result import AsyncResult
+
+        done, stage = 0, None
+        for kind, steps in record["stages"].items():
+            res = AsyncResult(stage_id(st.job_id, kind), app=self.app)
+            cs, info = res.state, res.info
+            if cs == "SUCCESS":
+                done += steps
+                continue
+            if isinstance(info, dict):
+                done += int(info.get("done", 0))
+                if cs == "PROGRESS":
+                    stage = kind
+                    st.detail = {**info, "stage": kind}
+            if cs == "FAILURE":  # Celery fails the rest of the chain (the job id too) with the same error
+                state, st.error = "FAILURE", f"{kind} stage: {type(info).__name__}: {info}"
+            elif cs == "CANCELLED" and state not in TERMINAL:
+                state = "CANCELLED"
+            elif cs != "PENDING" and state in ("PENDING", "PROGRESS"):
+                state, stage = "PROGRESS", stage or kind
+            started = started or cs != "PENDING"
+            st.worker = st.worker or self.store.lease_holder(stage_id(st.job_id, kind))
+            break  # the later stages have not started
+        st.worker = st.worker or self.store.lease_holder(st.job_id)
+        st.done = max(st.done, done)
+        st.detail = {**st.detail, "done": st.done, "total": st.total, "stage": stage or st.detail.get("stage")}
+        return state, started
+
     def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.2) -> JobStatus:
         """Polls until the job is SUCCESS, FAILURE or CANCELLED; TimeoutError with the last status otherwise."""
         deadline = time.monotonic() + timeout
@@ -276,6 +324,18 @@ def submit_train(spec: TrainJobSpec, settings: WorkerSettings | None = None, job
         return client.submit_train(spec, job_id)
     finally:
         client.close()
+
+
+def check_world_spec(spec: WorldJobSpec) -> None:
+    """Raises ValueError for a world job that would fail on the worker: missing or mismatched data, a run root
+    holding checkpoints of another config, an output path that is a file."""
+    from genie.build import check_data, check_runs
+
+    check_data(spec.world)
+    if spec.out and Path(spec.out).exists() and not Path(spec.out).is_dir():
+        raise ValueError(f"--out {spec.out} exists and is not a directory")
+    if spec.run_root:
+        check_runs(spec.world, Path(spec.run_root))
 
 
 def submit_rollout(spec: RolloutJobSpec, settings: WorkerSettings | None = None, world_dir: Path | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from genie.config import MODEL_KINDS, WorldConfig, from_dict, to_dict
 MAX_ITEMS = 100_000  # prompts x action sequences in one rollout job
 MAX_ACTIONS = 10_000  # actions in one sequence
 MAX_CHUNK = 1_000
+TRAIN_BACKENDS = ("local", "kubernetes")
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,17 @@ class TrainJobSpec:
     lam: str = ""
     threads: int = 0  # torch threads for this job (0 = the worker's default)
     tensorboard: bool = False  # scalars under RUN_ROOT/KIND/tb
+    backend: str = "local"  # local: train in the worker process; kubernetes: launch and supervise a Job (torchrun)
+    nodes: int = 1  # kubernetes: pods, one torchrun node each
+    gpus_per_node: int = 0  # kubernetes: nvidia.com/gpu per pod (and processes per pod when > 0)
 
     def __post_init__(self) -> None:
+        if self.backend not in TRAIN_BACKENDS:
+            raise ValueError(f"unknown training backend {self.backend!r}; expected one of {TRAIN_BACKENDS}")
+        if self.nodes < 1 or self.gpus_per_node < 0:
+            raise ValueError(f"nodes must be >= 1 and gpus_per_node >= 0, got {self.nodes}, {self.gpus_per_node}")
+        if self.backend == "local" and (self.nodes, self.gpus_per_node) != (1, 0):
+            raise ValueError("--nodes/--gpus-per-node need --backend kubernetes (a local job trains in the worker)")
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"unknown model kind {self.kind!r}; expected one of {MODEL_KINDS}")
         if not isinstance(self.world, WorldConfig):
@@ -42,11 +52,18 @@ class TrainJobSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "world": to_dict(self.world), "run_root": self.run_root, "tokenizer": self.tokenizer,
-                "lam": self.lam, "threads": self.threads, "tensorboard": self.tensorboard}
+                "lam": self.lam, "threads": self.threads, "tensorboard": self.tensorboard, "backend": self.backend,
+                "nodes": self.nodes, "gpus_per_node": self.gpus_per_node}
+
+    @property
+    def processes(self) -> int:
+        """torchrun processes over all pods: one per GPU, or one per pod on CPU."""
+        return self.nodes * max(1, self.gpus_per_node)
 
     @classmethod
     def from_json(cls, data: Any) -> TrainJobSpec:
-        data = _object(data, "train job", {"kind", "world", "run_root", "tokenizer", "lam", "threads", "tensorboard"})
+        data = _object(data, "train job", {"kind", "world", "run_root", "tokenizer", "lam", "threads", "tensorboard",
+                                           "backend", "nodes", "gpus_per_node"})
         return cls(
             kind=_typed(data, "kind", str),
             world=from_dict(WorldConfig, data.get("world", {})),
@@ -55,6 +72,63 @@ class TrainJobSpec:
             lam=_typed(data, "lam", str, ""),
             threads=_typed(data, "threads", int, 0),
             tensorboard=_typed(data, "tensorboard", bool, False),
+            backend=_typed(data, "backend", str, "local"),
+            nodes=_typed(data, "nodes", int, 1),
+            gpus_per_node=_typed(data, "gpus_per_node", int, 0),
+        )
+
+
+@dataclass(frozen=True)
+class WorldJobSpec:
+    """`genie world build` as a job: a chain of three train tasks (tokenizer, LAM, dynamics, under RUN_ROOT) and a
+    finish task (export to OUT, eval, action names). Every part resumes where a redelivery or a failure left it."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)  # resolved at submit (data dirs included)
+    out: str = ""  # the world dir; "" = the worker's GENIE_JOBS_DIR/<job id>/world
+    run_root: str = ""  # training runs; "" = GENIE_JOBS_DIR/<job id>/runs
+    eval_clips: int = 64
+    drift_steps: int = 0
+    atlas_prompts: int = 4
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.world, WorldConfig):
+            raise ValueError(f"world must be a WorldConfig, got {type(self.world).__name__}")
+        if min(self.eval_clips, self.drift_steps, self.atlas_prompts, self.threads) < 0:
+            raise ValueError("eval_clips, drift_steps, atlas_prompts and threads must be >= 0")
+
+    @property
+    def stage_steps(self) -> dict[str, int]:
+        return {kind: self.world.train_config(kind).steps for kind in MODEL_KINDS}
+
+    @property
+    def total(self) -> int:
+        """Progress units: every training step, plus one for export + eval."""
+        return sum(self.stage_steps.values()) + 1
+
+    def resolved(self, job_dir: Path) -> WorldJobSpec:
+        """The spec with its default dirs under the job's directory."""
+        return replace(self, out=self.out or str(job_dir / "world"), run_root=self.run_root or str(job_dir / "runs"))
+
+    def train_spec(self, kind: str) -> TrainJobSpec:
+        return TrainJobSpec(kind, self.world, run_root=self.run_root, threads=self.threads)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"world": to_dict(self.world), "out": self.out, "run_root": self.run_root, "eval_clips": self.eval_clips,
+                "drift_steps": self.drift_steps, "atlas_prompts": self.atlas_prompts, "threads": self.threads}
+
+    @classmethod
+    def from_json(cls, data: Any) -> WorldJobSpec:
+        keys = {"world", "out", "run_root", "eval_clips", "drift_steps", "atlas_prompts", "threads"}
+        data = _object(data, "world job", keys)
+        return cls(
+            world=from_dict(WorldConfig, data.get("world", {})),
+            out=_typed(data, "out", str, ""),
+            run_root=_typed(data, "run_root", str, ""),
+            eval_clips=_typed(data, "eval_clips", int, 64),
+            drift_steps=_typed(data, "drift_steps", int, 0),
+            atlas_prompts=_typed(data, "atlas_prompts", int, 4),
+            threads=_typed(data, "threads", int, 0),
         )
 
 
@@ -147,6 +221,11 @@ class RolloutJobSpec:
             out=_typed(data, "out", str, ""),
             world=_typed(data, "world", str, ""),
         )
+
+
+def stage_id(job_id: str, kind: str) -> str:
+    """Task id of a world job's training stage (the finish task carries the job id itself)."""
+    return f"{job_id}-{kind}"
 
 
 def chunk_id(job_id: str, index: int) -> str:

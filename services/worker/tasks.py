@@ -1,4 +1,5 @@
-"""The job tasks: `genie.train` (queue train) and `genie.rollout` (queue rollout), which splits into a chord of
+"""The job tasks: `genie.train` (queue train); `genie.world` (queue train), which becomes a chain of three
+`genie.train` stages and `genie.world.finish`; and `genie.rollout` (queue rollout), which splits into a chord of
 `genie.rollout.chunk` tasks and a final `genie.rollout.manifest`. Thin: they parse JSON specs, call genie.train or
 the rollout path over the shared model-backend interface, and return JSON summaries."""
 
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import chord
+from celery import chain, chord
 
+from genie.config import MODEL_KINDS
 from services.gateway.backend import BackendUnavailable
 from services.worker.app import app, settings
 from services.worker.metrics import METRICS
@@ -27,7 +29,15 @@ from services.worker.outputs import (
     write_json_atomic,
 )
 from services.worker.runtime import PROGRESS, Execution, JobTask, runner
-from services.worker.specs import RolloutItem, RolloutJobSpec, TrainJobSpec, chunk_id, resolve_dir
+from services.worker.specs import (
+    RolloutItem,
+    RolloutJobSpec,
+    TrainJobSpec,
+    WorldJobSpec,
+    chunk_id,
+    resolve_dir,
+    stage_id,
+)
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -40,15 +50,16 @@ class IncompleteRollout(Exception):
 
 
 @app.task(bind=True, base=JobTask, name="genie.train", autoretry_for=_TRANSIENT, **_RETRY)
-def train(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
-    """Trains spec.kind under RUN_ROOT/KIND; a redelivery (or a continuation) resumes from the newest checkpoint."""
+def train(self: JobTask, spec: dict[str, Any], parent: str | None = None) -> dict[str, Any]:
+    """Trains spec.kind under RUN_ROOT/KIND; a redelivery (or a continuation) resumes from the newest checkpoint.
+    `parent`: the world job this is a stage of (its cancel flag applies), None for a train job of its own."""
     import torch
 
     stored = self.stored_success()
     if stored is not None:
         return stored
+    job_id = parent or self.request.id
     job = TrainJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
-    job_id = self.request.id
     if self.store.cancel_requested(job_id):
         self.cancel(job_id, {"done": 0, "total": job.steps})
     threads = torch.get_num_threads()
@@ -68,6 +79,10 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
     if job.threads:
         torch.set_num_threads(job.threads)
     root = resolve_dir(job.run_root, settings.job_dir(job_id))
+    if job.backend == "kubernetes":
+        from services.worker.kube import train_on_kubernetes
+
+        return train_on_kubernetes(run, job, job_id, root)
     frozen = {}
     if job.kind == "dynamics":
         frozen = {"tokenizer": Path(job.tokenizer) if job.tokenizer else latest_checkpoint(root / "tokenizer"),
@@ -97,6 +112,63 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
         run.report(result.step, force=True, kind=job.kind, step=result.step, checkpoint=summary["checkpoint"])
         run.end(stop[0], {"done": result.step, **{k: summary[k] for k in ("kind", "step", "total", "checkpoint", "run_dir")}})
     return summary
+
+
+@app.task(bind=True, base=JobTask, name="genie.world", autoretry_for=_TRANSIENT, **_RETRY)
+def world(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
+    """Replaces itself by the chain train(tokenizer) -> train(lam) -> train(dynamics) -> world.finish; the finish
+    task inherits this task's id, so the job id's final result is the built world's summary."""
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    job_id = self.request.id
+    job = WorldJobSpec.from_json(spec).resolved(settings.job_dir(job_id))
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"done": 0, "total": job.total})
+    self.update_state(state=PROGRESS, meta={"done": 0, "total": job.total, "stage": "tokenizer", "out": job.out})
+    stages = [train.si(job.train_spec(kind).to_json(), parent=job_id).set(task_id=stage_id(job_id, kind), queue="train")
+              for kind in MODEL_KINDS]
+    METRICS.set_outcome(self.request.id, "SPLIT")
+    return self.replace(chain(*stages, world_finish.si(job_id, job.to_json()).set(queue="train")))
+
+
+@app.task(bind=True, base=JobTask, name="genie.world.finish", autoretry_for=_TRANSIENT, **_RETRY)
+def world_finish(self: JobTask, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Exports the trained models to the world dir, evaluates it (report, atlas) and names its actions."""
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    from genie.build import BuildConfig, build_world
+
+    job = WorldJobSpec.from_json(spec)
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"done": job.total - 1, "total": job.total})
+    cfg = BuildConfig(world=job.world, out=job.out, run_root=job.run_root, eval_clips=job.eval_clips,
+                      drift_steps=job.drift_steps, atlas_prompts=job.atlas_prompts)
+    with self.execution(job_id, job.total) as run:
+        run.report(job.total - 1, force=True, stage="eval", out=job.out)
+        # Every training stage is complete (the chain got here), so this runs export + eval only.
+        result = _with_threads(job.threads, lambda: build_world(cfg))
+    if result.stopped:  # a stage was not complete after all (its checkpoints were removed): not a world
+        raise RuntimeError(f"the {result.stopped} stage is incomplete under {cfg.runs}")
+    summary = {"job": job_id, "world": str(result.world), "run_root": str(cfg.runs), "action_names": result.action_names,
+               "seconds": round(result.seconds, 3), "done": job.total, "total": job.total}
+    if result.report is not None:
+        summary["eval"] = {k: result.report[k] for k in ("tokenizer", "lam") if k in result.report}
+        summary["eval"]["dynamics"] = {k: v for k, v in result.report["dynamics"].items() if not isinstance(v, list)}
+    return summary
+
+
+def _with_threads(threads: int, fn):
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
 
 
 @app.task(bind=True, base=JobTask, name="genie.rollout", autoretry_for=_TRANSIENT, **_RETRY)

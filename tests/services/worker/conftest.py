@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -113,6 +114,29 @@ class Kit:
     def client(self, env: dict[str, str]) -> JobClient:
         return JobClient(WorkerSettings.from_env(env))
 
+    @staticmethod
+    def cli(env: dict[str, str], *args: str):
+        """`genie jobs ARGS` through click's runner, against the broker and jobs dir of `env`."""
+        from click.testing import CliRunner
+
+        from services.worker.cli import jobs
+
+        return CliRunner().invoke(jobs, list(args), env={k: env[k] for k in ("GENIE_BROKER_URL", "GENIE_JOBS_DIR")})
+
+    @staticmethod
+    def submitted(result) -> str:
+        """The job id a successful `genie jobs submit ...` printed."""
+        assert result.exit_code == 0, (result.output, result.stderr)
+        return json.loads(result.stdout.strip().splitlines()[0])["job"]
+
+    @staticmethod
+    def wait_for(condition, what: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
     def queue_lengths(self) -> dict[str, int]:
         return {q: self.redis.llen(q) for q in ("train", "rollout")}
 
@@ -135,3 +159,19 @@ def kit(broker_url, trained_world_dir):
     k.flush()
     yield k
     k.stop_all()
+
+
+@pytest.fixture(scope="module")
+def fake_kube(tmp_path_factory):
+    """A TEST DOUBLE of the Kubernetes API server whose fake kubelet runs pods as local processes (fake_kube.py);
+    point a worker at it with `fake_kube.kubeconfig(path)` as KUBECONFIG. Its pods are killed when the module ends."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("genie_tests_fake_kube", Path(__file__).with_name("fake_kube.py"))
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    with module.FakeKube(tmp_path_factory.mktemp("fake-kube")) as fake:
+        yield fake

@@ -26,6 +26,44 @@ def test_train_spec_round_trips_as_json_and_rejects_bad_fields():
         TrainJobSpec("lam", tokenizer="/ckpt/tok")
 
 
+def test_kubernetes_train_spec_fields_round_trip_and_are_checked():
+    spec = TrainJobSpec("tokenizer", tiny(), backend="kubernetes", nodes=4)
+    assert TrainJobSpec.from_json(spec.to_json()) == spec and spec.processes == 4
+    assert TrainJobSpec("lam", backend="kubernetes", nodes=2, gpus_per_node=8).processes == 16
+    with pytest.raises(ValueError, match="need --backend kubernetes"):
+        TrainJobSpec("lam", nodes=2)
+    with pytest.raises(ValueError, match="nodes must be >= 1"):
+        TrainJobSpec("lam", backend="kubernetes", nodes=0)
+    with pytest.raises(ValueError, match="unknown training backend"):
+        TrainJobSpec("lam", backend="slurm")
+    old = {k: v for k, v in spec.to_json().items() if k not in ("backend", "nodes", "gpus_per_node")}
+    assert TrainJobSpec.from_json(old).backend == "local"  # specs queued before these fields still parse
+
+
+def test_kubernetes_jobs_are_checked_before_queueing():
+    from services.worker.jobs import check_train_spec
+
+    with pytest.raises(ValueError, match="does not divide by world size 3"):
+        check_train_spec(TrainJobSpec("tokenizer", tiny(), backend="kubernetes", nodes=3))  # batch 8
+    with pytest.raises(ValueError, match="GPU training is not supported yet"):
+        check_train_spec(TrainJobSpec("tokenizer", tiny(), backend="kubernetes", gpus_per_node=1))
+    check_train_spec(TrainJobSpec("tokenizer", tiny(), backend="kubernetes", nodes=2))
+
+
+def test_world_spec_round_trips_and_resolves_its_dirs(tmp_path):
+    from services.worker.specs import WorldJobSpec, stage_id
+
+    spec = WorldJobSpec(apply_overrides(tiny(), ["train_lam.steps=3"]), eval_clips=8)
+    assert WorldJobSpec.from_json(spec.to_json()) == spec
+    assert spec.stage_steps == {"tokenizer": 200, "lam": 3, "dynamics": 200} and spec.total == 404
+    resolved = spec.resolved(tmp_path / "job")
+    assert (resolved.out, resolved.run_root) == (str(tmp_path / "job" / "world"), str(tmp_path / "job" / "runs"))
+    assert resolved.train_spec("lam").run_root == resolved.run_root and resolved.train_spec("lam").steps == 3
+    assert stage_id("abc", "lam") == "abc-lam"
+    with pytest.raises(ValueError, match="must be >= 0"):
+        WorldJobSpec(eval_clips=-1)
+
+
 def test_rollout_spec_items_seeds_and_chunks():
     spec = RolloutJobSpec(("a.png", "b.png", "c.png"), ((0, 1), (2,)), seed=10, chunk_size=4)
     assert RolloutJobSpec.from_json(spec.to_json()) == spec

@@ -1,0 +1,121 @@
+"""`genie world ...`: build a playable world from videos in one command, and name its latent actions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group("world")
+def world() -> None:
+    """Build worlds and edit their action names."""
+
+
+@world.command("build")
+@click.option("--data", "data_dir", default="", help="Training dataset dir (`genie data import`/`generate` writes one); "
+              "default: the config's data section. Frame size is read from it.")
+@click.option("--eval-data", default="", help="Held-out dataset dir for the eval (default: the config's data.eval_path; "
+              "without one the eval uses training clips and says so).")
+@click.option("--preset", help="Named world config (tiny, demo, peer-small). Default: demo.")
+@click.option("--config", "config", type=click.Path(path_type=Path), help="World config JSON (see `genie config`).")
+@click.option("--set", "overrides", multiple=True, help="Dotted override, e.g. --set train_dynamics.steps=500.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="World directory to write.")
+@click.option("--run-root", type=click.Path(path_type=Path), help="Training runs (default: OUT's sibling .OUTNAME.runs).")
+@click.option("--eval-clips", type=int, default=64, show_default=True, help="Clips evaluated; 0 = no eval.")
+@click.option("--drift-steps", type=int, default=0, show_default=True, help="Also measure drift over this many steps.")
+@click.option("--atlas-prompts", type=int, default=4, show_default=True, help="Prompts per action in the action atlas.")
+@click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def build(data_dir, eval_data, preset, config, overrides, out, run_root, eval_clips, drift_steps, atlas_prompts, threads,
+          quiet) -> None:
+    """Train tokenizer -> LAM -> dynamics, export, evaluate and name the actions: one command from videos to a world
+    that `genie play --world OUT` and the Triton services load. Re-running it resumes an interrupted build."""
+    import torch
+
+    from genie.build import BuildConfig, build_world, with_data
+    from genie.cli import _fail, _world_config
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def stage_done(stage) -> None:
+        if not quiet:
+            state = "already done" if stage.skipped else f"{stage.seconds:.1f} s"
+            click.echo(f"{stage.stage}: step {stage.step} ({state})" if stage.step else f"{stage.stage}: {state}", err=True)
+
+    try:
+        wcfg = with_data(_world_config(preset, config, overrides), data_dir, eval_data)
+        cfg = BuildConfig(world=wcfg, out=str(out), run_root=str(run_root or ""), eval_clips=eval_clips,
+                          drift_steps=drift_steps, atlas_prompts=atlas_prompts)
+        result = build_world(cfg, progress=not quiet, on_stage=stage_done)
+    except (ValueError, FloatingPointError) as exc:
+        _fail(str(exc))
+    summary = {"world": str(result.world), "run_root": str(cfg.runs), "seconds": round(result.seconds, 1),
+               "stages": {s.stage: round(s.seconds, 1) for s in result.stages}, "action_names": result.action_names}
+    if result.report is not None:
+        summary["eval"] = {k: result.report[k] for k in ("tokenizer", "lam") if k in result.report}
+        summary["eval"]["dynamics"] = {k: v for k, v in result.report["dynamics"].items() if not isinstance(v, list)}
+    click.echo(json.dumps(summary))
+
+
+@world.command("names")
+@click.argument("world_dir", type=click.Path(path_type=Path))
+@click.option("--set", "edits", multiple=True, metavar="INDEX=NAME",
+              help='Rename one latent action, e.g. --set 3="jump right" (repeatable); the names become the user\'s.')
+@click.option("--from-report", "report_path", type=click.Path(path_type=Path),
+              help="Re-derive the names from an eval report's latent -> true action mapping (replaces edits).")
+def names(world_dir, edits, report_path) -> None:
+    """Print the world's action names (WORLD/actions.json) as JSON, or edit them. The gateway, the play page and
+    `genie rollout` show them."""
+    from genie.cli import _fail
+    from genie.worlds import (
+        apply_action_names_from_report,
+        load_action_names,
+        load_world_config_of,
+        read_actions_file,
+        save_action_names,
+    )
+
+    try:
+        if edits and report_path:
+            raise ValueError("use either --set or --from-report, not both")
+        num_actions = load_world_config_of(world_dir).dynamics.num_actions
+        if report_path:
+            report = _read_report(report_path)
+            apply_action_names_from_report(world_dir, report, overwrite_user=True)
+        elif edits:
+            current = load_action_names(world_dir, num_actions)
+            evidence = (read_actions_file(world_dir) or {}).get("mapping")
+            save_action_names(world_dir, _edited(current, edits), "user", evidence)
+        result = load_action_names(world_dir, num_actions)
+        source = (read_actions_file(world_dir) or {}).get("source", "default")
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({"world": str(world_dir), "names": result, "source": source}))
+
+
+def _edited(names: list[str], edits: tuple[str, ...]) -> list[str]:
+    """Applies INDEX=NAME edits to a copy of `names`; ValueError on a malformed edit or an index out of range."""
+    out = list(names)
+    for edit in edits:
+        index, sep, name = edit.partition("=")
+        if not sep or not index.strip().isdigit():
+            raise ValueError(f"--set takes INDEX=NAME, got {edit!r}")
+        i = int(index)
+        if not 0 <= i < len(out):
+            raise ValueError(f"action index {i} is out of range [0, {len(out)})")
+        out[i] = name.strip()
+    return out
+
+
+def _read_report(path: Path) -> dict:
+    """An eval report (report.json); ValueError naming the file when it cannot be read."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the eval report {path}: {exc}") from exc
+    if not isinstance(report, dict):
+        raise ValueError(f"{path} is not an eval report (a JSON object)")
+    return report
