@@ -55,14 +55,16 @@ def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, s
     Runs unchanged under `torchrun --nproc-per-node N` (gloo on CPU): DDP, each rank a slice of every global
     batch, only rank 0 writes checkpoints; a checkpoint resumes under any world size."""
     import torch
-    from torch.distributed.elastic.multiprocessing.errors import record
 
     from genie.train.checkpoint import latest_checkpoint
     from genie.train.loop import train as run_train
 
-    # Under torchrun, record() writes an uncaught exception to torchrun's error file, so its failure summary (and a
-    # Kubernetes Job's log tail) names the root cause instead of only "child failed".
-    run_train = record(run_train)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        # Under torchrun, record() writes an uncaught exception to torchrun's error file, so its failure summary (and
+        # a Kubernetes Job's log tail) names the root cause instead of only "child failed".
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run_train = record(run_train)
 
     if threads:
         torch.set_num_threads(threads)
