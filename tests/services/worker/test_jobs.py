@@ -118,12 +118,12 @@ async def _reference(world_dir, item):
         await backend.close()
 
 
-def test_cancel_running_and_queued_jobs(deployed):
+def test_cancel_running_and_queued_jobs(deployed, kit):
     env, client = deployed["env"], deployed["client"]
     long = ["submit", "train", "lam", "--preset", "tiny", "--set", "train_lam.steps=100000", "--set", "train_lam.ckpt_every=1000"]
     running = _submitted(_cli(env, *long))
     queued = _submitted(_cli(env, *long))
-    _wait_for(lambda: client.status(running).done >= 3, "the first job to train a few steps")
+    kit.wait_for(lambda: client.status(running).done >= 3, "the first job to train a few steps")
     assert _cli(env, "cancel", queued).stdout.split()[2] == "CANCELLED"  # never started: dropped when taken
     assert client.status(running).state == "PROGRESS"
     cancelling = _cli(env, "cancel", running)
@@ -135,23 +135,23 @@ def test_cancel_running_and_queued_jobs(deployed):
     run_dir = Path(env["GENIE_JOBS_DIR"]) / running / "lam"
     assert latest_checkpoint(run_dir).name == f"step_{st.done:08d}"
     assert client.wait(queued, timeout=60).state == "CANCELLED"
-    _wait_for(lambda: client.store.lease_holder(queued) is None and deployed["train"].log_text().count("cancelled at") == 2,
+    kit.wait_for(lambda: client.store.lease_holder(queued) is None and deployed["train"].log_text().count("cancelled at") == 2,
               "the queued job to be taken and dropped")
     assert not (Path(env["GENIE_JOBS_DIR"]) / queued).exists()  # it never trained
     shown = _cli(env, "status", running)
     assert "CANCELLED" in shown.stdout
 
 
-def test_cancel_a_rollout_mid_way(deployed, trained_world_dir, tmp_path):
+def test_cancel_a_rollout_mid_way(deployed, trained_world_dir, tmp_path, kit):
     client = deployed["client"]
     prompt = str(trained_world_dir / "prompts" / "00.png")
     spec = RolloutJobSpec((prompt,) * 6, (tuple(i % 4 for i in range(60)),), chunk_size=1, parallel=1, out=str(tmp_path))
     job = client.submit_rollout(spec, trained_world_dir)
-    _wait_for(lambda: len(list((tmp_path / "items").glob("item_*"))) >= 1, "a first item")
+    kit.wait_for(lambda: len(list((tmp_path / "items").glob("item_*"))) >= 1, "a first item")
     client.cancel(job)
     st = client.wait(job, timeout=60)
     assert st.state == "CANCELLED" and 1 <= st.done < 6, st.to_json()
-    _wait_for(lambda: client.status(job).worker is None and deployed["rollout"].log_text().count("cancelled at") >= 6 - st.done,
+    kit.wait_for(lambda: client.status(job).worker is None and deployed["rollout"].log_text().count("cancelled at") >= 6 - st.done,
               "the remaining chunks to be dropped")
     assert 1 <= len(list((tmp_path / "items").iterdir())) < 6 and not (tmp_path / "manifest.json").exists()
 
@@ -234,13 +234,3 @@ def test_worker_metrics_count_tasks(deployed):
 def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
-
-
-def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.05)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 import urllib.request
 from pathlib import Path
 
@@ -32,14 +31,6 @@ def env(kit, tmp_path):
     kit.stop_all()
 
 
-def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.02)
-
-
 def _metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
@@ -60,7 +51,7 @@ def test_sigkill_mid_training_resumes_from_checkpoint_on_a_new_worker(kit, env, 
     client = kit.client(env)
     run = tmp_path / "run"
     job = client.submit_train(_train_spec(run, ckpt_every=5))
-    _wait_for(lambda: len(list_checkpoints(run / "lam")) >= 2, "two checkpoints")
+    kit.wait_for(lambda: len(list_checkpoints(run / "lam")) >= 2, "two checkpoints")
     first.kill()
     killed_at = int(latest_checkpoint(run / "lam").name.split("_")[1])
     assert 0 < killed_at < STEPS, "the job finished before it could be killed; raise STEPS"
@@ -90,7 +81,7 @@ def test_sigkill_mid_rollout_leaves_no_duplicate_or_missing_outputs(kit, env, tm
     job = client.submit_rollout(spec, trained_world_dir)
     items = out / "items"
     written = lambda: sorted(p.name for p in items.glob("item_*")) if items.is_dir() else []  # noqa: E731
-    _wait_for(lambda: len(written()) >= 2, "two items on disk")
+    kit.wait_for(lambda: len(written()) >= 2, "two items on disk")
     first.kill()
     at_kill = {name: (items / name / "frames.npy").stat().st_ino for name in written()}
     assert len(at_kill) < spec.total, "the job finished before it could be killed; lengthen the action sequences"
@@ -119,7 +110,7 @@ def test_sigterm_hands_a_running_job_on_without_waiting_for_redelivery(kit, env,
     client = kit.client(env)
     run = tmp_path / "run"
     job = client.submit_train(_train_spec(run, ckpt_every=1000))  # no periodic checkpoint: only the handoff's
-    _wait_for(lambda: client.status(job).done >= 5, "a few steps")
+    kit.wait_for(lambda: client.status(job).done >= 5, "a few steps")
     assert first.stop() == 0
     handed_at = int(latest_checkpoint(run / "lam").name.split("_")[1])
     assert 5 <= handed_at < STEPS
