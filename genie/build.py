@@ -9,17 +9,14 @@ Training runs (optimizer state, older checkpoints, TensorBoard) stay in the run 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from genie.config import MODEL_KINDS, WorldConfig, to_dict
+from genie.config import MODEL_KINDS, WorldConfig, to_dict, write_json_atomic
 
-STAGES = (*MODEL_KINDS, "export", "eval")  # tokenizer, lam, dynamics, then export and eval
 BUILD_FILE = "build.json"
 
 
@@ -45,10 +42,6 @@ class BuildConfig:
         out = Path(self.out)
         return Path(self.run_root) if self.run_root else out.with_name(f".{out.name}.runs")
 
-    @property
-    def total_steps(self) -> int:
-        return sum(self.world.train_config(kind).steps for kind in MODEL_KINDS)
-
 
 @dataclass
 class StageResult:
@@ -70,6 +63,15 @@ class BuildResult:
     @property
     def seconds(self) -> float:
         return sum(s.seconds for s in self.stages)
+
+    def summary(self, cfg: BuildConfig) -> dict[str, Any]:
+        """What `genie world build` prints and a world job returns: where, how long per stage, names, headline eval."""
+        out = {"world": str(self.world), "run_root": str(cfg.runs), "seconds": round(self.seconds, 1),
+               "stages": {s.stage: round(s.seconds, 1) for s in self.stages}, "action_names": self.action_names}
+        if self.report is not None:
+            out["eval"] = {k: self.report[k] for k in ("tokenizer", "lam") if k in self.report}
+            out["eval"]["dynamics"] = {k: v for k, v in self.report["dynamics"].items() if not isinstance(v, list)}
+        return out
 
 
 # (stage, steps done in that stage, its scalars) -> True to stop now (the stage checkpoints first)
@@ -94,13 +96,15 @@ def with_data(world: WorldConfig, data: str = "", eval_data: str = "") -> WorldC
     return replace(world, data=d)
 
 
-def check_build(cfg: BuildConfig) -> None:
-    """Raises ValueError, before anything is trained, for what would fail later: missing or mismatched data, a run
-    root holding checkpoints of a different config, an output path that is a file."""
-    check_data(cfg.world)
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ValueError(f"--out {cfg.out} exists and is not a directory")
-    check_runs(cfg.world, cfg.runs)
+def check_build(world: WorldConfig, out: str = "", runs: Path | None = None) -> None:
+    """Raises ValueError, before anything is trained, for what would fail later: missing or mismatched data, an
+    output path that is a file, a run root holding checkpoints of a different config. Empty out / None runs: not
+    known yet (a job's defaults are resolved on the worker), not checked."""
+    check_data(world)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if runs is not None:
+        check_runs(world, runs)
 
 
 def check_data(world: WorldConfig) -> None:
@@ -112,11 +116,11 @@ def check_data(world: WorldConfig) -> None:
         make_source(world.data, evaluation=True)
 
 
-def check_runs(world: WorldConfig, runs: Path) -> None:
-    """Checkpoints already under `runs` (a build to resume) were trained with this world's model configs."""
+def check_runs(world: WorldConfig, runs: Path, kinds: tuple[str, ...] = MODEL_KINDS) -> None:
+    """Checkpoints already under `runs` (a run to resume) were trained with this world's model configs."""
     from genie.train.checkpoint import latest_checkpoint, read_meta
 
-    for kind in MODEL_KINDS:
+    for kind in kinds:
         latest = latest_checkpoint(Path(runs) / kind)
         if latest is not None and read_meta(latest)["config"] != to_dict(world.model_config(kind)):
             raise ValueError(f"{latest} was trained with a different {kind} config; use a new --run-root "
@@ -125,10 +129,9 @@ def check_runs(world: WorldConfig, runs: Path) -> None:
 
 def stage_step(cfg: BuildConfig, kind: str) -> int:
     """The step the newest checkpoint of `kind` is at (0 = not started)."""
-    from genie.train.checkpoint import latest_checkpoint, read_meta
+    from genie.train.checkpoint import latest_step
 
-    latest = latest_checkpoint(cfg.runs / kind)
-    return int(read_meta(latest)["step"]) if latest is not None else 0
+    return latest_step(cfg.runs / kind) or 0
 
 
 def train_stage(cfg: BuildConfig, kind: str, on_step: StepCallback | None = None, progress: bool = False) -> StageResult:
@@ -153,15 +156,11 @@ def train_stage(cfg: BuildConfig, kind: str, on_step: StepCallback | None = None
 
 
 def export_stage(cfg: BuildConfig) -> StageResult:
-    """Writes the world directory from the newest checkpoints; a user's edited action names survive a rebuild."""
+    """Writes the world directory from the newest checkpoints (export_world keeps its actions.json)."""
     from genie.worlds import export_world
 
     t0 = time.perf_counter()
-    names = Path(cfg.out) / "actions.json"
-    kept = names.read_bytes() if names.is_file() else None
     export_world(cfg.runs, Path(cfg.out))
-    if kept is not None:
-        _write_atomic(names, kept)
     return StageResult("export", time.perf_counter() - t0)
 
 
@@ -190,7 +189,7 @@ def build_world(cfg: BuildConfig, on_step: StepCallback | None = None, progress:
                 on_stage: Callable[[StageResult], None] | None = None) -> BuildResult:
     """Runs every stage that is not complete yet and writes OUT/build.json. Safe to re-run: finished training stages
     are skipped, an interrupted one resumes from its newest checkpoint, and export + eval always run again."""
-    check_build(cfg)
+    check_build(cfg.world, cfg.out, cfg.runs)
     result = BuildResult(Path(cfg.out))
     stop: list[str] = []
 
@@ -233,18 +232,4 @@ def write_build_record(cfg: BuildConfig, result: BuildResult) -> Path:
     }
     if result.report is not None:
         record["eval"] = {k: result.report[k] for k in ("held_out", "tokenizer", "dynamics", "lam") if k in result.report}
-    path = Path(cfg.out) / BUILD_FILE
-    _write_atomic(path, json.dumps(record, indent=2, default=_json_default).encode())
-    return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+    return write_json_atomic(Path(cfg.out) / BUILD_FILE, record)

@@ -192,6 +192,18 @@ def apply_overrides(cfg: C, overrides: list[str]) -> C:
     return from_dict(type(cfg), data)
 
 
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Writes `data` as indented JSON under a temporary name and renames it: readers never see half a file."""
+    import os
+    import uuid
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def load_world_config(path: Path) -> WorldConfig:
     try:
         data = json.loads(Path(path).read_text())

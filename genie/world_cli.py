@@ -52,12 +52,7 @@ def build(data_dir, eval_data, preset, config, overrides, out, run_root, eval_cl
         result = build_world(cfg, progress=not quiet, on_stage=stage_done)
     except (ValueError, FloatingPointError) as exc:
         _fail(str(exc))
-    summary = {"world": str(result.world), "run_root": str(cfg.runs), "seconds": round(result.seconds, 1),
-               "stages": {s.stage: round(s.seconds, 1) for s in result.stages}, "action_names": result.action_names}
-    if result.report is not None:
-        summary["eval"] = {k: result.report[k] for k in ("tokenizer", "lam") if k in result.report}
-        summary["eval"]["dynamics"] = {k: v for k, v in result.report["dynamics"].items() if not isinstance(v, list)}
-    click.echo(json.dumps(summary))
+    click.echo(json.dumps(result.summary(cfg)))
 
 
 @world.command("names")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict
+from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict, write_json_atomic
 from genie.data import make_source
 from genie.media import save_png
 from genie.sampling import SamplingConfig, World
@@ -17,7 +16,8 @@ from genie.train.checkpoint import latest_checkpoint, load_model, read_meta
 
 
 def export_world(run_root: Path, out: Path) -> Path:
-    """Copies the newest checkpoint of each model under `run_root/<kind>/` into the world dir `out`."""
+    """Copies the newest checkpoint of each model under `run_root/<kind>/` into the world dir `out`, keeping the
+    action names (actions.json) it already has."""
     run_root, out = Path(run_root), Path(out)
     world = load_world_config(run_root / "dynamics" / "world.json")
     tmp = out.with_name(f".tmp-{out.name}")
@@ -32,6 +32,8 @@ def export_world(run_root: Path, out: Path) -> Path:
             shutil.copy2(ckpt / name, tmp / kind / name)
     (tmp / "world.json").write_text(json.dumps(to_dict(world), indent=2))
     _write_prompts(world, tmp / "prompts")
+    if (out / ACTIONS_FILE).is_file():  # names (maybe a user's edits) belong to the world, not to one export of it
+        shutil.copy2(out / ACTIONS_FILE, tmp / ACTIONS_FILE)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -143,11 +145,7 @@ def save_action_names(world_dir: Path, names: list[str], source: str, evidence: 
     doc: dict[str, Any] = {"names": list(names), "source": source}
     if evidence is not None:
         doc["mapping"] = evidence
-    path = Path(world_dir) / ACTIONS_FILE
-    tmp = path.with_name(f".tmp-{os.getpid()}-{ACTIONS_FILE}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(world_dir) / ACTIONS_FILE, doc)
 
 
 def names_from_mapping(mapping: dict[str, Any] | None, num_actions: int) -> list[str]:

@@ -134,3 +134,15 @@ def test_names_from_mapping_read_key_combos():
     names = names_from_mapping(mapping, 3)
     # 8 of jump's 10 transitions press UP (LEFT+UP, UP, RIGHT+UP); 8 of left's press LEFT, 4 of them LEFT+UP.
     assert names == ["UP (80%)", "LEFT (80%)", "action 2"]
+
+
+def test_re_export_keeps_the_worlds_action_names(trained_run, tmp_path, tiny_world_cfg):
+    from genie.worlds import export_world
+
+    out = export_world(trained_run, tmp_path / "w")
+    assert not (out / ACTIONS_FILE).exists()  # a first export has no names file: the defaults apply
+    names = [f"move {i}" for i in range(_num_actions(tiny_world_cfg))]
+    save_action_names(out, names, "user")
+    export_world(trained_run, out)  # replaces the checkpoints, keeps the names
+    assert load_action_names(out, _num_actions(tiny_world_cfg)) == names
+    assert read_actions_file(out)["source"] == "user"

@@ -92,10 +92,9 @@ def checkpoint_step_reader(run_dir: str | Path) -> StepReader:
     """A read_step for watch(): the step of the newest checkpoint under run_dir (RUN_ROOT/KIND), None before any."""
 
     def read() -> int | None:
-        from genie.train.checkpoint import latest_checkpoint, read_meta  # torch: imported only when used
+        from genie.train.checkpoint import latest_step  # torch: imported only when used
 
-        latest = latest_checkpoint(Path(run_dir))
-        return int(read_meta(latest)["step"]) if latest else None
+        return latest_step(Path(run_dir))
 
     return read
 

@@ -110,6 +110,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def latest_step(run_dir: Path) -> int | None:
+    """The step of the newest checkpoint under run_dir; None when there is none yet."""
+    latest = latest_checkpoint(run_dir)
+    return int(read_meta(latest)["step"]) if latest is not None else None
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genie.config import WorldConfig, apply_overrides, from_dict, load_world_config, to_dict
+from genie.config import WorldConfig, apply_overrides, from_dict, load_world_config
 from services.worker.settings import WorkerSettings
 from services.worker.specs import RolloutJobSpec, TrainJobSpec, WorldJobSpec, chunk_id, stage_id
 from services.worker.store import JobStore
@@ -36,6 +36,7 @@ def resolve_world(preset: str | None = None, config: Path | None = None,
 def check_train_spec(spec: TrainJobSpec) -> None:
     """Raises ValueError for what would fail on the worker: missing data, an incompatible checkpoint to resume,
     missing or mismatched frozen tokenizer/LAM checkpoints for dynamics."""
+    from genie.build import check_runs
     from genie.train.checkpoint import latest_checkpoint, read_meta
 
     if spec.gpus_per_node:
@@ -51,10 +52,7 @@ def check_train_spec(spec: TrainJobSpec) -> None:
         raise ValueError(f"data.path {data.path!r} is not a dataset directory (`genie data generate` writes one)")
     root = Path(spec.run_root) if spec.run_root else None
     if root is not None:
-        latest = latest_checkpoint(root / spec.kind)
-        if latest is not None and read_meta(latest)["config"] != to_dict(spec.world.model_config(spec.kind)):
-            raise ValueError(f"{latest} was trained with a different {spec.kind} config; the job could not resume it "
-                             "(use a new --run-root or the same config)")
+        check_runs(spec.world, root, (spec.kind,))
     if spec.kind != "dynamics":
         return
     d = spec.world.dynamics
@@ -329,13 +327,9 @@ def submit_train(spec: TrainJobSpec, settings: WorkerSettings | None = None, job
 def check_world_spec(spec: WorldJobSpec) -> None:
     """Raises ValueError for a world job that would fail on the worker: missing or mismatched data, a run root
     holding checkpoints of another config, an output path that is a file."""
-    from genie.build import check_data, check_runs
+    from genie.build import check_build
 
-    check_data(spec.world)
-    if spec.out and Path(spec.out).exists() and not Path(spec.out).is_dir():
-        raise ValueError(f"--out {spec.out} exists and is not a directory")
-    if spec.run_root:
-        check_runs(spec.world, Path(spec.run_root))
+    check_build(spec.world, spec.out, Path(spec.run_root) if spec.run_root else None)
 
 
 def submit_rollout(spec: RolloutJobSpec, settings: WorkerSettings | None = None, world_dir: Path | None = None,

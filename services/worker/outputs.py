@@ -36,11 +36,6 @@ def item_done(out: Path, item: RolloutItem) -> bool:
     return (items_dir(out) / item.name / "item.json").is_file()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
 
 def write_item(out: Path, item: RolloutItem, frames: np.ndarray, tokens: np.ndarray, meta: dict[str, Any]) -> bool:
     """Writes one item atomically; False if a complete copy was already there (the new one is discarded)."""

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from celery import chain, chord
 
-from genie.config import MODEL_KINDS
+from genie.config import MODEL_KINDS, write_json_atomic
 from services.gateway.backend import BackendUnavailable
 from services.worker.app import app, settings
 from services.worker.metrics import METRICS
@@ -26,7 +26,6 @@ from services.worker.outputs import (
     missing_items,
     remove_partial_items,
     write_item,
-    write_json_atomic,
 )
 from services.worker.runtime import PROGRESS, Execution, JobTask, runner
 from services.worker.specs import (
@@ -53,7 +52,6 @@ class IncompleteRollout(Exception):
 def train(self: JobTask, spec: dict[str, Any], parent: str | None = None) -> dict[str, Any]:
     """Trains spec.kind under RUN_ROOT/KIND; a redelivery (or a continuation) resumes from the newest checkpoint.
     `parent`: the world job this is a stage of (its cancel flag applies), None for a train job of its own."""
-    import torch
 
     stored = self.stored_success()
     if stored is not None:
@@ -62,22 +60,15 @@ def train(self: JobTask, spec: dict[str, Any], parent: str | None = None) -> dic
     job = TrainJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
     if self.store.cancel_requested(job_id):
         self.cancel(job_id, {"done": 0, "total": job.steps})
-    threads = torch.get_num_threads()
-    try:
-        with self.execution(job_id, job.steps) as run:
-            return _train(run, job, job_id)
-    finally:
-        torch.set_num_threads(threads)  # a job's --threads must not outlive it in this worker
+    with self.execution(job_id, job.steps) as run:
+        return _with_threads(job.threads, lambda: _train(run, job, job_id))
 
 
 def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
-    import torch
 
-    from genie.train.checkpoint import latest_checkpoint, read_meta
+    from genie.train.checkpoint import latest_checkpoint, latest_step
     from genie.train.loop import train as run_train
 
-    if job.threads:
-        torch.set_num_threads(job.threads)
     root = resolve_dir(job.run_root, settings.job_dir(job_id))
     if job.backend == "kubernetes":
         from services.worker.kube import train_on_kubernetes
@@ -88,8 +79,7 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
         frozen = {"tokenizer": Path(job.tokenizer) if job.tokenizer else latest_checkpoint(root / "tokenizer"),
                   "lam": Path(job.lam) if job.lam else latest_checkpoint(root / "lam")}
     total, stop = job.steps, []
-    latest = latest_checkpoint(root / job.kind)
-    run.report(read_meta(latest)["step"] if latest else 0, force=True, kind=job.kind, run_dir=str(root / job.kind))
+    run.report(latest_step(root / job.kind) or 0, force=True, kind=job.kind, run_dir=str(root / job.kind))
 
     def on_step(done: int, logs: dict[str, float]) -> bool:
         METRICS.train_steps.labels(job.kind).inc()
@@ -149,17 +139,11 @@ def world_finish(self: JobTask, job_id: str, spec: dict[str, Any]) -> dict[str, 
         run.report(job.total - 1, force=True, stage="eval", out=job.out)
         # Every training stage is complete (the chain got here), so this runs export + eval only.
         result = _with_threads(job.threads, lambda: build_world(cfg))
-    if result.stopped:  # a stage was not complete after all (its checkpoints were removed): not a world
-        raise RuntimeError(f"the {result.stopped} stage is incomplete under {cfg.runs}")
-    summary = {"job": job_id, "world": str(result.world), "run_root": str(cfg.runs), "action_names": result.action_names,
-               "seconds": round(result.seconds, 3), "done": job.total, "total": job.total}
-    if result.report is not None:
-        summary["eval"] = {k: result.report[k] for k in ("tokenizer", "lam") if k in result.report}
-        summary["eval"]["dynamics"] = {k: v for k, v in result.report["dynamics"].items() if not isinstance(v, list)}
-    return summary
+    return {"job": job_id, **result.summary(cfg), "done": job.total, "total": job.total}
 
 
 def _with_threads(threads: int, fn):
+    """fn() with `threads` torch threads (0 = as they are); a job's --threads must not outlive it in this worker."""
     import torch
 
     before = torch.get_num_threads()
