@@ -1,10 +1,13 @@
-"""Data-parallel training throughput: samples/s of genie.train.loop.train at 1 and 2 processes (torchrun, gloo).
+"""Data-parallel training throughput: samples/s of genie.train.loop.train at 1 and 2 processes (torchrun).
 
 Each configuration is (processes, torch threads per process); the defaults compare 1x1, 1x2 and 2x1 on a 2-core
-machine, so "2x1 vs 1x2" is the same cores used by DDP instead of intra-op threads. A step is the whole loop
-step (sprites data for the preset's model config, forward, backward, all-reduce, clip, AdamW) with the preset's
-global batch; checkpoints and TensorBoard are off the timed steps. Rows carry the speedup over 1x1 and the
-scaling efficiency speedup / (processes * threads).
+machine, so "2x1 vs 1x2" is the same cores used by DDP instead of intra-op threads. With --device cuda each process
+trains on its own GPU (nccl), so PROCS can be at most the GPUs there are. A step is the whole loop step (sprites
+data for the preset's model config, host-to-device copy, forward, backward, all-reduce, clip, AdamW) with the
+preset's global batch (or --set train_KIND.batch_size=...); checkpoints and TensorBoard are off the timed steps.
+Rows carry the speedup over 1x1, the scaling efficiency speedup / (processes * threads on CPU, processes on GPU),
+and with --flops the model GFLOP of one step (FlopCounterMode, one untimed step) and the model FLOP/s this throughput is. On a GPU
+the fp32 and bf16 matmul peaks are measured in the same run for the % of peak.
 """
 
 from __future__ import annotations
@@ -20,29 +23,86 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import _cpu_jiffies, base_parser, emit, machine_info, rounded
+from common import _cpu_jiffies, base_parser, emit, machine_info, matmul_peak, rounded
 
 HERE = Path(__file__).resolve().parent
+
+
+def bench_world(args: argparse.Namespace, steps: int):
+    """The preset with --set applied, on sprites data (no dataset needed), training `steps` steps, one checkpoint."""
+    from genie.config import apply_overrides
+    from genie.presets import get_preset
+
+    world = get_preset(args.preset)
+    world = replace(world, data=replace(world.data, source="sprites", path="", eval_path=""))
+    sets = [*args.set, f"train_{args.kind}.steps={steps}", f"train_{args.kind}.ckpt_every={steps}"]
+    return apply_overrides(world, sets)
+
+
+def frozen_models(world, root: Path) -> dict[str, Path]:
+    """Untrained tokenizer and LAM checkpoints for a dynamics run: the same computation per step as trained ones."""
+    from genie.train.checkpoint import build_model, checkpoint_dir, save_checkpoint
+
+    return {k: save_checkpoint(checkpoint_dir(root / k, 0), k, build_model(k, world.model_config(k)), 0)
+            for k in ("tokenizer", "lam")}
 
 
 def worker(args: argparse.Namespace) -> None:
     """One process of a timed run (under torchrun when --procs > 1); rank 0 writes the step timestamps."""
     import torch
 
-    from genie.config import apply_overrides
-    from genie.presets import get_preset
     from genie.train.loop import train
 
     torch.set_num_threads(args.threads)
-    world = get_preset(args.preset)
-    world = replace(world, data=replace(world.data, source="sprites", path="", eval_path=""))  # no dataset needed
-    steps = args.warmup + args.steps
-    world = apply_overrides(world, [f"train_{args.kind}.steps={steps}", f"train_{args.kind}.ckpt_every={steps}"])
+    world = bench_world(args, args.warmup + args.steps)
+    frozen = frozen_models(world, Path(args.run_dir) / "frozen") if args.kind == "dynamics" else None
     stamps: list[float] = []
-    train(args.kind, world, Path(args.run_dir), progress=False, tensorboard=False,
-          on_step=lambda done, logs: stamps.append(time.perf_counter()) and None)
+    cuda = args.device == "cuda"
+
+    def stamp(done: int, logs: dict) -> None:
+        if cuda:
+            torch.cuda.synchronize()  # the step's kernels are done, not only queued
+        stamps.append(time.perf_counter())
+
+    train(args.kind, world, Path(args.run_dir) / args.kind, frozen=frozen, progress=False, tensorboard=False,
+          on_step=stamp, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps({"stamps": stamps, "batch": world.train_config(args.kind).batch_size}))
+
+
+def step_gflop(args: argparse.Namespace) -> float:
+    """Model GFLOP of one training step at the global batch (forward + backward), counted in this process on the
+    benchmark's device (one untimed step)."""
+    from common import count_flops
+
+    from genie.train.loop import train
+
+    world = bench_world(args, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        frozen = frozen_models(world, Path(tmp) / "frozen") if args.kind == "dynamics" else None
+        flops, _ = count_flops(lambda: train(args.kind, world, Path(tmp) / "run", frozen=frozen, progress=False,
+                                             tensorboard=False, device=args.device))
+    return flops / 1e9
+
+
+def gpu_matmul_peak(dtype_name: str, n: int = 8192, reps: int = 10) -> float:
+    """GFLOP/s of n x n x n torch.mm on the GPU (the best of `reps` after warm-up), TF32 off for fp32."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = getattr(torch, dtype_name)
+    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        torch.mm(a, b)
+    best = 0.0
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e9)
+    return best
 
 
 def timed_run(args: argparse.Namespace, procs: int, threads: int) -> dict:
@@ -50,7 +110,8 @@ def timed_run(args: argparse.Namespace, procs: int, threads: int) -> dict:
         result = Path(tmp) / "result.json"
         script = [str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--kind", args.kind,
                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads),
-                  "--run-dir", str(Path(tmp) / "run"), "--result", str(result)]
+                  "--device", args.device, "--run-dir", str(Path(tmp) / "run"), "--result", str(result),
+                  *[a for s in args.set for a in ("--set", s)]]
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] if procs > 1 else [
             sys.executable]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
@@ -77,7 +138,10 @@ def _children_s() -> float:
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--kind", default="tokenizer", choices=("tokenizer", "lam"))
+    parser.add_argument("--kind", default="tokenizer", choices=("tokenizer", "lam", "dynamics"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one GPU per process, nccl")
+    parser.add_argument("--set", action="append", default=[], help="config override, e.g. train_lam.batch_size=64")
+    parser.add_argument("--flops", action="store_true", help="count a step's model FLOPs (one untimed CPU step)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"], help="PROCSxTHREADS")
@@ -90,16 +154,29 @@ def main() -> None:
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1 (the first stamp ends the first step)")
     machine = machine_info()
+    cuda = args.device == "cuda"
+    gflop = step_gflop(args) if args.flops else None
+    bf16 = any(s.endswith(".bf16=true") for s in args.set)
+    peak = None
+    if gflop:  # the denominator of % of peak, measured in this run: the GPU's (per GPU) or the CPU's fp32 peak
+        peak = gpu_matmul_peak("bfloat16" if bf16 else "float32") if cuda else matmul_peak()
     base = None
     for config in args.configs:
         procs, threads = (int(x) for x in config.split("x"))
         timing = timed_run(args, procs, threads)
         base = base or (timing["samples_per_s"] if (procs, threads) == (1, 1) else None)
-        row = {"bench": "train_distributed", "preset": args.preset, "model": args.kind, "procs": procs,
-               "threads_per_proc": threads, "backend": "gloo" if procs > 1 else "none", **timing}
+        backend = ("nccl" if cuda else "gloo") if procs > 1 else "none"
+        row = {"bench": "train_distributed", "preset": args.preset, "model": args.kind, "device": args.device,
+               "procs": procs, "threads_per_proc": threads, "backend": backend, "sets": args.set, **timing}
         if base:
             row["speedup_vs_1x1"] = timing["samples_per_s"] / base
-            row["scaling_efficiency"] = row["speedup_vs_1x1"] / (procs * threads)
+            row["scaling_efficiency"] = row["speedup_vs_1x1"] / (procs if cuda else procs * threads)
+        if gflop:
+            row["gflop_per_step"] = gflop
+            row["model_gflops"] = gflop / timing["s_per_step"]
+            if peak:  # per GPU, each doing 1/procs of the step; on the CPU, all processes share one peak
+                row["matmul_peak_gflops"] = peak
+                row["pct_of_peak"] = 100 * row["model_gflops"] / (procs if cuda else 1) / peak
         emit(rounded(row), machine, args.out)
 
 

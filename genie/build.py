@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from genie.config import MODEL_KINDS, WorldConfig, to_dict, write_json_atomic
+from genie.config import DEVICES, MODEL_KINDS, WorldConfig, to_dict, write_json_atomic
 
 BUILD_FILE = "build.json"
 
@@ -30,10 +30,13 @@ class BuildConfig:
     eval_clips: int = 64  # held-out clips of the eval (0 = skip the eval; no report, default action names)
     drift_steps: int = 0  # also measure long-session drift over this many steps (slow)
     atlas_prompts: int = 4  # prompts per action in the action atlas
+    device: str = "auto"  # where the models train (genie.config.DEVICES); the eval runs on the CPU
 
     def __post_init__(self) -> None:
         if not self.out:
             raise ValueError("a world build needs an output directory (--out)")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; expected one of {DEVICES}")
         if self.eval_clips < 0 or self.drift_steps < 0 or self.atlas_prompts < 0:
             raise ValueError("eval_clips, drift_steps and atlas_prompts must be >= 0")
 
@@ -151,7 +154,7 @@ def train_stage(cfg: BuildConfig, kind: str, on_step: StepCallback | None = None
             raise ValueError(f"dynamics needs trained {' and '.join(missing)} checkpoints under {cfg.runs}")
     hook = (lambda n, logs: on_step(kind, n, logs)) if on_step is not None else None
     t0 = time.perf_counter()
-    result = train(kind, cfg.world, cfg.runs / kind, frozen=frozen, progress=progress, on_step=hook)
+    result = train(kind, cfg.world, cfg.runs / kind, frozen=frozen, progress=progress, on_step=hook, device=cfg.device)
     return StageResult(kind, time.perf_counter() - t0, step=result.step, resumed_from=result.resumed_from)
 
 
@@ -189,7 +192,10 @@ def build_world(cfg: BuildConfig, on_step: StepCallback | None = None, progress:
                 on_stage: Callable[[StageResult], None] | None = None) -> BuildResult:
     """Runs every stage that is not complete yet and writes OUT/build.json. Safe to re-run: finished training stages
     are skipped, an interrupted one resumes from its newest checkpoint, and export + eval always run again."""
+    from genie.train import distributed
+
     check_build(cfg.world, cfg.out, cfg.runs)
+    distributed.resolve_device(cfg.device, distributed.topology())  # --device cuda without a GPU: refused up front
     result = BuildResult(Path(cfg.out))
     stop: list[str] = []
 
@@ -219,6 +225,8 @@ def write_build_record(cfg: BuildConfig, result: BuildResult) -> Path:
     """OUT/build.json: the config, the data, each stage's steps and wall time, and the headline eval numbers."""
     import torch
 
+    from genie.train import distributed
+
     record = {
         "world": str(cfg.out),
         "run_root": str(cfg.runs),
@@ -228,6 +236,7 @@ def write_build_record(cfg: BuildConfig, result: BuildResult) -> Path:
         "action_names": result.action_names,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(distributed.resolve_device(cfg.device, distributed.topology())),  # where the stages trained
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if result.report is not None:

@@ -48,12 +48,14 @@ def main(verbose: bool) -> None:
 @click.option("--lam", "lam_ckpt", type=click.Path(path_type=Path), help="LAM checkpoint dir.")
 @click.option("--stop-after", type=int, help="Stop after this many total steps (train in parts; resume later).")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a GPU when torch sees one, else the CPU), cpu, or cuda (GPU LOCAL_RANK; an error without one).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, stop_after, threads, quiet) -> None:
+def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, stop_after, threads, device, quiet) -> None:
     """Train one model; re-running the same command resumes from the newest checkpoint.
 
-    Runs unchanged under `torchrun --nproc-per-node N` (gloo on CPU): DDP, each rank a slice of every global
-    batch, only rank 0 writes checkpoints; a checkpoint resumes under any world size."""
+    Runs unchanged under `torchrun --nproc-per-node N` (nccl on GPUs, gloo on CPU): DDP, each rank a slice of
+    every global batch, only rank 0 writes checkpoints; a checkpoint resumes under any world size and device."""
     import torch
 
     from genie.train.checkpoint import latest_checkpoint
@@ -76,7 +78,8 @@ def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, s
                 "tokenizer": tokenizer_ckpt or latest_checkpoint(run_root / "tokenizer"),
                 "lam": lam_ckpt or latest_checkpoint(run_root / "lam"),
             }
-        result = run_train(kind, world, run_root / kind, frozen=frozen, stop_after=stop_after, progress=not quiet)
+        result = run_train(kind, world, run_root / kind, frozen=frozen, stop_after=stop_after, progress=not quiet,
+                           device=device)
     except (ValueError, FloatingPointError) as exc:
         _fail(str(exc))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the same result: rank 0 reports it

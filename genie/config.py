@@ -18,6 +18,7 @@ from genie.sampling import SamplingConfig
 
 C = TypeVar("C")
 MODEL_KINDS = ("tokenizer", "lam", "dynamics")
+DEVICES = ("auto", "cpu", "cuda")  # where training runs: auto = a GPU when torch sees one, else the CPU
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,11 @@ def world() -> None:
 @click.option("--drift-steps", type=int, default=0, show_default=True, help="Also measure drift over this many steps.")
 @click.option("--atlas-prompts", type=int, default=4, show_default=True, help="Prompts per action in the action atlas.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the models train: auto (a GPU when torch sees one, else the CPU), cpu, or cuda.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def build(data_dir, eval_data, preset, config, overrides, out, run_root, eval_clips, drift_steps, atlas_prompts, threads,
-          quiet) -> None:
+          device, quiet) -> None:
     """Train tokenizer -> LAM -> dynamics, export, evaluate and name the actions: one command from videos to a world
     that `genie play --world OUT` and the Triton services load. Re-running it resumes an interrupted build."""
     import torch
@@ -48,7 +50,7 @@ def build(data_dir, eval_data, preset, config, overrides, out, run_root, eval_cl
     try:
         wcfg = with_data(_world_config(preset, config, overrides), data_dir, eval_data)
         cfg = BuildConfig(world=wcfg, out=str(out), run_root=str(run_root or ""), eval_clips=eval_clips,
-                          drift_steps=drift_steps, atlas_prompts=atlas_prompts)
+                          drift_steps=drift_steps, atlas_prompts=atlas_prompts, device=device)
         result = build_world(cfg, progress=not quiet, on_stage=stage_done)
     except (ValueError, FloatingPointError) as exc:
         _fail(str(exc))

@@ -275,7 +275,9 @@ def torchrun_command(spec: KubeTrainSpec) -> list[str]:
     cmd = ["torchrun", "--nnodes", str(spec.nodes), "--nproc-per-node", str(spec.procs),
            "--node-rank", "$(JOB_COMPLETION_INDEX)", "--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint,
            "--rdzv-id", spec.name, "-m", "genie.cli", "train", spec.kind,
-           "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--run-root", spec.run_root, "--quiet"]
+           "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--run-root", spec.run_root, "--quiet",
+           # Explicit, so a pod without its GPUs fails at start instead of training on the CPU unnoticed.
+           "--device", "cuda" if spec.gpus_per_node else "cpu"]
     for flag, path in (("--tokenizer", spec.tokenizer), ("--lam", spec.lam)):
         if path:
             cmd += [flag, path]

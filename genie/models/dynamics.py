@@ -101,12 +101,13 @@ class DynamicsModel(nn.Module):
         b, t, n = tokens.shape
         if actions.shape != (b, t - 1):
             raise ValueError(f"expected actions {(b, t - 1)}, got {tuple(actions.shape)}")
-        null = torch.full((b, 1), self.cfg.null_action, dtype=torch.long)
+        null = torch.full((b, 1), self.cfg.null_action, dtype=torch.long, device=tokens.device)
         actions_in = torch.cat([null, actions.long()], dim=1)  # (B, T): action leading into frame t
+        # Draws come from `generator`'s device (the CPU in training: the same masks on any device), then move.
         if self.training and self.cfg.action_dropout > 0:
             drop = torch.rand(b, t, generator=generator) < self.cfg.action_dropout
-            actions_in = actions_in.masked_fill(drop, self.cfg.null_action)
-        mask = random_frame_mask((b, t, n), self.cfg.mask_min, self.cfg.mask_max, generator)  # (B, T, N)
+            actions_in = actions_in.masked_fill(drop.to(tokens.device), self.cfg.null_action)
+        mask = random_frame_mask((b, t, n), self.cfg.mask_min, self.cfg.mask_max, generator).to(tokens.device)  # (B, T, N)
         inputs = tokens.masked_fill(mask, self.cfg.mask_id)
         logits = self.logits(inputs, actions_in)  # (B, T, N, K)
         loss = F.cross_entropy(logits[mask].float(), tokens[mask])

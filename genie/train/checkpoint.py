@@ -60,7 +60,7 @@ def save_checkpoint(
     meta = {"format": CHECKPOINT_FORMAT, "kind": kind, "config": asdict(model.cfg), "step": step}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     if trainer_tensors is not None:
-        save_file({k: v.contiguous() for k, v in trainer_tensors.items()}, tmp / "trainer.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainer_tensors.items()}, tmp / "trainer.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(trainer_meta or {}, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun: process group, per-rank batch rows, and world-size-independent randomness.
+"""Data-parallel training under torchrun: device, process group, per-rank batch rows, world-size-independent randomness.
 
 The global batch of step s is the same B samples whatever the world size W and accumulation A: rank r takes rows
 [r*B/W, (r+1)*B/W) and splits them into A micro-batches. Everything random in a step is drawn as if for the
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from genie.config import DEVICES
 from genie.data.source import VideoBatch, VideoSource
 from genie.nn.vq import VectorQuantizer
 
@@ -30,6 +31,7 @@ class Topology:
     world: int  # W processes
     rank: int
     local_rank: int
+    device: torch.device = torch.device("cpu")  # where this rank trains; collectives run on it too (nccl needs CUDA)
 
     @property
     def distributed(self) -> bool:
@@ -50,6 +52,28 @@ def topology() -> Topology:
     return Topology(world, rank, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def resolve_device(requested: str, topo: Topology) -> torch.device:
+    """The device this rank trains on: "cpu"; "cuda" = cuda:LOCAL_RANK (one GPU per torchrun process on a
+    node); "auto" = cuda when torch sees a GPU, else cpu. Raises ValueError when CUDA is asked for and absent."""
+    if requested not in DEVICES:
+        raise ValueError(f"unknown device {requested!r}; expected one of {DEVICES}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU (a CPU build of torch, or no GPU visible); "
+                         "use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if topo.local_rank >= count:
+        raise ValueError(f"LOCAL_RANK={topo.local_rank} but this node has {count} visible GPU(s): "
+                         f"run at most {count} processes per node (torchrun --nproc-per-node)")
+    return torch.device("cuda", topo.local_rank)
+
+
+def backend_for(device: torch.device) -> str:
+    """nccl for GPU ranks, gloo for CPU ranks."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def check_batch(batch_size: int, world: int, grad_accum: int) -> int:
     """The micro-batch each rank runs; raises when the global batch does not split evenly."""
     if batch_size % (world * grad_accum):
@@ -61,12 +85,15 @@ def check_batch(batch_size: int, world: int, grad_accum: int) -> int:
 
 
 def init(topo: Topology) -> bool:
-    """Joins the process group (gloo: the training loop runs on CPU); True when this call created it."""
+    """Selects this rank's GPU and joins the process group (nccl on GPUs, gloo on CPUs); True when this call
+    created the group."""
+    if topo.device.type == "cuda":
+        torch.cuda.set_device(topo.device)
     if not topo.distributed or dist.is_initialized():
         return False
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-    dist.init_process_group("gloo", timeout=timeout)
-    log.info("rank %d of %d joined the process group", topo.rank, topo.world)
+    dist.init_process_group(backend_for(topo.device), timeout=timeout)
+    log.info("rank %d of %d joined the process group (%s)", topo.rank, topo.world, backend_for(topo.device))
     return True
 
 
@@ -83,7 +110,7 @@ def broadcast_int(value: int, topo: Topology) -> int:
     """Rank 0's value on every rank."""
     if not topo.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=topo.device)
     dist.broadcast(t, src=0)
     return int(t.item())
 
@@ -93,9 +120,10 @@ def mean_logs(logs: list[dict[str, float]], topo: Topology) -> dict[str, float]:
     names = list(logs[0])
     local = torch.tensor([[m[k] for k in names] for m in logs], dtype=torch.float64).mean(0)  # (L,)
     if topo.distributed:
+        local = local.to(topo.device)
         dist.all_reduce(local)
         local /= topo.world
-    return dict(zip(names, local.tolist(), strict=True))
+    return dict(zip(names, local.cpu().tolist(), strict=True))
 
 
 def batch_rows(source: VideoSource, step: int, batch_size: int, start: int, stop: int) -> VideoBatch:

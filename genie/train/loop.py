@@ -9,7 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -62,14 +62,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: dict[str, Path]) -> Objective:
+def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: dict[str, Path], device: torch.device) -> Objective:
     if kind in ("tokenizer", "lam"):
         return lambda batch, gen, rows=None: _loss_and_logs(model(batch.frames))  # per-element means: parts add up
     for need in ("tokenizer", "lam"):
         if need not in frozen or frozen[need] is None:
             raise ValueError(f"training dynamics needs a trained {need} checkpoint (--{need} PATH)")
-    tokenizer = load_model(frozen["tokenizer"], "tokenizer").requires_grad_(False)
-    lam = load_model(frozen["lam"], "lam").requires_grad_(False)
+    tokenizer = load_model(frozen["tokenizer"], "tokenizer").requires_grad_(False).to(device)
+    lam = load_model(frozen["lam"], "lam").requires_grad_(False).to(device)
     d = world.dynamics
     if (tokenizer.cfg.vq.num_codes, tokenizer.cfg.tokens_per_frame) != (d.num_tokens, d.tokens_per_frame):
         raise ValueError(f"tokenizer checkpoint {frozen['tokenizer']} does not match the dynamics config (K, N)")
@@ -127,6 +127,7 @@ def train(
     progress: bool = True,
     tensorboard: bool = True,
     on_step: Callable[[int, dict[str, float]], bool | None] | None = None,
+    device: str = "auto",
 ) -> TrainResult:
     """Trains one model of `world`, resuming from the newest checkpoint in `run_dir` if there is one.
 
@@ -134,15 +135,19 @@ def train(
     frozen: checkpoint dirs of the trained tokenizer and LAM, needed for kind="dynamics".
     on_step: called after every step with (steps done, that step's scalars); returning True stops the run there
         with a checkpoint, as stop_after does. Jobs use it to report progress and to stop on cancel or time limit.
+    device: "auto" (a GPU when torch sees one, else the CPU), "cpu" or "cuda" (cuda:LOCAL_RANK).
 
-    Under torchrun (WORLD_SIZE > 1) each process trains its rows of every global batch with DDP (gloo), see
-    genie.train.distributed; rank 0 alone writes checkpoints, world.json, TensorBoard and the progress bar.
-    cfg.batch_size is the global batch whatever the world size, so a checkpoint resumes under any world size.
+    Under torchrun (WORLD_SIZE > 1) each process trains its rows of every global batch with DDP (nccl on GPUs,
+    gloo on CPUs), see genie.train.distributed; rank 0 alone writes checkpoints, world.json, TensorBoard and the
+    progress bar. cfg.batch_size is the global batch whatever the world size, so a checkpoint resumes under any
+    world size, and on either device: checkpoints hold CPU tensors, and per-sample randomness (masks, action
+    dropout) is drawn on the CPU from a (seed, step) generator, so a GPU run sees the same masks as a CPU run.
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
     cfg = world.train_config(kind)
     topo = distributed.topology()
+    topo = replace(topo, device=distributed.resolve_device(device, topo))
     micro = distributed.check_batch(cfg.batch_size, topo.world, cfg.grad_accum)
     owns_group = distributed.init(topo)
     try:
@@ -168,10 +173,13 @@ def _train(
 ) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = build_model(kind, world.model_config(kind))
+    model = build_model(kind, world.model_config(kind)).to(topo.device)  # built on the CPU: same init on any device
     # The objective calls the DDP wrapper (its forward arms the gradient all-reduce); checkpoints hold `model`.
-    trained = DistributedDataParallel(model, forward_sync_buffers=False) if topo.distributed else model
-    objective = _objective(kind, trained, world, frozen or {})
+    trained = model
+    if topo.distributed:
+        ids = [topo.device.index] if topo.device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    objective = _objective(kind, trained, world, frozen or {}, topo.device)
     source = source or make_source(world.data)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
@@ -183,7 +191,7 @@ def _train(
     latest_step = distributed.broadcast_int(-1 if latest is None else int(latest.name[len(STEP_PREFIX) :]), topo)
     latest = None if latest_step < 0 else checkpoint_dir(run_dir, latest_step)
     if latest is not None:
-        start = _resume(latest, kind, model, opt)
+        start = _resume(latest, kind, model, opt, topo.device)
         log.info("resuming %s from %s (step %d)", kind, latest, start)
     if topo.leader:  # written only once the config is accepted, so a refused resume leaves the record untouched
         tmp = run_dir / ".world.json.tmp"
@@ -206,8 +214,8 @@ def _train(
                 logs = _split_step(trained, objective, source, step, cfg, topo, micro, resets)
                 loss = torch.tensor(logs["loss"])
             else:
-                batch = source.batch(step, cfg.batch_size)
-                with _autocast(cfg):
+                batch = _to(source.batch(step, cfg.batch_size), topo.device)
+                with _autocast(cfg, topo.device):
                     loss, logs = objective(batch, _step_generator(cfg, step))
                 loss.backward()
             if not torch.isfinite(loss):
@@ -228,7 +236,7 @@ def _train(
                         writer.add_scalar(f"{kind}/{name}", value, done)
             if done % cfg.ckpt_every == 0 or done == end:
                 if topo.leader:
-                    _save(run_dir, kind, model, opt, done, cfg)
+                    _save(run_dir, kind, model, opt, done, cfg, topo.device)
                 distributed.barrier(topo)  # no rank runs ahead of a checkpoint it may have to resume from
                 saved = checkpoint_dir(run_dir, done)
             if stop:
@@ -241,8 +249,15 @@ def _train(
     return TrainResult(kind, end, start, saved, logs, time.perf_counter() - t0, losses)
 
 
-def _autocast(cfg: TrainConfig):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+def _autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+
+
+def _to(batch: VideoBatch, device: torch.device) -> VideoBatch:
+    if device.type == "cpu":
+        return batch
+    actions = None if batch.actions is None else batch.actions.to(device, non_blocking=True)
+    return VideoBatch(batch.frames.to(device, non_blocking=True), actions)
 
 
 def _step_generator(cfg: TrainConfig, step: int) -> torch.Generator:
@@ -267,13 +282,13 @@ def _split_step(
     for m in range(cfg.grad_accum):
         last = m == cfg.grad_accum - 1
         rows = slice(first + m * micro, first + (m + 1) * micro)
-        batch = distributed.batch_rows(source, step, cfg.batch_size, rows.start, rows.stop)
+        batch = _to(distributed.batch_rows(source, step, cfg.batch_size, rows.start, rows.stop), topo.device)
         gen = _step_generator(cfg, step)  # every micro-batch replays the step's draws and keeps its rows
         for r in resets:
             r.last_micro = last
         sync = contextlib.nullcontext() if last or not isinstance(trained, DistributedDataParallel) else trained.no_sync()
         with sync:
-            with _autocast(cfg), distributed.SlicedDraws(gen, rows, cfg.batch_size):
+            with _autocast(cfg, topo.device), distributed.SlicedDraws(gen, rows, cfg.batch_size):
                 loss, micro_logs = objective(batch, gen, rows)
             (loss / cfg.grad_accum).backward()
         logs.append(micro_logs)
@@ -286,15 +301,18 @@ def _writer(run_dir: Path, start: int):
     return SummaryWriter(str(run_dir / "tb"), purge_step=start or None)
 
 
-def _save(run_dir: Path, kind: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> Path:
+def _save(run_dir: Path, kind: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+          device: torch.device) -> Path:
     tensors, groups = optimizer_to_flat(opt)
     tensors["rng.torch"] = torch.get_rng_state()
+    if device.type == "cuda":  # the global CUDA generator draws the VQ dead-code resets on a GPU
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     path = save_checkpoint(checkpoint_dir(run_dir, step), kind, model, step, tensors, {"param_groups": groups, "step": step})
     prune_checkpoints(run_dir, cfg.keep_checkpoints)
     return path
 
 
-def _resume(path: Path, kind: str, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+def _resume(path: Path, kind: str, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> int:
     meta = read_meta(path)
     if meta["kind"] != kind:
         raise ValueError(f"{path} is a {meta['kind']} checkpoint; cannot resume {kind} from it")
@@ -303,6 +321,8 @@ def _resume(path: Path, kind: str, model: nn.Module, opt: torch.optim.Optimizer)
     model.load_state_dict(load_file(path / "model.safetensors"))
     tensors = load_file(path / "trainer.safetensors")
     groups = json.loads((path / "trainer.json").read_text())["param_groups"]
-    opt.load_state_dict(optimizer_from_flat(tensors, groups))
+    opt.load_state_dict(optimizer_from_flat(tensors, groups))  # moves the moments onto the parameters' device
     torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in tensors:  # a CPU checkpoint resumed on a GPU keeps its seed's state
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     return int(meta["step"])

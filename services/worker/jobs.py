@@ -39,9 +39,6 @@ def check_train_spec(spec: TrainJobSpec) -> None:
     from genie.build import check_runs
     from genie.train.checkpoint import latest_checkpoint, read_meta
 
-    if spec.gpus_per_node:
-        raise ValueError("GPU training is not supported yet: the training loop runs on CPU (gloo) and would leave "
-                         "the pods' GPUs idle; use --gpus-per-node 0")
     if spec.backend == "kubernetes":
         from genie.train.distributed import check_batch
 

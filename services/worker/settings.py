@@ -6,9 +6,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from celery import Celery
-from kombu import Queue
+if TYPE_CHECKING:
+    from celery import Celery
+
+# celery and kombu are imported where they are used: the `genie` CLI (`genie train` under torchrun in a training
+# pod or on a GPU box) imports this module for DEFAULT_BROKER and needs no Celery to train.
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/1"
 QUEUES = ("train", "rollout")
@@ -106,6 +110,8 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
 
 def celery_config(s: WorkerSettings) -> dict:
     """Celery settings: JSON only, late acks with one message in hand, and a visibility timeout above the limit."""
+    from kombu import Queue
+
     return {
         "broker_url": s.broker_url,
         "result_backend": s.backend_url,
@@ -144,6 +150,8 @@ def celery_config(s: WorkerSettings) -> dict:
 
 def make_app(settings: WorkerSettings) -> Celery:
     """A Celery app on `settings`. Clients use one to send tasks by name without importing the task code."""
+    from celery import Celery
+
     app = Celery("genie")
     app.conf.update(celery_config(settings))
     return app

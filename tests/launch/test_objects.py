@@ -106,6 +106,7 @@ def test_torchrun_meets_on_pod_zero_through_the_headless_service(spec):
     assert cmd[0] == "torchrun"
     assert flag(cmd, "--nnodes") == str(spec.nodes)
     assert flag(cmd, "--nproc-per-node") == str(spec.gpus_per_node or spec.procs_per_node or 1)
+    assert flag(cmd, "--device") == ("cuda" if spec.gpus_per_node else "cpu")  # one GPU per process: cuda:LOCAL_RANK
     assert flag(cmd, "--node-rank") == "$(JOB_COMPLETION_INDEX)"  # the Job controller's env var of an Indexed Job
     assert flag(cmd, "--rdzv-backend") == "c10d" and flag(cmd, "--rdzv-id") == job["metadata"]["name"]
     host, port = flag(cmd, "--rdzv-endpoint").split(":")

@@ -45,9 +45,10 @@ def test_kubernetes_jobs_are_checked_before_queueing():
 
     with pytest.raises(ValueError, match="does not divide by world size 3"):
         check_train_spec(TrainJobSpec("tokenizer", tiny(), backend="kubernetes", nodes=3))  # batch 8
-    with pytest.raises(ValueError, match="GPU training is not supported yet"):
-        check_train_spec(TrainJobSpec("tokenizer", tiny(), backend="kubernetes", gpus_per_node=1))
+    with pytest.raises(ValueError, match="does not divide by world size 6"):  # 2 pods x 3 GPUs = 6 processes
+        check_train_spec(TrainJobSpec("tokenizer", tiny(), backend="kubernetes", nodes=2, gpus_per_node=3))
     check_train_spec(TrainJobSpec("tokenizer", tiny(), backend="kubernetes", nodes=2))
+    check_train_spec(TrainJobSpec("tokenizer", tiny(), backend="kubernetes", nodes=2, gpus_per_node=4))
 
 
 def test_world_spec_round_trips_and_resolves_its_dirs(tmp_path):

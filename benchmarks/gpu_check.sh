@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every check of training that needs a GPU, as one prepared run for a session with a lent device (the device
+# tool's `run`, which copies this checkout there and returns what lands in $OUT). About 6-8 minutes on one H100:
+#   1. tests/train/test_gpu.py (GPU steps match CPU steps, checkpoints cross devices, bf16; nccl with >= 2 GPUs)
+#      and tests/train/test_device.py;
+#   2. `genie train --device cuda` from the command line;
+#   3. bench_distributed.py --device cuda for tokenizer, LAM and dynamics of the largest preset (peer-small) at its
+#      batch and at batch 48 (the paper's CoinRun batch), fp32 and bf16, 1 process per GPU (1 and 2 with 2 GPUs).
+# Uses the machine's python3 (it holds torch with CUDA, einops, safetensors, click, tqdm, pytest); nothing is
+# installed. Rows go to $OUT/results.jsonl; paste them into benchmarks/README.md with the machine they name.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:$PWD/benchmarks" PYTHONUNBUFFERED=1 GENIE_DIST_TIMEOUT_S=120
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())" \
+  | tee -a "$OUT/gpu.txt"
+status=0
+
+echo "== tests"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="--import-mode=importlib -ra" \
+  tests/train/test_gpu.py tests/train/test_device.py 2>&1 | tee "$OUT/tests.log" || status=1
+
+echo "== genie train --device cuda"
+timeout 120 python3 -m genie.cli train lam --preset tiny --device cuda --quiet --run-root /tmp/gpu-check-run \
+  --set train_lam.steps=20 2>&1 | tee "$OUT/cli.log" || status=1
+
+echo "== bench_distributed --device cuda"
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+configs="1x1"
+[ "$gpus" -ge 2 ] && configs="1x1 2x1"
+for batch in 8 48; do
+  for kind in tokenizer lam dynamics; do
+    for bf16 in false true; do
+      timeout 150 python3 benchmarks/bench_distributed.py --device cuda --preset peer-small --kind "$kind" \
+        --configs $configs --steps 20 --warmup 3 --flops --quiet-wait 0 --out "$OUT/results.jsonl" \
+        --set "train_$kind.batch_size=$batch" --set "train_$kind.bf16=$bf16" 2>&1 | tail -3 || status=1
+    done
+  done
+done
+exit $status

@@ -1,0 +1,94 @@
+"""Training on a GPU: the same steps as on the CPU, checkpoints that cross devices, nccl across GPUs.
+
+Skipped where torch sees no GPU (CI); `benchmarks/gpu_check.sh` runs this file on a lent GPU. TF32 is off so that
+GPU matmuls are true fp32 and comparable with the CPU's within float tolerance.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genie.config import apply_overrides
+from genie.train.checkpoint import build_model, checkpoint_dir, latest_checkpoint, save_checkpoint
+from genie.train.loop import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+STEPS = ["train_tokenizer.steps=4", "train_lam.steps=4", "train_dynamics.steps=4"]
+
+
+@pytest.fixture(autouse=True)
+def _true_fp32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def _frozen(cfg, root: Path) -> dict[str, Path]:
+    """Untrained frozen tokenizer and LAM: the dynamics step is the same computation as with trained ones."""
+    return {kind: save_checkpoint(checkpoint_dir(root / kind, 0), kind, build_model(kind, cfg.model_config(kind)), 0)
+            for kind in ("tokenizer", "lam")}
+
+
+def _run(kind, cfg, run_dir, device, **kw):
+    return train(kind, cfg, run_dir, progress=False, tensorboard=False, device=device, **kw)
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "lam", "dynamics"])
+def test_gpu_steps_match_cpu_steps(kind, tiny_world_cfg, tmp_path):
+    cfg = apply_overrides(tiny_world_cfg, STEPS)
+    frozen = _frozen(cfg, tmp_path / "frozen") if kind == "dynamics" else None
+    cpu = _run(kind, cfg, tmp_path / "cpu", "cpu", frozen=frozen)
+    gpu = _run(kind, cfg, tmp_path / "gpu", "cuda", frozen=frozen)
+    assert gpu.losses == pytest.approx(cpu.losses, rel=1e-3)  # same data, same masks (drawn on the CPU), same math
+    weights = _weights(tmp_path / "gpu")
+    assert all(t.device.type == "cpu" for t in weights.values())  # checkpoints hold CPU tensors
+    _assert_close(_weights(tmp_path / "cpu"), weights)
+
+
+def test_checkpoints_cross_devices_both_ways(tiny_world_cfg, tmp_path):
+    """GPU for 2 steps -> CPU to 4 -> GPU to 6 is the same run as 6 steps on the CPU."""
+    cfg = apply_overrides(tiny_world_cfg, ["train_tokenizer.steps=6"])
+    straight = _run("tokenizer", cfg, tmp_path / "straight", "cpu")
+    run = tmp_path / "mixed"
+    _run("tokenizer", cfg, run, "cuda", stop_after=2)
+    middle = _run("tokenizer", cfg, run, "cpu", stop_after=4)
+    last = _run("tokenizer", cfg, run, "cuda")
+    assert (middle.resumed_from, last.resumed_from, last.step) == (2, 4, 6)
+    assert last.losses == pytest.approx(straight.losses[4:], rel=1e-3)
+    _assert_close(_weights(tmp_path / "straight"), _weights(run))
+
+
+def test_bf16_autocast_trains_on_the_gpu(tiny_world_cfg, tmp_path):
+    cfg = apply_overrides(tiny_world_cfg, ["train_lam.steps=3", "train_lam.bf16=true"])
+    result = _run("lam", cfg, tmp_path / "lam", "cuda")
+    assert result.step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl across processes needs 2 GPUs")
+def test_two_gpus_under_nccl_match_one(tiny_world_cfg, tmp_path):
+    sets = ["train_tokenizer.steps=4", "tokenizer.vq.reset_after=2"]  # resets gather over nccl too
+    one = _run("tokenizer", apply_overrides(tiny_world_cfg, sets), tmp_path / "one", "cuda")
+    assert one.step == 4
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "genie.cli",
+           "train", "tokenizer", "--preset", "tiny", "--quiet", "--device", "cuda", "--run-root", str(tmp_path / "two"),
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "GENIE_DIST_TIMEOUT_S": "60", "NVIDIA_TF32_OVERRIDE": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_close(_weights(tmp_path / "one"), _weights(tmp_path / "two" / "tokenizer"))
