@@ -65,6 +65,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: dict[str, Path], device: torch.device) -> Objective:
     if kind in ("tokenizer", "lam"):
         return lambda batch, gen, rows=None: _loss_and_logs(model(batch.frames))  # per-element means: parts add up
+    tokenizer, lam = _frozen_models(world, frozen, device)
+    return _dynamics_objective(model, tokenizer, lam, world.dynamics, world.train_dynamics.batch_size)
+
+
+def _frozen_models(world: WorldConfig, frozen: dict[str, Path], device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The trained tokenizer and LAM a dynamics run encodes its batches with, checked against its config."""
     for need in ("tokenizer", "lam"):
         if need not in frozen or frozen[need] is None:
             raise ValueError(f"training dynamics needs a trained {need} checkpoint (--{need} PATH)")
@@ -75,8 +81,12 @@ def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: dict[str
         raise ValueError(f"tokenizer checkpoint {frozen['tokenizer']} does not match the dynamics config (K, N)")
     if lam.cfg.num_actions != d.num_actions:
         raise ValueError(f"LAM checkpoint {frozen['lam']} has {lam.cfg.num_actions} actions, dynamics expects {d.num_actions}")
+    return tokenizer, lam
 
-    total = world.train_dynamics.batch_size
+
+def _dynamics_objective(model: nn.Module, tokenizer: nn.Module, lam: nn.Module, d: DynamicsModelConfig,
+                        total: int) -> Objective:
+    """Tokens and latent actions from the frozen models, then the MaskGIT loss; `total` is the global batch."""
 
     def objective(batch: VideoBatch, gen: torch.Generator, rows: slice | None = None) -> tuple[Tensor, dict[str, float]]:
         replay = gen.get_state()

@@ -1,7 +1,10 @@
-"""Device choice for training: cpu / cuda / auto, the process group's backend, and refusals that write nothing.
+"""Device choice for training: cpu / cuda / auto, the process group's backend, refusals that write nothing, and
+a training step that keeps every tensor on the model's device.
 
-What a GPU itself must show (GPU runs match CPU runs, checkpoints cross devices, nccl) is in test_gpu.py, which runs
-where torch sees a GPU.
+The last is checked without a GPU: the models, batches and frozen models go to a stand-in device (FakeTensorMode
+tensors on "meta", which compute shapes only), and any op that mixes it with a CPU tensor raises, as it would on
+CUDA. What a real GPU must show (GPU runs match CPU runs, checkpoints cross devices, nccl) is in test_gpu.py, which
+runs where torch sees a GPU.
 """
 
 import subprocess
@@ -10,11 +13,18 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorDeviceMismatchError, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from genie.build import BuildConfig
 from genie.cli import main
+from genie.config import apply_overrides
+from genie.data import make_source
 from genie.presets import tiny
-from genie.train.distributed import Topology, backend_for, resolve_device
+from genie.train import loop
+from genie.train.checkpoint import build_model
+from genie.train.distributed import SlicedDraws, Topology, backend_for, resolve_device
 from genie.train.loop import train
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -105,3 +115,90 @@ def test_torchrun_ranks_asking_for_gpus_fail_fast_without_them(tmp_path):
     assert "torch sees no CUDA GPU" in done.stderr
     assert not any(line.startswith("{") for line in done.stdout.splitlines())
     assert not (tmp_path / "lam").exists()
+
+
+# --- one training step on a stand-in device --------------------------------------------------------------------------
+OTHER = torch.device("meta")  # the stand-in for cuda: any op mixing it with a CPU tensor fails, as on a GPU
+
+
+@pytest.fixture
+def fake_mode():
+    # ShapeEnv: boolean-mask indexing and .item() (the losses' logs) become symbols instead of failing.
+    return FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True), allow_non_fake_inputs=True)
+
+
+def _on_other_device(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """`model` with its parameters and buffers on OTHER (Module.to cannot swap in fake tensors: done by hand)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(FakeTensor(mode, torch.empty_like(p, device="meta"), OTHER),
+                                                        requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = FakeTensor(mode, torch.empty_like(b, device="meta"), OTHER)
+    return model
+
+
+def _world():
+    # No dead-code resets: whether one fires depends on values, which a stand-in tensor does not have.
+    return apply_overrides(tiny(), ["tokenizer.vq.reset_after=0", "lam.vq.reset_after=0"])
+
+
+def _step(objective, model: nn.Module, batch, gen: torch.Generator, rows: slice | None = None) -> None:
+    loss, logs = objective(batch, gen, rows)
+    loss.backward()
+    assert loss.device == OTHER and "loss" in logs
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.device == OTHER for g in grads)
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "lam"])
+def test_a_training_step_keeps_everything_on_the_models_device(kind, fake_mode):
+    world = _world()
+    model = _on_other_device(build_model(kind, world.model_config(kind)), fake_mode)
+    cpu_batch = make_source(world.data).batch(0, 2)
+    with fake_mode:
+        batch = loop._to(cpu_batch, OTHER)
+        assert batch.frames.device == OTHER
+        _step(loop._objective(kind, model, world, {}, OTHER), model, batch, loop._step_generator(world.train_lam, 0))
+
+
+@pytest.mark.parametrize("rows", [None, slice(2, 4)], ids=["whole batch", "one rank's rows"])
+def test_a_dynamics_step_moves_its_cpu_drawn_masks_to_the_models_device(rows, fake_mode, monkeypatch):
+    """Masks and action dropout are drawn on the CPU from the step generator (also sliced, as under DDP), then
+    moved: tokens, actions, masks and the loss all meet on the model's device."""
+    # A rank's loss weight is CPU arithmetic on replayed draws (exact values, tested in test_distributed.py); under
+    # the fake mode those draws have no values, so it is a constant here.
+    monkeypatch.setattr(loop, "_masked_share", lambda *args: 0.5)
+    world = apply_overrides(_world(), ["dynamics.action_dropout=0.1"])
+    models = {k: _on_other_device(build_model(k, world.model_config(k)), fake_mode) for k in ("tokenizer", "lam", "dynamics")}
+    for k in ("tokenizer", "lam"):
+        models[k].requires_grad_(False)
+    total = 4
+    cpu_batch = make_source(world.data).batch(0, total)
+    objective = loop._dynamics_objective(models["dynamics"], models["tokenizer"], models["lam"], world.dynamics, total)
+    gen = loop._step_generator(world.train_dynamics, 0)
+    with fake_mode:
+        if rows is None:
+            _step(objective, models["dynamics"], loop._to(cpu_batch, OTHER), gen)
+        else:
+            part = loop._to(type(cpu_batch)(cpu_batch.frames[rows], None), OTHER)
+            with SlicedDraws(gen, rows, total):
+                _step(objective, models["dynamics"], part, gen, rows)
+
+
+def test_the_stand_in_device_catches_a_cpu_tensor_in_the_step(fake_mode):
+    """The check above can fail: a forward that adds a tensor made on the CPU is refused."""
+
+    class Careless(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return (x * self.w + torch.zeros(3)).sum()  # torch.zeros without device=: the CPU
+
+    model = _on_other_device(Careless(), fake_mode)
+    with fake_mode, pytest.raises(FakeTensorDeviceMismatchError, match="cpu and meta|meta and cpu"):
+        model(loop._to(type(make_source(tiny().data).batch(0, 1))(torch.ones(3), None), OTHER).frames)
