@@ -57,17 +57,20 @@ def worker(args: argparse.Namespace) -> None:
     world = bench_world(args, args.warmup + args.steps)
     frozen = frozen_models(world, Path(args.run_dir) / "frozen") if args.kind == "dynamics" else None
     stamps: list[float] = []
+    waits: list[float] = []
     cuda = args.device == "cuda"
 
     def stamp(done: int, logs: dict) -> None:
         if cuda:
             torch.cuda.synchronize()  # the step's kernels are done, not only queued
         stamps.append(time.perf_counter())
+        waits.append(logs["data_s"])
 
     train(args.kind, world, Path(args.run_dir) / args.kind, frozen=frozen, progress=False, tensorboard=False,
-          on_step=stamp, device=args.device)
+          on_step=stamp, device=args.device, data_workers=args.data_workers)
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.result).write_text(json.dumps({"stamps": stamps, "batch": world.train_config(args.kind).batch_size}))
+        Path(args.result).write_text(json.dumps({"stamps": stamps, "waits": waits,
+                                                 "batch": world.train_config(args.kind).batch_size}))
 
 
 def step_gflop(args: argparse.Namespace) -> float:
@@ -111,6 +114,7 @@ def timed_run(args: argparse.Namespace, procs: int, threads: int) -> dict:
         script = [str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--kind", args.kind,
                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads),
                   "--device", args.device, "--run-dir", str(Path(tmp) / "run"), "--result", str(result),
+                  *(["--data-workers", str(args.data_workers)] if args.data_workers is not None else []),
                   *[a for s in args.set for a in ("--set", s)]]
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] if procs > 1 else [
             sys.executable]
@@ -122,11 +126,13 @@ def timed_run(args: argparse.Namespace, procs: int, threads: int) -> dict:
     stamps = data["stamps"][args.warmup - 1 :]  # the timed steps start after the warm-up steps' last stamp
     times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     s = statistics.median(times)
+    data_s = statistics.median(data["waits"][args.warmup:])  # rank 0's wait for its batches in the timed steps
     others = None
     if start is not None and end is not None and end[2] > start[2]:  # busy cores not spent by our run (whole run)
         busy_s = (end[0] - start[0]) / os.sysconf("SC_CLK_TCK")
         others = max(0.0, (busy_s - (children1 - children0)) / (end[2] - start[2]))
-    return {"batch": data["batch"], "s_per_step": s, "samples_per_s": data["batch"] / s, "mean_s": statistics.fmean(times),
+    return {"batch": data["batch"], "s_per_step": s, "samples_per_s": data["batch"] / s, "data_s": data_s,
+            "data_share": data_s / s, "mean_s": statistics.fmean(times),
             "min_s": min(times), "max_s": max(times), "n": len(times), "others_cores": others}
 
 
@@ -141,7 +147,8 @@ def main() -> None:
     parser.add_argument("--kind", default="tokenizer", choices=("tokenizer", "lam", "dynamics"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one GPU per process, nccl")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. train_lam.batch_size=64")
-    parser.add_argument("--flops", action="store_true", help="count a step's model FLOPs (one untimed CPU step)")
+    parser.add_argument("--flops", action="store_true", help="count a step's model FLOPs (one untimed step)")
+    parser.add_argument("--data-workers", type=int, help="batch-building processes (default: the loop's, 2 on a GPU)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"], help="PROCSxTHREADS")
@@ -167,7 +174,8 @@ def main() -> None:
         base = base or (timing["samples_per_s"] if (procs, threads) == (1, 1) else None)
         backend = ("nccl" if cuda else "gloo") if procs > 1 else "none"
         row = {"bench": "train_distributed", "preset": args.preset, "model": args.kind, "device": args.device,
-               "procs": procs, "threads_per_proc": threads, "backend": backend, "sets": args.set, **timing}
+               "procs": procs, "threads_per_proc": threads, "backend": backend, "sets": args.set,
+               "data_workers": args.data_workers, **timing}
         if base:
             row["speedup_vs_1x1"] = timing["samples_per_s"] / base
             row["scaling_efficiency"] = row["speedup_vs_1x1"] / (procs if cuda else procs * threads)

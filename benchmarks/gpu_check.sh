@@ -5,7 +5,8 @@
 #      and tests/train/test_device.py;
 #   2. `genie train --device cuda` from the command line;
 #   3. bench_distributed.py --device cuda for tokenizer, LAM and dynamics of the largest preset (peer-small) at its
-#      batch and at batch 48 (the paper's CoinRun batch), fp32 and bf16, 1 process per GPU (1 and 2 with 2 GPUs).
+#      batch and at batch 48 (the paper's CoinRun batch), fp32 and bf16, 1 process per GPU (1 and 2 with 2 GPUs),
+#      with the default 2 data workers, plus the batch-48 bf16 runs again with none (what building ahead saves).
 # Uses the machine's python3 (it holds torch with CUDA, einops, safetensors, click, tqdm, pytest); nothing is
 # installed. Rows go to $OUT/results.jsonl; paste them into benchmarks/README.md with the machine they name.
 set -uo pipefail
@@ -37,5 +38,10 @@ for batch in 8 48; do
         --set "train_$kind.batch_size=$batch" --set "train_$kind.bf16=$bf16" 2>&1 | tail -3 || status=1
     done
   done
+done
+for kind in tokenizer lam dynamics; do
+  timeout 150 python3 benchmarks/bench_distributed.py --device cuda --preset peer-small --kind "$kind" --configs 1x1 \
+    --steps 20 --warmup 3 --quiet-wait 0 --data-workers 0 --out "$OUT/results.jsonl" \
+    --set "train_$kind.batch_size=48" --set "train_$kind.bf16=true" 2>&1 | tail -3 || status=1
 done
 exit $status

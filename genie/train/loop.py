@@ -23,7 +23,7 @@ from genie.data import make_source
 from genie.data.source import VideoBatch, VideoSource
 from genie.models.dynamics import DynamicsModelConfig
 from genie.nn.maskgit import random_frame_mask
-from genie.train import distributed
+from genie.train import batches, distributed
 from genie.train.checkpoint import (
     STEP_PREFIX,
     build_model,
@@ -138,6 +138,7 @@ def train(
     tensorboard: bool = True,
     on_step: Callable[[int, dict[str, float]], bool | None] | None = None,
     device: str = "auto",
+    data_workers: int | None = None,
 ) -> TrainResult:
     """Trains one model of `world`, resuming from the newest checkpoint in `run_dir` if there is one.
 
@@ -146,6 +147,8 @@ def train(
     on_step: called after every step with (steps done, that step's scalars); returning True stops the run there
         with a checkpoint, as stop_after does. Jobs use it to report progress and to stop on cancel or time limit.
     device: "auto" (a GPU when torch sees one, else the CPU), "cpu" or "cuda" (cuda:LOCAL_RANK).
+    data_workers: processes that build the next batches while a step runs (genie.train.batches; None = 2 on a GPU,
+        0 on the CPU). The scalar `data_s` is the time a step waited for its batch.
 
     Under torchrun (WORLD_SIZE > 1) each process trains its rows of every global batch with DDP (nccl on GPUs,
     gloo on CPUs), see genie.train.distributed; rank 0 alone writes checkpoints, world.json, TensorBoard and the
@@ -159,9 +162,11 @@ def train(
     topo = distributed.topology()
     topo = replace(topo, device=distributed.resolve_device(device, topo))
     micro = distributed.check_batch(cfg.batch_size, topo.world, cfg.grad_accum)
+    workers = batches.resolve_workers(data_workers, topo.device)
     owns_group = distributed.init(topo)
     try:
-        return _train(kind, world, cfg, topo, micro, Path(run_dir), frozen, source, stop_after, progress, tensorboard, on_step)
+        return _train(kind, world, cfg, topo, micro, workers, Path(run_dir), frozen, source, stop_after, progress,
+                      tensorboard, on_step)
     finally:
         if owns_group:
             distributed.shutdown()
@@ -173,6 +178,7 @@ def _train(
     cfg: TrainConfig,
     topo: distributed.Topology,
     micro: int,
+    workers: int,
     run_dir: Path,
     frozen: dict[str, Path] | None,
     source: VideoSource | None,
@@ -215,19 +221,26 @@ def _train(
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     model.train()
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {kind}", disable=not (progress and topo.leader))
+    # This rank's micro-batches of every step from `start` on: rows [first, first + micro * accum) of each global batch.
+    items = batches.StepBatches(source, start, end, cfg.batch_size, topo.rank * micro * cfg.grad_accum, micro,
+                                cfg.grad_accum)
+    parts = batches.stream(items, workers, topo.device)
     try:
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
+            waited = time.perf_counter()
+            step_batches = [_to(next(parts), topo.device) for _ in range(cfg.grad_accum)]
+            waited = time.perf_counter() - waited
             if split:
-                logs = _split_step(trained, objective, source, step, cfg, topo, micro, resets)
+                logs = _split_step(trained, objective, step_batches, step, cfg, topo, micro, resets)
                 loss = torch.tensor(logs["loss"])
             else:
-                batch = _to(source.batch(step, cfg.batch_size), topo.device)
                 with _autocast(cfg, topo.device):
-                    loss, logs = objective(batch, _step_generator(cfg, step))
+                    loss, logs = objective(step_batches[0], _step_generator(cfg, step))
                 loss.backward()
+            logs["data_s"] = waited  # this rank's wait for its batches (rank 0's is logged)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{kind} loss is {loss.item()} at step {step}; last checkpoint kept: {saved}")
             logs["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
@@ -252,6 +265,7 @@ def _train(
             if stop:
                 break
     finally:
+        parts.close()  # stops the data workers, also when the run stops early or fails
         bar.close()
         if writer is not None:
             writer.close()
@@ -278,21 +292,20 @@ def _step_generator(cfg: TrainConfig, step: int) -> torch.Generator:
 def _split_step(
     trained: nn.Module,
     objective: Objective,
-    source: VideoSource,
+    step_batches: list[VideoBatch],
     step: int,
     cfg: TrainConfig,
     topo: distributed.Topology,
     micro: int,
     resets: list[distributed.GlobalCodeReset],
 ) -> dict[str, float]:
-    """Forward + backward of this rank's rows of the global batch, `micro` rows at a time; DDP averages the
-    gradients over ranks on the last micro-batch. Returns the scalars averaged over the global batch."""
+    """Forward + backward of this rank's rows of the global batch, one micro-batch of `micro` rows at a time; DDP
+    averages the gradients over ranks on the last micro-batch. Returns the scalars averaged over the global batch."""
     first = topo.rank * micro * cfg.grad_accum
     logs = []
-    for m in range(cfg.grad_accum):
+    for m, batch in enumerate(step_batches):
         last = m == cfg.grad_accum - 1
         rows = slice(first + m * micro, first + (m + 1) * micro)
-        batch = _to(distributed.batch_rows(source, step, cfg.batch_size, rows.start, rows.stop), topo.device)
         gen = _step_generator(cfg, step)  # every micro-batch replays the step's draws and keeps its rows
         for r in resets:
             r.last_micro = last
