@@ -7,7 +7,8 @@ data for the preset's model config, host-to-device copy, forward, backward, all-
 preset's global batch (or --set train_KIND.batch_size=...); checkpoints and TensorBoard are off the timed steps.
 Rows carry the speedup over 1x1, the scaling efficiency speedup / (processes * threads on CPU, processes on GPU),
 and with --flops the model GFLOP of one step (FlopCounterMode, one untimed step) and the model FLOP/s this throughput is. On a GPU
-the fp32 and bf16 matmul peaks are measured in the same run for the % of peak.
+the matmul peak of the step's precision (bf16, or fp32 on TF32 cores unless train_KIND.tf32=false) is measured in
+the same run for the % of peak.
 """
 
 from __future__ import annotations
@@ -88,11 +89,12 @@ def step_gflop(args: argparse.Namespace) -> float:
     return flops / 1e9
 
 
-def gpu_matmul_peak(dtype_name: str, n: int = 8192, reps: int = 10) -> float:
-    """GFLOP/s of n x n x n torch.mm on the GPU (the best of `reps` after warm-up), TF32 off for fp32."""
+def gpu_matmul_peak(dtype_name: str, tf32: bool, n: int = 8192, reps: int = 10) -> float:
+    """GFLOP/s of n x n x n torch.mm on the GPU (the best of `reps` after warm-up); fp32 on TF32 cores if `tf32`,
+    as the training loop runs it."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     dtype = getattr(torch, dtype_name)
     a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
     for _ in range(3):
@@ -164,9 +166,10 @@ def main() -> None:
     cuda = args.device == "cuda"
     gflop = step_gflop(args) if args.flops else None
     bf16 = any(s.endswith(".bf16=true") for s in args.set)
+    tf32 = not any(s.endswith(".tf32=false") for s in args.set)  # the loop's default on a GPU
     peak = None
     if gflop:  # the denominator of % of peak, measured in this run: the GPU's (per GPU) or the CPU's fp32 peak
-        peak = gpu_matmul_peak("bfloat16" if bf16 else "float32") if cuda else matmul_peak()
+        peak = gpu_matmul_peak("bfloat16" if bf16 else "float32", tf32) if cuda else matmul_peak()
     base = None
     for config in args.configs:
         procs, threads = (int(x) for x in config.split("x"))

@@ -5,7 +5,8 @@
 #      and tests/train/test_device.py;
 #   2. `genie train --device cuda` from the command line;
 #   3. bench_distributed.py --device cuda for tokenizer, LAM and dynamics of the largest preset (peer-small) at its
-#      batch and at batch 48 (the paper's CoinRun batch), fp32 and bf16, 1 process per GPU (1 and 2 with 2 GPUs),
+#      batch and at batch 48 (the paper's CoinRun batch), fp32 (on TF32 cores, the loop's default) and bf16, 1 process
+#      per GPU (1 and 2 with 2 GPUs),
 #      with the default 2 data workers, plus the batch-48 bf16 runs again with none (what building ahead saves).
 # Uses the machine's python3 (it holds torch with CUDA, einops, safetensors, click, tqdm, pytest); nothing is
 # installed. Rows go to $OUT/results.jsonl; paste them into benchmarks/README.md with the machine they name.

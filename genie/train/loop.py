@@ -164,10 +164,14 @@ def train(
     micro = distributed.check_batch(cfg.batch_size, topo.world, cfg.grad_accum)
     workers = batches.resolve_workers(data_workers, topo.device)
     owns_group = distributed.init(topo)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if topo.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     try:
         return _train(kind, world, cfg, topo, micro, workers, Path(run_dir), frozen, source, stop_after, progress,
                       tensorboard, on_step)
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if owns_group:
             distributed.shutdown()
 
