@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Every check of training that needs a GPU, as one prepared run for a session with a lent device (the device
-# tool's `run`, which copies this checkout there and returns what lands in $OUT). About 6-8 minutes on one H100:
+# tool's `run`, which copies this checkout there and returns what lands in $OUT), sized for one 10-minute call:
 #   1. tests/train/test_gpu.py (GPU steps match CPU steps, checkpoints cross devices, bf16; nccl with >= 2 GPUs)
 #      and tests/train/test_device.py;
 #   2. `genie train --device cuda` from the command line;
-#   3. bench_distributed.py --device cuda for tokenizer, LAM and dynamics of the largest preset (peer-small) at its
-#      batch and at batch 48 (the paper's CoinRun batch), fp32 (on TF32 cores, the loop's default) and bf16, 1 process
-#      per GPU (1 and 2 with 2 GPUs),
-#      with the default 2 data workers, plus the batch-48 bf16 runs again with none (what building ahead saves).
+#   3. bench_distributed.py --device cuda for tokenizer, LAM and dynamics of the largest preset (peer-small) at
+#      batch 48 (the paper's CoinRun batch), fp32 (on TF32 cores, the loop's default) and bf16, 1 process per GPU
+#      (1 and 2 with 2 GPUs), with the default 2 data workers; then bf16 again with none (what building ahead saves).
 # Uses the machine's python3 (it holds torch with CUDA, einops, safetensors, click, tqdm, pytest); nothing is
 # installed. Rows go to $OUT/results.jsonl; paste them into benchmarks/README.md with the machine they name.
 set -uo pipefail
@@ -31,7 +30,7 @@ echo "== bench_distributed --device cuda"
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 configs="1x1"
 [ "$gpus" -ge 2 ] && configs="1x1 2x1"
-for batch in 8 48; do
+for batch in 48; do
   for kind in tokenizer lam dynamics; do
     for bf16 in false true; do
       timeout 150 python3 benchmarks/bench_distributed.py --device cuda --preset peer-small --kind "$kind" \
