@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """A block that runs in its tensors' own precision even inside a bf16 autocast region on `device`."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # no autocast exists there, so none can be active
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,9 @@ class VectorQuantizer(nn.Module):
         if self.cfg.normalize:
             flat = F.normalize(flat, dim=-1)
         codes = self.codes().float()
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]  # (M, K)
+        # fp32 even under bf16 autocast: the nearest code must not flip with rounding (and train as it infers).
+        with full_precision(flat.device):
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]  # (M, K)
         indices = dist.argmin(dim=1)  # (M,)
         q = codes[indices]  # (M, code_dim)
         loss = F.mse_loss(q, flat.detach()) + self.cfg.beta * F.mse_loss(flat, q.detach())
@@ -82,8 +92,10 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return
         # Re-seed dead codes with random encoder outputs from this batch, slightly jittered so that
-        # several codes reset from the same vector do not stay identical.
-        pick = torch.randint(0, batch.shape[0], (dead.numel(),), device=batch.device)
-        fresh = batch[pick] + 0.01 * torch.randn_like(batch[pick]) * batch.std()
+        # several codes reset from the same vector do not stay identical. Drawn from the global CPU generator on
+        # any device, so a GPU run resets the same codes as a CPU run, and checkpoints carry that generator.
+        pick = torch.randint(0, batch.shape[0], (dead.numel(),)).to(batch.device)
+        jitter = torch.randn(dead.numel(), batch.shape[1], dtype=batch.dtype).to(batch.device)
+        fresh = batch[pick] + 0.01 * jitter * batch.std()
         self.codebook.data[dead] = fresh.to(self.codebook.dtype)
         self.idle_steps[dead] = 0

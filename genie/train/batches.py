@@ -69,9 +69,11 @@ def stream(dataset: StepBatches, workers: int, device: torch.device) -> Iterator
         for i in range(len(dataset)):
             yield dataset[i]
         return
+    # Its own generator: starting workers draws their base seed, which must not move the global generator the
+    # VQ dead-code resets draw from (the run would then depend on the number of workers).
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_same,
                         prefetch_factor=2, persistent_workers=False, multiprocessing_context="fork",
-                        worker_init_fn=_one_thread)
+                        worker_init_fn=_one_thread, generator=torch.Generator())
     it = iter(loader)
     try:
         for batch in it:  # in index order whatever the number of workers

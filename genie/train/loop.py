@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from genie.data import make_source
 from genie.data.source import VideoBatch, VideoSource
 from genie.models.dynamics import DynamicsModelConfig
 from genie.nn.maskgit import random_frame_mask
+from genie.nn.vq import full_precision
 from genie.train import batches, distributed
 from genie.train.checkpoint import (
     STEP_PREFIX,
@@ -39,6 +41,11 @@ from genie.train.checkpoint import (
 )
 
 log = logging.getLogger(__name__)
+# DDP need not broadcast buffers (the VQ idle counters are equal on every rank): torch 2.13 names the switch
+# forward_sync_buffers and deprecates broadcast_buffers, which older releases (2.11 on the GPU image) still need.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
 # (batch, the step's generator, which rows of the global batch `batch` is: None = all) -> (loss, scalars)
 Objective = Callable[[VideoBatch, torch.Generator, "slice | None"], tuple[Tensor, dict[str, float]]]
 
@@ -90,7 +97,9 @@ def _dynamics_objective(model: nn.Module, tokenizer: nn.Module, lam: nn.Module, 
 
     def objective(batch: VideoBatch, gen: torch.Generator, rows: slice | None = None) -> tuple[Tensor, dict[str, float]]:
         replay = gen.get_state()
-        with torch.no_grad():
+        # The frozen models encode in fp32 even under bf16 autocast: the tokens and actions a world is trained on
+        # are the ones its tokenizer and LAM give at inference.
+        with torch.no_grad(), full_precision(batch.frames.device):
             tokens = tokenizer.encode(batch.frames)  # (B, T, N)
             actions = lam.infer_actions(batch.frames)  # (B, T-1)
         loss, logs = _loss_and_logs(model(tokens, actions, generator=gen))
@@ -198,7 +207,7 @@ def _train(
     trained = model
     if topo.distributed:
         ids = [topo.device.index] if topo.device.type == "cuda" else None
-        trained = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        trained = DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
     objective = _objective(kind, trained, world, frozen or {}, topo.device)
     source = source or make_source(world.data)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)

@@ -66,3 +66,15 @@ def test_bad_input_shape():
 def test_bad_config(kwargs):
     with pytest.raises(ValueError):
         VectorQuantizerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bf16_autocast_picks_the_same_codes_as_fp32(normalize):
+    """The nearest-code search runs in fp32 inside a bf16 autocast region (bf16 distances flip near-ties)."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(VectorQuantizerConfig(num_codes=1024, code_dim=32, normalize=normalize)).eval()
+    z = torch.randn(4096, 32)
+    fp32 = vq(z).indices
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = vq(z).indices
+    assert torch.equal(fp32, bf16)

@@ -32,7 +32,8 @@ def _weights(run_dir):
 
 @pytest.mark.parametrize("sets", [[], ["train_tokenizer.grad_accum=2"]], ids=["one batch", "two micro-batches"])
 def test_workers_build_the_same_batches_in_the_same_order(sets, tiny_world_cfg, tmp_path):
-    cfg = apply_overrides(tiny_world_cfg, ["train_tokenizer.steps=4", *sets])
+    # reset_after=2: dead-code resets, which draw from the global generator, fire within the 4 steps
+    cfg = apply_overrides(tiny_world_cfg, ["train_tokenizer.steps=4", "tokenizer.vq.reset_after=2", *sets])
     here = _run(cfg, tmp_path / "here", 0)
     ahead = _run(cfg, tmp_path / "ahead", 2)
     assert ahead.losses == here.losses
