@@ -146,11 +146,17 @@ def _world():
 
 
 def _step(objective, model: nn.Module, batch, gen: torch.Generator, rows: slice | None = None) -> None:
+    """The loop's step: objective, backward, gradient clipping, AdamW (built as the loop builds it)."""
+    opt = torch.optim.AdamW(loop._param_groups(model, 0.05), lr=1e-3)
     loss, logs = objective(batch, gen, rows)
     loss.backward()
     assert loss.device == OTHER and "loss" in logs
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.device == OTHER for g in grads)
+    assert nn.utils.clip_grad_norm_(model.parameters(), 1.0).device == OTHER
+    opt.step()
+    moments = [v for state in opt.state.values() for k, v in state.items() if k != "step"]  # step: a CPU count
+    assert moments and all(m.device == OTHER for m in moments)
 
 
 @pytest.mark.parametrize("kind", ["tokenizer", "lam"])
