@@ -23,7 +23,9 @@ def _one_thread():
 
 
 def _run(cfg, run_dir, workers, **kw):
-    return train("tokenizer", cfg, run_dir, progress=False, tensorboard=False, data_workers=workers, **kw)
+    # The CPU, also on a GPU machine: bit-identical results are a claim about batches, and GPU kernels need not be
+    # bitwise reproducible.
+    return train("tokenizer", cfg, run_dir, progress=False, tensorboard=False, data_workers=workers, device="cpu", **kw)
 
 
 def _weights(run_dir):
