@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -12,6 +13,10 @@ from torch import Tensor
 class VideoBatch:
     frames: Tensor  # (B, T, H, W, C) uint8
     actions: Tensor | None  # (B, T-1) int64 true actions (evaluation only), None when unknown
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> VideoBatch:
+        """The batch with `fn` applied to each of its tensors (rows, a device, pinned memory)."""
+        return VideoBatch(fn(self.frames), None if self.actions is None else fn(self.actions))
 
 
 class VideoSource(Protocol):

@@ -57,11 +57,6 @@ def _same(batch: VideoBatch) -> VideoBatch:
     return batch
 
 
-def _pin(batch: VideoBatch) -> VideoBatch:
-    actions = None if batch.actions is None else batch.actions.pin_memory()
-    return VideoBatch(batch.frames.pin_memory(), actions)
-
-
 def stream(dataset: StepBatches, workers: int, device: torch.device) -> Iterator[VideoBatch]:
     """The dataset's items in order: built here when workers == 0, else by `workers` processes, a few items ahead."""
     pin = device.type == "cuda"
@@ -77,7 +72,7 @@ def stream(dataset: StepBatches, workers: int, device: torch.device) -> Iterator
     it = iter(loader)
     try:
         for batch in it:  # in index order whatever the number of workers
-            yield _pin(batch) if pin else batch
+            yield batch.apply(torch.Tensor.pin_memory) if pin else batch
     finally:
         it._shutdown_workers()  # also when the run stops early: no worker outlives the run
 

@@ -131,7 +131,7 @@ def batch_rows(source: VideoSource, step: int, batch_size: int, start: int, stop
     if hasattr(source, "batch_rows"):
         return source.batch_rows(step, batch_size, start, stop)
     full = source.batch(step, batch_size)
-    return VideoBatch(full.frames[start:stop], None if full.actions is None else full.actions[start:stop])
+    return full.apply(lambda t: t[start:stop])
 
 
 class SlicedDraws(TorchFunctionMode):

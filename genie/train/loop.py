@@ -293,8 +293,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def _to(batch: VideoBatch, device: torch.device) -> VideoBatch:
     if device.type == "cpu":
         return batch
-    actions = None if batch.actions is None else batch.actions.to(device, non_blocking=True)
-    return VideoBatch(batch.frames.to(device, non_blocking=True), actions)
+    return batch.apply(lambda t: t.to(device, non_blocking=True))
 
 
 def _step_generator(cfg: TrainConfig, step: int) -> torch.Generator:
