@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from genie.config import apply_overrides
 from genie.data import make_source
@@ -13,13 +12,7 @@ from genie.train import batches
 from genie.train.checkpoint import latest_checkpoint
 from genie.train.loop import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(cfg, run_dir, workers, **kw):
@@ -28,18 +21,14 @@ def _run(cfg, run_dir, workers, **kw):
     return train("tokenizer", cfg, run_dir, progress=False, tensorboard=False, data_workers=workers, device="cpu", **kw)
 
 
-def _weights(run_dir):
-    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
-
-
 @pytest.mark.parametrize("sets", [[], ["train_tokenizer.grad_accum=2"]], ids=["one batch", "two micro-batches"])
-def test_workers_build_the_same_batches_in_the_same_order(sets, tiny_world_cfg, tmp_path):
+def test_workers_build_the_same_batches_in_the_same_order(sets, tiny_world_cfg, tmp_path, runs):
     # reset_after=2: dead-code resets, which draw from the global generator, fire within the 4 steps
     cfg = apply_overrides(tiny_world_cfg, ["train_tokenizer.steps=4", "tokenizer.vq.reset_after=2", *sets])
     here = _run(cfg, tmp_path / "here", 0)
     ahead = _run(cfg, tmp_path / "ahead", 2)
     assert ahead.losses == here.losses
-    a, b = _weights(tmp_path / "here"), _weights(tmp_path / "ahead")
+    a, b = runs.weights(tmp_path / "here"), runs.weights(tmp_path / "ahead")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "data_s" in ahead.logs and ahead.logs["data_s"] >= 0
     assert not multiprocessing.active_children()

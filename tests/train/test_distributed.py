@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from genie.config import apply_overrides
 from genie.nn.maskgit import random_frame_mask
@@ -18,14 +17,7 @@ from genie.train.checkpoint import latest_checkpoint, list_checkpoints
 from genie.train.distributed import SlicedDraws
 from genie.train.loop import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process runs use 1 thread: 2 OpenMP threads crawl when other work holds a core of a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # reset_after=2 makes the VQ dead-code resets (which must see the global batch) happen within a few steps.
@@ -51,30 +43,23 @@ def _run(cmd: list[str]) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+TOL = {"rtol": 1e-4, "atol": 1e-5}  # float summation order differs between 1 and 2 processes
 
 
-def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-def test_two_processes_match_one_on_the_same_global_batch(tiny_world_cfg, tmp_path):
+def test_two_processes_match_one_on_the_same_global_batch(tiny_world_cfg, tmp_path, runs):
     cfg = apply_overrides(tiny_world_cfg, TOKENIZER)
     one = train("tokenizer", cfg, tmp_path / "one" / "tokenizer", progress=False, tensorboard=False)
     rows = _run(_torchrun(2, tmp_path / "two", "tokenizer", TOKENIZER))
     assert len(rows) == 1  # rank 0 alone reports; its scalars are the global batch's (all-reduced)
     assert rows[0]["step"] == 4 and rows[0]["logs"]["loss"] == pytest.approx(one.losses[-1], rel=1e-4)
-    _assert_close(_weights(tmp_path / "one" / "tokenizer"), _weights(tmp_path / "two" / "tokenizer"))
+    runs.assert_close(tmp_path / "one" / "tokenizer", tmp_path / "two" / "tokenizer", **TOL)
     run = tmp_path / "two" / "tokenizer"
     assert [p.name for p in list_checkpoints(run)] == ["step_00000004"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 alone logs
 
 
-def test_resume_with_another_world_size(tiny_world_cfg, tmp_path):
+def test_resume_with_another_world_size(tiny_world_cfg, tmp_path, runs):
     """1 process for 3 steps, then 2 processes resume from that checkpoint: as 6 steps in one process."""
     sets = TOKENIZER[1:] + ["train_tokenizer.steps=6"]
     cfg = apply_overrides(tiny_world_cfg, sets)
@@ -82,16 +67,16 @@ def test_resume_with_another_world_size(tiny_world_cfg, tmp_path):
     train("tokenizer", cfg, tmp_path / "root" / "tokenizer", stop_after=3, progress=False, tensorboard=False)
     rows = _run(_torchrun(2, tmp_path / "root", "tokenizer", sets))
     assert {(r["resumed_from"], r["step"]) for r in rows} == {(3, 6)}
-    _assert_close(_weights(tmp_path / "a"), _weights(tmp_path / "root" / "tokenizer"))
+    runs.assert_close(tmp_path / "a", tmp_path / "root" / "tokenizer", **TOL)
 
 
-def test_grad_accumulation_matches_one_batch(tiny_world_cfg, tmp_path):
+def test_grad_accumulation_matches_one_batch(tiny_world_cfg, tmp_path, runs):
     cfg = apply_overrides(tiny_world_cfg, TOKENIZER)
     plain = train("tokenizer", cfg, tmp_path / "a", progress=False, tensorboard=False)
     accum = train("tokenizer", apply_overrides(cfg, ["train_tokenizer.grad_accum=4"]), tmp_path / "b",
                   progress=False, tensorboard=False)
     assert accum.losses == pytest.approx(plain.losses, rel=1e-5)
-    _assert_close(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    runs.assert_close(tmp_path / "a", tmp_path / "b", **TOL)
 
 
 def test_a_global_batch_that_does_not_split_is_a_clear_error(tiny_world_cfg, tmp_path, monkeypatch):
@@ -156,17 +141,12 @@ def test_killed_rank_fails_the_run_and_a_restart_resumes(tmp_path):
     assert not list((tmp_path / "lam" / "checkpoints").glob(".tmp-*"))
 
 
-def test_dynamics_two_processes_match_one(tiny_world_cfg, tmp_path):
+def test_dynamics_two_processes_match_one(tiny_world_cfg, tmp_path, runs):
     """Masks are drawn per sample of the global batch and each rank's CE is weighed by its masked tokens."""
-    from genie.train.checkpoint import build_model, checkpoint_dir, save_checkpoint
-
-    frozen = {}
-    for kind in ("tokenizer", "lam"):  # untrained frozen models: the dynamics step is the same computation
-        frozen[kind] = save_checkpoint(checkpoint_dir(tmp_path / "two" / kind, 0), kind,
-                                       build_model(kind, tiny_world_cfg.model_config(kind)), 0)
+    frozen = runs.untrained_frozen(tiny_world_cfg, tmp_path / "two")  # where the 2-process CLI run finds them
     sets = ["train_dynamics.steps=3"]
     one = train("dynamics", apply_overrides(tiny_world_cfg, sets), tmp_path / "one", frozen=frozen,
                 progress=False, tensorboard=False)
     rows = _run(_torchrun(2, tmp_path / "two", "dynamics", sets))
     assert rows[0]["logs"]["loss"] == pytest.approx(one.losses[-1], rel=1e-4)
-    _assert_close(_weights(tmp_path / "one"), _weights(tmp_path / "two" / "dynamics"))
+    runs.assert_close(tmp_path / "one", tmp_path / "two" / "dynamics", **TOL)

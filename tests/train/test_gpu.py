@@ -7,35 +7,17 @@ Skipped where torch sees no GPU (CI); `benchmarks/gpu_check.sh` runs this file o
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from genie.config import apply_overrides
-from genie.train.checkpoint import build_model, checkpoint_dir, latest_checkpoint, save_checkpoint
 from genie.train.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP32 = [f"train_{k}.tf32=false" for k in ("tokenizer", "lam", "dynamics")]
 STEPS = ["train_tokenizer.steps=4", "train_lam.steps=4", "train_dynamics.steps=4", *FP32]
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
-
-
-def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
-
-
-def _frozen(cfg, root: Path) -> dict[str, Path]:
-    """Untrained frozen tokenizer and LAM: the dynamics step is the same computation as with trained ones."""
-    return {kind: save_checkpoint(checkpoint_dir(root / kind, 0), kind, build_model(kind, cfg.model_config(kind)), 0)
-            for kind in ("tokenizer", "lam")}
+TOL = {"rtol": 1e-3, "atol": 1e-4}  # GPU kernels sum in another order than the CPU's
 
 
 def _run(kind, cfg, run_dir, device, **kw):
@@ -43,16 +25,16 @@ def _run(kind, cfg, run_dir, device, **kw):
 
 
 @pytest.mark.parametrize("kind", ["tokenizer", "lam", "dynamics"])
-def test_gpu_steps_match_cpu_steps(kind, tiny_world_cfg, tmp_path):
+def test_gpu_steps_match_cpu_steps(kind, tiny_world_cfg, tmp_path, runs):
     cfg = apply_overrides(tiny_world_cfg, STEPS)
-    frozen = _frozen(cfg, tmp_path / "frozen") if kind == "dynamics" else None
+    frozen = runs.untrained_frozen(cfg, tmp_path / "frozen") if kind == "dynamics" else None
     cpu = _run(kind, cfg, tmp_path / "cpu", "cpu", frozen=frozen)
     gpu = _run(kind, cfg, tmp_path / "gpu", "cuda", frozen=frozen)
     assert gpu.losses == pytest.approx(cpu.losses, rel=1e-3)  # same data, same masks (drawn on the CPU), same math
-    _assert_close(_weights(tmp_path / "cpu"), _weights(tmp_path / "gpu"))
+    runs.assert_close(tmp_path / "cpu", tmp_path / "gpu", **TOL)
 
 
-def test_checkpoints_cross_devices_both_ways(tiny_world_cfg, tmp_path):
+def test_checkpoints_cross_devices_both_ways(tiny_world_cfg, tmp_path, runs):
     """GPU for 2 steps -> CPU to 4 -> GPU to 6 is the same run as 6 steps on the CPU."""
     cfg = apply_overrides(tiny_world_cfg, ["train_tokenizer.steps=6", *FP32])
     straight = _run("tokenizer", cfg, tmp_path / "straight", "cpu")
@@ -62,7 +44,7 @@ def test_checkpoints_cross_devices_both_ways(tiny_world_cfg, tmp_path):
     last = _run("tokenizer", cfg, run, "cuda")
     assert (middle.resumed_from, last.resumed_from, last.step) == (2, 4, 6)
     assert last.losses == pytest.approx(straight.losses[4:], rel=1e-3)
-    _assert_close(_weights(tmp_path / "straight"), _weights(run))
+    runs.assert_close(tmp_path / "straight", run, **TOL)
 
 
 @pytest.mark.parametrize("sets", [["train_lam.bf16=true"], ["train_lam.tf32=true"]], ids=["bf16", "tf32"])
@@ -75,7 +57,7 @@ def test_reduced_precision_trains_on_the_gpu_and_leaves_torch_as_it_was(sets, ti
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl across processes needs 2 GPUs")
-def test_two_gpus_under_nccl_match_one(tiny_world_cfg, tmp_path):
+def test_two_gpus_under_nccl_match_one(tiny_world_cfg, tmp_path, runs):
     sets = ["train_tokenizer.steps=4", "tokenizer.vq.reset_after=2", *FP32]  # resets gather over nccl too
     one = _run("tokenizer", apply_overrides(tiny_world_cfg, sets), tmp_path / "one", "cuda")
     assert one.step == 4
@@ -85,4 +67,4 @@ def test_two_gpus_under_nccl_match_one(tiny_world_cfg, tmp_path):
     env = {**os.environ, "GENIE_DIST_TIMEOUT_S": "60"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_close(_weights(tmp_path / "one"), _weights(tmp_path / "two" / "tokenizer"))
+    runs.assert_close(tmp_path / "one", tmp_path / "two" / "tokenizer", **TOL)

@@ -39,6 +39,13 @@ def deployed(kit, fake_kube, tmp_path_factory):
     worker.stop(timeout=15)  # before the fake API server goes
 
 
+def _submit(kit, env: dict, run_root: Path, *sets: str) -> tuple[str, str]:
+    """Queues a 2-node tokenizer job with `sets` (train_tokenizer.*=...) -> (job id, its Kubernetes name)."""
+    overrides = [a for s in sets for a in ("--set", f"train_tokenizer.{s}")]
+    job = kit.submitted(kit.cli(env, "submit", "train", "tokenizer", *TINY, *overrides, "--run-root", str(run_root)))
+    return job, job_name(job)
+
+
 def _clean(fake_kube) -> None:
     assert not fake_kube.seen.unexpected, fake_kube.seen.unexpected  # only the API the launcher is meant to use
     assert not fake_kube.seen.unauthorized, fake_kube.seen.unauthorized  # the kubeconfig's token on every call
@@ -47,9 +54,7 @@ def _clean(fake_kube) -> None:
 def test_a_kubernetes_train_job_runs_two_torchrun_pods_to_success(deployed, fake_kube, kit):
     env, client = deployed["env"], deployed["client"]
     run_root = deployed["jobs"] / "runs-ok"
-    job = kit.submitted(kit.cli(env, "submit", "train", "tokenizer", *TINY, "--set", "train_tokenizer.steps=6",
-                          "--set", "train_tokenizer.ckpt_every=2", "--run-root", str(run_root)))
-    name = job_name(job)
+    job, name = _submit(kit, env, run_root, "steps=6", "ckpt_every=2")
     reports: list[dict] = []
 
     def finished() -> bool:
@@ -95,9 +100,7 @@ def test_a_kubernetes_train_job_runs_two_torchrun_pods_to_success(deployed, fake
 def test_cancel_deletes_the_job_and_kills_its_pods(deployed, fake_kube, kit):
     env, client = deployed["env"], deployed["client"]
     run_root = deployed["jobs"] / "runs-cancel"
-    job = kit.submitted(kit.cli(env, "submit", "train", "tokenizer", *TINY, "--set", "train_tokenizer.steps=100000",
-                          "--set", "train_tokenizer.ckpt_every=2", "--run-root", str(run_root)))
-    name = job_name(job)
+    job, name = _submit(kit, env, run_root, "steps=100000", "ckpt_every=2")
     kit.wait_for(lambda: (client.status(job).detail.get("step") or 0) >= 2, "a first checkpoint reported")
     pods = fake_kube.pods_of(name)
     assert len(pods) == 2 and all(p.alive() for p in pods)
@@ -117,9 +120,7 @@ def test_failing_pods_fail_the_job_with_the_reason_and_the_pod_log(deployed, fak
     run_root = deployed["jobs"] / "runs-broken"
     run_root.mkdir()
     (run_root / "tokenizer").write_text("a file where the pods must make the run directory")  # passes submit
-    job = kit.submitted(kit.cli(env, "submit", "train", "tokenizer", *TINY, "--set", "train_tokenizer.steps=4",
-                          "--run-root", str(run_root)))
-    name = job_name(job)
+    job, name = _submit(kit, env, run_root, "steps=4")
     st = client.wait(job, timeout=120)
     assert st.state == "FAILURE", (st.to_json(), deployed["worker"].log_text()[-3000:])
     assert f"Kubernetes Job {NS}/{name} failed (BackoffLimitExceeded)" in st.error, st.error
