@@ -58,6 +58,7 @@ class StageResult:
 @dataclass
 class BuildResult:
     world: Path
+    device: str  # where the stages train, as resolved from BuildConfig.device
     stages: list[StageResult] = field(default_factory=list)
     report: dict[str, Any] | None = None
     action_names: list[str] = field(default_factory=list)
@@ -195,8 +196,8 @@ def build_world(cfg: BuildConfig, on_step: StepCallback | None = None, progress:
     from genie.train import distributed
 
     check_build(cfg.world, cfg.out, cfg.runs)
-    distributed.resolve_device(cfg.device, distributed.topology())  # --device cuda without a GPU: refused up front
-    result = BuildResult(Path(cfg.out))
+    device = distributed.resolve_device(cfg.device, distributed.topology())  # no GPU for --device cuda: refused now
+    result = BuildResult(Path(cfg.out), str(device))
     stop: list[str] = []
 
     def hook(stage: str, done: int, logs: dict[str, float]) -> bool:
@@ -225,8 +226,6 @@ def write_build_record(cfg: BuildConfig, result: BuildResult) -> Path:
     """OUT/build.json: the config, the data, each stage's steps and wall time, and the headline eval numbers."""
     import torch
 
-    from genie.train import distributed
-
     record = {
         "world": str(cfg.out),
         "run_root": str(cfg.runs),
@@ -236,7 +235,7 @@ def write_build_record(cfg: BuildConfig, result: BuildResult) -> Path:
         "action_names": result.action_names,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": str(distributed.resolve_device(cfg.device, distributed.topology())),  # where the stages trained
+        "device": result.device,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if result.report is not None:
