@@ -6,9 +6,9 @@ trains on its own GPU (nccl), so PROCS can be at most the GPUs there are. A step
 data for the preset's model config, host-to-device copy, forward, backward, all-reduce, clip, AdamW) with the
 preset's global batch (or --set train_KIND.batch_size=...); checkpoints and TensorBoard are off the timed steps.
 Rows carry the speedup over 1x1, the scaling efficiency speedup / (processes * threads on CPU, processes on GPU),
-and with --flops the model GFLOP of one step (FlopCounterMode, one untimed step) and the model FLOP/s this throughput is. On a GPU
-the matmul peak of the step's precision (bf16, or fp32 on TF32 cores unless train_KIND.tf32=false) is measured in
-the same run for the % of peak.
+and with --flops the model GFLOP of one step (FlopCounterMode, one untimed step) and the model FLOP/s this
+throughput is. On a GPU the matmul peak of the step's precision (bf16, or fp32 on TF32 cores unless
+train_KIND.tf32=false) is measured in the same run for the % of peak.
 """
 
 from __future__ import annotations
@@ -165,11 +165,10 @@ def main() -> None:
     machine = machine_info()
     cuda = args.device == "cuda"
     gflop = step_gflop(args) if args.flops else None
-    bf16 = any(s.endswith(".bf16=true") for s in args.set)
-    tf32 = not any(s.endswith(".tf32=false") for s in args.set)  # the loop's default on a GPU
+    precision = bench_world(args, 1).train_config(args.kind)  # bf16 / tf32 as --set left them
     peak = None
     if gflop:  # the denominator of % of peak, measured in this run: the GPU's (per GPU) or the CPU's fp32 peak
-        peak = gpu_matmul_peak("bfloat16" if bf16 else "float32", tf32) if cuda else matmul_peak()
+        peak = gpu_matmul_peak("bfloat16" if precision.bf16 else "float32", precision.tf32) if cuda else matmul_peak()
     base = None
     for config in args.configs:
         procs, threads = (int(x) for x in config.split("x"))
