@@ -86,6 +86,10 @@ def step_gflop(args: argparse.Namespace) -> float:
         frozen = frozen_models(world, Path(tmp) / "frozen") if args.kind == "dynamics" else None
         flops, _ = count_flops(lambda: train(args.kind, world, Path(tmp) / "run", frozen=frozen, progress=False,
                                              tensorboard=False, device=args.device))
+    if args.device == "cuda":  # hand the step's cached blocks back: the timed run is another process on this GPU
+        import torch
+
+        torch.cuda.empty_cache()
     return flops / 1e9
 
 
@@ -107,6 +111,8 @@ def gpu_matmul_peak(dtype_name: str, tf32: bool, n: int = 8192, reps: int = 10) 
         end.record()
         torch.cuda.synchronize()
         best = max(best, 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e9)
+    del a, b
+    torch.cuda.empty_cache()
     return best
 
 
@@ -150,7 +156,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one GPU per process, nccl")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. train_lam.batch_size=64")
     parser.add_argument("--flops", action="store_true", help="count a step's model FLOPs (one untimed step)")
-    parser.add_argument("--data-workers", type=int, help="batch-building processes (default: the loop's, 2 on a GPU)")
+    parser.add_argument("--data-workers", type=int, help="batch-building processes (default: the loop's)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"], help="PROCSxTHREADS")

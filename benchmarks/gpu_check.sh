@@ -2,12 +2,12 @@
 # Every check of training that needs a GPU, prepared for a session with a lent device (the device tool's `run`,
 # which copies this checkout there and returns what lands in $OUT). Parts, each sized for one 10-minute call:
 #   bash benchmarks/gpu_check.sh            tests + bench (the first call; ~6 min)
-#   bash benchmarks/gpu_check.sh sweep      the batch sweep (a second call, if device time is left; ~4 min)
+#   bash benchmarks/gpu_check.sh sweep      the batch sweep (~2 min; `tests bench sweep` took 7 min on an H200)
 # tests: tests/train/test_gpu.py (GPU steps match CPU steps, checkpoints cross devices, TF32/bf16; nccl with >= 2
 #        GPUs), tests/train/test_device.py and test_batches.py, and `genie train --device cuda` from the command line.
 # bench: bench_distributed.py --device cuda --flops for the tokenizer, LAM and dynamics of the largest preset
 #        (peer-small) at batch 48 (the paper's CoinRun batch), fp32 (on TF32 cores, the loop's default) and bf16,
-#        1 process per GPU (1 and 2 with 2 GPUs), with the default 2 data workers; then bf16 with none (what building
+#        1 process per GPU (1 and 2 with 2 GPUs), with the default data workers; then bf16 with none (what building
 #        batches ahead saves).
 # sweep: bf16 at batch 96 and 192: where samples/s stops growing, i.e. the largest batch worth running.
 # Uses the machine's python3 (it holds torch with CUDA, einops, safetensors, click, tqdm, pytest); nothing is

@@ -50,7 +50,7 @@ def main(verbose: bool) -> None:
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (a GPU when torch sees one, else the CPU), cpu, or cuda (GPU LOCAL_RANK; an error without one).")
-@click.option("--data-workers", type=int, help="Processes building the next batches ahead (default: 2 on a GPU, 0 on CPU).")
+@click.option("--data-workers", type=int, help="Processes building the next batches ahead (default: 0 on CPU, on a GPU 2-8).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, stop_after, threads, device, data_workers,
           quiet) -> None:

@@ -20,7 +20,17 @@ from genie.data.source import VideoBatch, VideoSource
 from genie.train.distributed import batch_rows
 
 log = logging.getLogger(__name__)
-GPU_WORKERS = 2  # default worker processes per GPU rank; 0 (build in the loop) on the CPU, where cores are the limit
+# Default worker processes per GPU rank: half the node's CPUs shared among its ranks, at least 2, at most 8 (on the
+# CPU: 0, the step itself needs the cores). On an H200 with 16 cores, 2 workers left the peer-small LAM at batch 192
+# waiting on its batches for 53% of each step (benchmarks/README.md); batches there take ~0.25 s to build per core.
+MIN_GPU_WORKERS, MAX_GPU_WORKERS = 2, 8
+
+
+def gpu_workers() -> int:
+    """The default number of data workers for one GPU rank on this node (torchrun's LOCAL_WORLD_SIZE ranks)."""
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(MAX_GPU_WORKERS, max(MIN_GPU_WORKERS, cpus // (2 * ranks)))
 
 
 class StepBatches(Dataset):
@@ -42,11 +52,11 @@ class StepBatches(Dataset):
 
 
 def resolve_workers(requested: int | None, device: torch.device) -> int:
-    """Worker processes for a run: `requested`, or by default GPU_WORKERS on a GPU and 0 on the CPU. A daemonic
+    """Worker processes for a run: `requested`, or by default gpu_workers() on a GPU and 0 on the CPU. A daemonic
     process (a Celery prefork child) cannot start children, so it builds its batches itself."""
     if requested is not None and requested < 0:
         raise ValueError(f"data workers must be >= 0, got {requested}")
-    workers = requested if requested is not None else (GPU_WORKERS if device.type == "cuda" else 0)
+    workers = requested if requested is not None else (gpu_workers() if device.type == "cuda" else 0)
     if workers and multiprocessing.current_process().daemon:
         log.warning("a daemonic process cannot start data workers: building batches in the training process")
         return 0

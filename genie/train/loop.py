@@ -156,8 +156,8 @@ def train(
     on_step: called after every step with (steps done, that step's scalars); returning True stops the run there
         with a checkpoint, as stop_after does. Jobs use it to report progress and to stop on cancel or time limit.
     device: "auto" (a GPU when torch sees one, else the CPU), "cpu" or "cuda" (cuda:LOCAL_RANK).
-    data_workers: processes that build the next batches while a step runs (genie.train.batches; None = 2 on a GPU,
-        0 on the CPU). The scalar `data_s` is the time a step waited for its batch.
+    data_workers: processes that build the next batches while a step runs (genie.train.batches; None = 0 on the
+        CPU, and on a GPU half the node's CPUs per local rank, 2 to 8). The scalar `data_s` is the time a step waited for its batch.
 
     Under torchrun (WORLD_SIZE > 1) each process trains its rows of every global batch with DDP (nccl on GPUs,
     gloo on CPUs), see genie.train.distributed; rank 0 alone writes checkpoints, world.json, TensorBoard and the

@@ -1,6 +1,7 @@
 """Batches built ahead by data workers: the same run as building them in the loop, and no worker outlives it."""
 
 import multiprocessing
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -76,7 +77,16 @@ def test_a_batch_a_worker_cannot_build_fails_the_run_at_that_step(tiny_world_cfg
 def test_worker_counts(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert batches.resolve_workers(None, cpu) == 0
-    assert batches.resolve_workers(None, gpu) == batches.GPU_WORKERS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert batches.resolve_workers(None, gpu) == 8  # one GPU on 16 cores: half of them
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert batches.resolve_workers(None, gpu) == 4  # shared with the node's other rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert batches.resolve_workers(None, gpu) == 2  # never fewer than 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert batches.resolve_workers(None, gpu) == 8  # never more than 8
     assert batches.resolve_workers(3, cpu) == 3
     with pytest.raises(ValueError, match="data workers must be >= 0"):
         batches.resolve_workers(-1, cpu)
