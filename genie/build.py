@@ -205,19 +205,19 @@ def build_world(cfg: BuildConfig, on_step: StepCallback | None = None, progress:
             stop.append(stage)
         return bool(stop)
 
-    for kind in MODEL_KINDS:
-        stage = train_stage(cfg, kind, hook, progress)
+    def done(stage: StageResult) -> None:
         result.stages.append(stage)
         if on_stage is not None:
             on_stage(stage)
+
+    for kind in MODEL_KINDS:
+        done(train_stage(cfg, kind, hook, progress))
         if stop:
             result.stopped = kind
             return result
-    result.stages.append(export_stage(cfg))
+    done(export_stage(cfg))
     stage, result.report, result.action_names = eval_stage(cfg)
-    result.stages.append(stage)
-    if on_stage is not None:
-        on_stage(stage)
+    done(stage)
     write_build_record(cfg, result)
     return result
 

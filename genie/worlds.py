@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +169,8 @@ def names_from_mapping(mapping: dict[str, Any] | None, num_actions: int) -> list
             names[a] = keys
         elif (entry.get("lift") or 0.0) >= MIN_NAMING_LIFT:
             names[a] = f"{entry['majority_name'][:20]} ({entry['purity']:.0%})"
-    for a, name in enumerate(names):
-        if names.count(name) > 1:
-            names[a] = f"{name} #{a}"
-    return names
+    repeated = {name for name, n in Counter(names).items() if n > 1}
+    return [f"{name} #{a}" if name in repeated else name for a, name in enumerate(names)]
 
 
 def _key_name(entry: dict[str, Any], mapping: dict[str, Any]) -> str | None:

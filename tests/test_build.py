@@ -55,10 +55,12 @@ def config(tmp_path, videos, **kw) -> BuildConfig:
 
 def test_build_from_videos_writes_a_playable_world(tmp_path, videos):
     cfg = config(tmp_path, videos)
-    result = build_world(cfg)
+    reported = []
+    result = build_world(cfg, on_stage=reported.append)
     out = tmp_path / "world"
     assert result.stopped is None and result.world == out
     assert [s.stage for s in result.stages] == ["tokenizer", "lam", "dynamics", "export", "eval"]
+    assert reported == result.stages  # every stage reaches the progress lines, export too
     assert [s.step for s in result.stages[:3]] == [6, 4, 6]
     for name in ("world.json", "tokenizer/model.safetensors", "lam/config.json", "dynamics/model.safetensors",
                  "eval/report.json", "actions.json", "build.json", "prompts/00.png"):

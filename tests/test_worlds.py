@@ -93,7 +93,7 @@ def test_names_from_mapping_keep_weak_latents_unnamed():
 def test_names_from_mapping_are_unique():
     mapping = _report(3, {0: ("RIGHT", 0.5, 2.0, 50), 2: ("RIGHT", 0.5, 2.0, 60)})["lam"]["mapping"]
     names = names_from_mapping(mapping, 3)
-    assert len(set(names)) == 3 and names[0].startswith("RIGHT (50%)") and names[2].startswith("RIGHT (50%)")
+    assert names == ["RIGHT (50%) #0", "action 1", "RIGHT (50%) #2"]  # every one of a repeated name is numbered
 
 
 def test_apply_from_report_writes_mapping_names(world_dir, tiny_world_cfg):
