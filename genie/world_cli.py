@@ -87,7 +87,8 @@ def names(world_dir, edits, report_path) -> None:
             evidence = (read_actions_file(world_dir) or {}).get("mapping")
             save_action_names(world_dir, _edited(current, edits), "user", evidence)
         result = load_action_names(world_dir, num_actions)
-        source = (read_actions_file(world_dir) or {}).get("source", "default")
+        doc = read_actions_file(world_dir)
+        source = doc["source"] if doc is not None else "default"
     except ValueError as exc:
         _fail(str(exc))
     click.echo(json.dumps({"world": str(world_dir), "names": result, "source": source}))

@@ -109,7 +109,8 @@ def check_action_names(names: list[str]) -> list[str]:
 
 
 def read_actions_file(world_dir: Path) -> dict[str, Any] | None:
-    """The parsed WORLD/actions.json ({"names", "source", ...}), None if absent; ValueError naming the file if bad."""
+    """The parsed WORLD/actions.json ({"names", "source", ...}), None if absent; ValueError naming the file if bad.
+    A file without a "source" was written by hand: its source is "user"."""
     path = Path(world_dir) / ACTIONS_FILE
     if not path.exists():
         return None
@@ -118,8 +119,9 @@ def read_actions_file(world_dir: Path) -> dict[str, Any] | None:
         if not isinstance(doc, dict) or "names" not in doc:
             raise ValueError('expected a JSON object with "names"')
         check_action_names(doc["names"])
-        if doc.get("source", "user") not in NAME_SOURCES:
-            raise ValueError(f"source must be one of {list(NAME_SOURCES)}, got {doc.get('source')!r}")
+        doc.setdefault("source", "user")
+        if doc["source"] not in NAME_SOURCES:
+            raise ValueError(f"source must be one of {list(NAME_SOURCES)}, got {doc['source']!r}")
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{path}: bad action names file: {exc}") from exc
     return doc
@@ -201,7 +203,7 @@ def apply_action_names_from_report(world_dir: Path, report: dict[str, Any], over
     world_dir = Path(world_dir)
     num_actions = load_world_config_of(world_dir).dynamics.num_actions
     doc = None if overwrite_user else read_actions_file(world_dir)
-    if doc is not None and doc.get("source", "user") == "user":  # a hand-written file without a source is the user's
+    if doc is not None and doc["source"] == "user":
         return load_action_names(world_dir, num_actions)
     mapping = (report.get("lam") or {}).get("mapping")
     names = names_from_mapping(mapping, num_actions)

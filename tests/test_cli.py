@@ -137,3 +137,7 @@ def test_world_names_view_edit_rederive_and_errors(tmp_path):
     code, out = _run(["world", "names", str(world), "--from-report", str(tmp_path / "report.json")])
     assert code == 0, out
     assert json.loads(out)["names"][:2] == ["RIGHT (50%)", "action 1"] and json.loads(out)["source"] == "mapping"
+    hand_written = [f"move {i}" for i in range(a)]
+    (world / "actions.json").write_text(json.dumps({"names": hand_written}))  # no "source": written by hand
+    code, out = _run(["world", "names", str(world)])
+    assert code == 0 and json.loads(out) == {"world": str(world), "names": hand_written, "source": "user"}

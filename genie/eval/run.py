@@ -160,7 +160,7 @@ def _atlas_names(world_dir: Path, report: dict[str, Any], num_actions: int) -> l
         doc = read_actions_file(world_dir)
     except ValueError:
         doc = None  # a broken names file must not stop the eval; `genie world names` reports it
-    if doc is not None and doc.get("source", "user") == "user" and len(doc["names"]) == num_actions:
+    if doc is not None and doc["source"] == "user" and len(doc["names"]) == num_actions:
         return list(doc["names"])
     return names_from_mapping((report.get("lam") or {}).get("mapping"), num_actions)
 
