@@ -40,23 +40,16 @@ def bench_world(args: argparse.Namespace, steps: int):
     return apply_overrides(world, sets)
 
 
-def frozen_models(world, root: Path) -> dict[str, Path]:
-    """Untrained tokenizer and LAM checkpoints for a dynamics run: the same computation per step as trained ones."""
-    from genie.train.checkpoint import build_model, checkpoint_dir, save_checkpoint
-
-    return {k: save_checkpoint(checkpoint_dir(root / k, 0), k, build_model(k, world.model_config(k)), 0)
-            for k in ("tokenizer", "lam")}
-
-
 def worker(args: argparse.Namespace) -> None:
     """One process of a timed run (under torchrun when --procs > 1); rank 0 writes the step timestamps."""
     import torch
 
+    from genie.train.checkpoint import untrained_frozen
     from genie.train.loop import train
 
     torch.set_num_threads(args.threads)
     world = bench_world(args, args.warmup + args.steps)
-    frozen = frozen_models(world, Path(args.run_dir) / "frozen") if args.kind == "dynamics" else None
+    frozen = untrained_frozen(world, Path(args.run_dir) / "frozen") if args.kind == "dynamics" else None
     stamps: list[float] = []
     waits: list[float] = []
     cuda = args.device == "cuda"
@@ -79,11 +72,12 @@ def step_gflop(args: argparse.Namespace) -> float:
     benchmark's device (one untimed step)."""
     from common import count_flops
 
+    from genie.train.checkpoint import untrained_frozen
     from genie.train.loop import train
 
     world = bench_world(args, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        frozen = frozen_models(world, Path(tmp) / "frozen") if args.kind == "dynamics" else None
+        frozen = untrained_frozen(world, Path(tmp) / "frozen") if args.kind == "dynamics" else None
         flops, _ = count_flops(lambda: train(args.kind, world, Path(tmp) / "run", frozen=frozen, progress=False,
                                              tensorboard=False, device=args.device))
     if args.device == "cuda":  # hand the step's cached blocks back: the timed run is another process on this GPU
@@ -168,6 +162,10 @@ def main() -> None:
         return worker(args)
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1 (the first stamp ends the first step)")
+    import torch
+
+    from genie.train.distributed import backend_for
+
     machine = machine_info()
     cuda = args.device == "cuda"
     gflop = step_gflop(args) if args.flops else None
@@ -180,7 +178,7 @@ def main() -> None:
         procs, threads = (int(x) for x in config.split("x"))
         timing = timed_run(args, procs, threads)
         base = base or (timing["samples_per_s"] if (procs, threads) == (1, 1) else None)
-        backend = ("nccl" if cuda else "gloo") if procs > 1 else "none"
+        backend = backend_for(torch.device(args.device)) if procs > 1 else "none"
         row = {"bench": "train_distributed", "preset": args.preset, "model": args.kind, "device": args.device,
                "procs": procs, "threads_per_proc": threads, "backend": backend, "sets": args.set,
                "data_workers": args.data_workers, **timing}

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genie.config import from_dict
+from genie.config import WorldConfig, from_dict
 from genie.models.dynamics import DynamicsModel, DynamicsModelConfig
 from genie.models.lam import LatentActionModel, LatentActionModelConfig
 from genie.models.tokenizer import VideoTokenizer, VideoTokenizerConfig
@@ -118,6 +118,13 @@ def latest_step(run_dir: Path) -> int | None:
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
+
+
+def untrained_frozen(world: WorldConfig, root: Path) -> dict[str, Path]:
+    """Step-0 (untrained) tokenizer and LAM checkpoints under root/<kind>: a dynamics run on them costs the same per
+    step as one on trained models, so benchmarks and tests of the training loop need not train them first."""
+    return {kind: save_checkpoint(checkpoint_dir(root / kind, 0), kind, build_model(kind, world.model_config(kind)), 0)
+            for kind in ("tokenizer", "lam")}
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:

@@ -340,7 +340,7 @@ def _save(run_dir: Path, kind: str, model: nn.Module, opt: torch.optim.Optimizer
           device: torch.device) -> Path:
     tensors, groups = optimizer_to_flat(opt)
     tensors["rng.torch"] = torch.get_rng_state()
-    if device.type == "cuda":  # the global CUDA generator draws the VQ dead-code resets on a GPU
+    if device.type == "cuda":  # the global CUDA generator draws dropout (STTransformerConfig.dropout) on a GPU
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     path = save_checkpoint(checkpoint_dir(run_dir, step), kind, model, step, tensors, {"param_groups": groups, "step": step})
     prune_checkpoints(run_dir, cfg.keep_checkpoints)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genie.config import WorldConfig
-from genie.train.checkpoint import build_model, checkpoint_dir, latest_checkpoint, save_checkpoint
+from genie.train.checkpoint import latest_checkpoint, untrained_frozen
 
 
 @pytest.fixture
@@ -36,11 +35,7 @@ class Runs:
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
-    @staticmethod
-    def untrained_frozen(cfg: WorldConfig, root: Path) -> dict[str, Path]:
-        """Step-0 tokenizer and LAM checkpoints under root/<kind>: the same dynamics step as trained ones."""
-        return {kind: save_checkpoint(checkpoint_dir(root / kind, 0), kind, build_model(kind, cfg.model_config(kind)), 0)
-                for kind in ("tokenizer", "lam")}
+    untrained_frozen = staticmethod(untrained_frozen)
 
 
 @pytest.fixture
