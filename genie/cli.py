@@ -51,9 +51,11 @@ def main(verbose: bool) -> None:
 @click.option("--device", default="auto", show_default=True,
               help="auto (a GPU when torch sees one, else the CPU), cpu, or cuda (GPU LOCAL_RANK; an error without one).")
 @click.option("--data-workers", type=int, help="Processes building the next batches ahead (default: 0 on CPU, on a GPU 2-8).")
+@click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
+              help="TensorBoard scalars under RUN_ROOT/KIND/tb.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, stop_after, threads, device, data_workers,
-          quiet) -> None:
+          tensorboard, quiet) -> None:
     """Train one model; re-running the same command resumes from the newest checkpoint.
 
     Runs unchanged under `torchrun --nproc-per-node N` (nccl on GPUs, gloo on CPU): DDP, each rank a slice of
@@ -81,7 +83,7 @@ def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, s
                 "lam": lam_ckpt or latest_checkpoint(run_root / "lam"),
             }
         result = run_train(kind, world, run_root / kind, frozen=frozen, stop_after=stop_after, progress=not quiet,
-                           device=device, data_workers=data_workers)
+                           device=device, data_workers=data_workers, tensorboard=tensorboard)
     except (ValueError, FloatingPointError) as exc:
         _fail(str(exc))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the same result: rank 0 reports it

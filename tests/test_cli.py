@@ -55,10 +55,13 @@ def test_train_export_rollout(tmp_path):
 
 def test_training_resumes_in_parts(tmp_path):
     root = str(tmp_path / "run")
-    code, out = _run(["train", "lam", *TINY, "--run-root", root, "--set", "train_lam.steps=8", "--stop-after", "4"])
+    code, out = _run(["train", "lam", *TINY, "--run-root", root, "--set", "train_lam.steps=8", "--stop-after", "4",
+                      "--no-tensorboard"])
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["step"] == 4
+    assert not (tmp_path / "run" / "lam" / "tb").exists()
     code, out = _run(["train", "lam", *TINY, "--run-root", root, "--set", "train_lam.steps=8"])
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["resumed_from"] == 4
+    assert (tmp_path / "run" / "lam" / "tb").is_dir()  # TensorBoard is on by default
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):

@@ -82,6 +82,8 @@ class KubeTrainSpec:
     mount_path: str = "/data/jobs"
     tokenizer: str | None = None  # checkpoint dirs for `genie train dynamics` (default: the newest under run_root)
     lam: str | None = None
+    threads: int = 0  # torch threads per process (`genie train --threads`); 0 = torch's default
+    tensorboard: bool = True  # scalars under RUN_ROOT/KIND/tb (written by rank 0)
     cpu: str = "2"  # requests per pod
     memory: str = "8Gi"  # request and limit per pod
     service_account: str = ""  # empty: the namespace's default (the training pods get no API token either way)
@@ -98,13 +100,15 @@ class KubeTrainSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for what in ("nodes", "gpus_per_node", "backoff_limit", "rdzv_port"):
+        for what in ("nodes", "gpus_per_node", "threads", "backoff_limit", "rdzv_port"):
             if not isinstance(getattr(self, what), int) or isinstance(getattr(self, what), bool):
                 raise ValueError(f"{what} must be an integer, got {getattr(self, what)!r}")
         if not 1 <= self.nodes <= MAX_NODES:
             raise ValueError(f"nodes must be between 1 and {MAX_NODES}, got {self.nodes}")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.procs_per_node is not None and (not isinstance(self.procs_per_node, int) or self.procs_per_node < 1):
             raise ValueError(f"procs_per_node must be >= 1 (or None for one per GPU), got {self.procs_per_node!r}")
         if self.gpus_per_node and self.procs > self.gpus_per_node:
@@ -281,6 +285,10 @@ def torchrun_command(spec: KubeTrainSpec) -> list[str]:
     for flag, path in (("--tokenizer", spec.tokenizer), ("--lam", spec.lam)):
         if path:
             cmd += [flag, path]
+    if spec.threads:
+        cmd += ["--threads", str(spec.threads)]
+    if not spec.tensorboard:
+        cmd.append("--no-tensorboard")
     return cmd
 
 

@@ -24,6 +24,7 @@ def train_on_kubernetes(run: Execution, job: TrainJobSpec, job_id: str, root: Pa
     from genie.launch.kubernetes import JobState, KubeLauncher, checkpoint_step_reader
 
     options = {k: v for k, v in (("tokenizer", job.tokenizer), ("lam", job.lam)) if v}
+    options |= {"threads": job.threads, "tensorboard": job.tensorboard}
     spec = KubeSettings.from_env().spec(job_id, job.kind, to_dict(job.world), str(root), nodes=job.nodes,
                                         gpus_per_node=job.gpus_per_node, **options)  # ValueError: FAILURE
     launcher = launcher or KubeLauncher()

@@ -61,7 +61,7 @@ def train(self: JobTask, spec: dict[str, Any], parent: str | None = None) -> dic
     if self.store.cancel_requested(job_id):
         self.cancel(job_id, {"done": 0, "total": job.steps})
     with self.execution(job_id, job.steps) as run:
-        return _with_threads(job.threads, lambda: _train(run, job, job_id))
+        return _train(run, job, job_id)
 
 
 def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
     if job.backend == "kubernetes":
         from services.worker.kube import train_on_kubernetes
 
-        return train_on_kubernetes(run, job, job_id, root)
+        return train_on_kubernetes(run, job, job_id, root)  # threads and TensorBoard are the pods' (torchrun_command)
     frozen = {}
     if job.kind == "dynamics":
         frozen = {"tokenizer": Path(job.tokenizer) if job.tokenizer else latest_checkpoint(root / "tokenizer"),
@@ -89,8 +89,8 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
             stop.append(reason)
         return bool(reason)
 
-    result = run_train(job.kind, job.world, root / job.kind, frozen=frozen, progress=False, tensorboard=job.tensorboard,
-                       on_step=on_step)
+    result = _with_threads(job.threads, lambda: run_train(job.kind, job.world, root / job.kind, frozen=frozen,
+                                                          progress=False, tensorboard=job.tensorboard, on_step=on_step))
     summary = {
         "job": job_id, "kind": job.kind, "run_dir": str(root / job.kind), "step": result.step, "total": total,
         "resumed_from": result.resumed_from, "checkpoint": str(result.checkpoint) if result.checkpoint else None,

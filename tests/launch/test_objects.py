@@ -123,6 +123,9 @@ def test_torchrun_meets_on_pod_zero_through_the_headless_service(spec):
     # ... and then the Genie command: train KIND from the mounted config into the shared run root.
     tail = cmd[cmd.index("-m"):]
     assert tail[:4] == ["-m", "genie.cli", "train", spec.kind] and "--quiet" in tail
+    assert "--threads" not in tail and "--no-tensorboard" not in tail  # the defaults: torch's threads, TensorBoard on
+    quiet = build_job(make(threads=2, tensorboard=False))["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert flag(quiet, "--threads") == "2" and "--no-tensorboard" in quiet
     assert flag(tail, "--run-root") == spec.run_root
     assert flag(tail, "--config") == f"{CONFIG_DIR}/world.json"
     assert ("--lam" in tail) == (spec.lam is not None) and "--tokenizer" not in tail
@@ -204,6 +207,8 @@ def test_job_names_are_deterministic_dns_labels():
     (dict(nodes=0), "nodes must be between 1"),
     (dict(nodes=True), "nodes must be an integer"),
     (dict(gpus_per_node=-1), "gpus_per_node must be >= 0"),
+    (dict(threads=-1), "threads must be >= 0"),
+    (dict(threads=1.5), "threads must be an integer"),
     (dict(gpus_per_node=2, procs_per_node=3), "ranks would share a GPU"),
     (dict(procs_per_node=0), "procs_per_node must be >= 1"),
     (dict(job_id="___"), "cannot be made a DNS label"),

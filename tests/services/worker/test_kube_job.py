@@ -19,7 +19,7 @@ from services.worker.kube import train_on_kubernetes
 from services.worker.specs import TrainJobSpec
 
 NS = "genie-test"
-TINY = ["--preset", "tiny", "--backend", "kubernetes", "--nodes", "2"]
+TINY = ["--preset", "tiny", "--backend", "kubernetes", "--nodes", "2", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,10 @@ def test_a_kubernetes_train_job_runs_two_torchrun_pods_to_success(deployed, fake
     k8s_job = fake_kube.get("jobs", NS, name)
     assert k8s_job["metadata"]["annotations"][JOB_ID_ANNOTATION] == job
     assert k8s_job["status"]["succeeded"] == 2 and k8s_job["status"]["failed"] == 0
+    # The job's --threads and (no) --tensorboard reach the pods, not the supervising worker.
+    cmd = k8s_job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--threads") + 1] == "1" and "--no-tensorboard" in cmd
+    assert not (run_root / "tokenizer" / "tb").exists()
     owner = fake_kube.get("configmaps", NS, name)["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "Job" and owner["uid"] == k8s_job["metadata"]["uid"]
 
