@@ -247,18 +247,18 @@ class KubeLauncher:
         """
         name = job_name(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
-        reported: list[JobProgress] = []
+        last: JobProgress | None = None  # the newest progress seen
         job, version = None, None
 
         def report(job: Any) -> JobProgress:
+            nonlocal last
             progress = _progress(job, read_step)
-            if on_progress is not None and (not reported or progress != reported[-1]):
+            if on_progress is not None and progress != last:
                 on_progress(progress)
-            reported.append(progress)
+            last = progress
             return progress
 
         def interrupted() -> JobOutcome | None:
-            last = reported[-1] if reported else None
             if should_stop is not None and should_stop():
                 self.cancel(job_id, namespace)
                 return JobOutcome(JobState.CANCELLED, "Cancelled", "stopped on request; the Job was deleted", last)
@@ -276,7 +276,7 @@ class KubeLauncher:
                 job, version = self._list(name, namespace)
                 if job is None:
                     return JobOutcome(JobState.FAILED, "NotFound", f"Job {namespace}/{name} does not exist",
-                                      reported[-1] if reported else None)
+                                      last)
                 progress = report(job)
                 if outcome := _outcome(job, progress):
                     return outcome
@@ -292,7 +292,7 @@ class KubeLauncher:
                     if event["type"] == "DELETED":
                         stream.stop()
                         return JobOutcome(JobState.CANCELLED, "Deleted", f"Job {namespace}/{name} was deleted",
-                                          reported[-1] if reported else None)
+                                          last)
                     if event["type"] not in ("ADDED", "MODIFIED"):
                         continue
                     job = event["object"]
