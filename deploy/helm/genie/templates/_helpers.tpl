@@ -70,7 +70,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Pod-level placement and identity shared by every pod: (dict "ctx" $ "gpu" <bool>). */}}
 {{- define "genie.podCommon" -}}
+{{- /* Only a pod that talks to the API server (the train worker's launcher) gets a ServiceAccount token. */ -}}
+{{- if .serviceAccount -}}
+automountServiceAccountToken: true
+serviceAccountName: {{ .serviceAccount }}
+{{- else -}}
 automountServiceAccountToken: false
+{{- end }}
 securityContext:
   {{- toYaml .ctx.Values.podSecurityContext | nindent 2 }}
 {{- with .ctx.Values.imagePullSecrets }}
@@ -171,4 +177,9 @@ tolerations:
     secretKeyRef:
       name: {{ include "genie.redisSecretName" . }}
       key: {{ include "genie.redisSecretKey" . }}
+{{- end }}
+
+{{/* The PVC the chart mounts at /data/jobs (its own, or worker.jobs.existingClaim): training pods mount it too. */}}
+{{- define "genie.jobsClaim" -}}
+{{- default (printf "%s-jobs" (include "genie.fullname" .)) .Values.worker.jobs.existingClaim }}
 {{- end }}

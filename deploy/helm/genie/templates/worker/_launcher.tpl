@@ -7,8 +7,3 @@
 {{- define "genie.launcherServiceAccount" -}}
 {{- default (include "genie.launcherName" .) .Values.worker.kubernetes.serviceAccount.name }}
 {{- end }}
-
-{{/* The PVC the chart mounts at /data/jobs: the training pods mount the same one. */}}
-{{- define "genie.jobsClaim" -}}
-{{- default (printf "%s-jobs" (include "genie.fullname" .)) .Values.worker.jobs.existingClaim }}
-{{- end }}
