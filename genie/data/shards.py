@@ -141,16 +141,12 @@ class ShardedDataset:
 
     @property
     def true_action_names(self) -> list[str] | None:
-        """Human-readable names of the true actions (index.json info "action_names"), None if not recorded."""
-        return true_action_names(self.info)
-
-
-def true_action_names(info: dict[str, Any]) -> list[str] | None:
-    """The true action names a dataset's info records; None for old datasets or sources without them."""
-    names = info.get("action_names")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        return None
-    return list(names)
+        """Human-readable names of the true actions (index.json info "action_names"), None if not recorded (old
+        datasets, sources without them)."""
+        names = self.info.get("action_names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+        return list(names)
 
 
 class ShardedClips:

@@ -41,6 +41,11 @@ class MovingSprites:
 
     num_true_actions = len(MOVES)
 
+    @property
+    def true_action_names(self) -> list[str]:
+        """Names of the true actions, as datasets record theirs (ShardedClips.true_action_names)."""
+        return list(ACTION_NAMES)
+
     def __init__(self, cfg: SpritesConfig) -> None:
         self.cfg = cfg
         self.size = cfg.sprite_size or max(2, cfg.height // 8)

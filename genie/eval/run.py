@@ -16,8 +16,6 @@ import numpy as np
 import torch
 
 from genie.data.source import VideoSource
-from genie.data.synthetic import ACTION_NAMES as SPRITE_ACTION_NAMES
-from genie.data.synthetic import MovingSprites
 from genie.eval.atlas import action_atlas
 from genie.eval.drift import drift
 from genie.eval.drift import rollout as _rollout
@@ -127,7 +125,7 @@ def evaluate(
     if latent_all and true_np.size:
         num_true = cfg.num_true_actions or int(true_np.max()) + 1
         report["lam"] = action_consistency(latent_np, true_np, world.num_actions, num_true)
-        true_names = _true_action_names(source)
+        true_names = getattr(source, "true_action_names", None)  # recorded by datasets; sprites have fixed ones
         report["lam"]["mapping"] = action_mapping(
             latent_np, true_np, world.num_actions, max(num_true, len(true_names or [])), true_names
         )
@@ -145,13 +143,6 @@ def evaluate(
         report["drift"] = drift(world, lam, source, cfg.drift_steps, cfg.drift_clips, cfg.seed, cfg.batch_size, out_dir)
     (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2))
     return report
-
-
-def _true_action_names(source: VideoSource) -> list[str] | None:
-    """Names of the source's true actions (shards record them in index.json; sprites have fixed ones)."""
-    if isinstance(source, MovingSprites):
-        return list(SPRITE_ACTION_NAMES)
-    return getattr(source, "true_action_names", None)
 
 
 def _atlas_names(world_dir: Path, report: dict[str, Any], num_actions: int) -> list[str]:
