@@ -26,6 +26,7 @@ from genie.eval.metrics import psnr
 from genie.media import draw_text, save_png, text_width, write_gif
 from genie.sampling import World
 from genie.state import KVCacheStore
+from genie.worlds import default_action_names
 
 CELL_SCALE = 2  # frames are upscaled this much (nearest) in the grid
 GAP = 2  # pixels between cells
@@ -133,7 +134,7 @@ def action_atlas(
     """
     prompts = torch.as_tensor(np.asarray(prompts))  # (P, H, W, C)
     num_actions = world.num_actions
-    names = list(names) if names is not None else [f"action {a}" for a in range(num_actions)]
+    names = list(names) if names is not None else default_action_names(num_actions)
     if len(names) != num_actions:
         raise ValueError(f"{len(names)} action names for {num_actions} actions")
     rollouts = atlas_rollouts(world, prompts, steps, seed, batch_size)  # (A, P, steps + 1, H, W, C)
@@ -144,7 +145,8 @@ def action_atlas(
     title = f"each action held {steps} steps (seed {seed})"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = save_png(grid_frames(rollouts, labels, title)[-1], out_dir / "atlas.png")  # the last step
+    # The last step only: the first frame (the prompt row) and the last, not every step's upscaled grid.
+    png = save_png(grid_frames(rollouts[:, :, [0, -1]], labels, title)[-1], out_dir / "atlas.png")
     captions = [f"step {t}/{steps}" for t in range(steps + 1)]
     grid = grid_frames(rollouts, labels, title, scale=1)  # (T, GH, GW, 3), unscaled to keep the GIF small
     gif = write_gif(grid, out_dir / "atlas.gif", fps=3, scale=1, captions=captions)
