@@ -181,15 +181,16 @@ def _key_name(entry: dict[str, Any], mapping: dict[str, Any]) -> str | None:
     if not counts or not true_names or not base or not len(counts) == len(true_names) == len(base):
         return None
     combos = [set(name.split("+")) - {"NOOP"} for name in true_names]  # the keys each true action presses
-    total = sum(counts)
+    if not any(len(c) > 1 for c in combos) or not sum(counts) or not sum(base):  # the actions are not key combos
+        return None
 
     def share(keys: set[str], weights: list[float]) -> float:
         return sum(w for w, combo in zip(weights, combos, strict=True) if keys <= combo) / sum(weights)
 
-    keys = {k for combo in combos for k in combo}
-    chosen = sorted((k for k in keys if share({k}, counts) >= 0.5 and share({k}, counts) >= MIN_NAMING_LIFT
-                     * share({k}, base)), key=lambda k: -share({k}, counts))
-    if not chosen or not any(len(c) > 1 for c in combos) or total == 0:  # no key, or the actions are not combos
+    shares = {k: share({k}, counts) for combo in combos for k in combo}  # each key's share of this latent's moves
+    chosen = sorted((k for k, s in shares.items() if s >= 0.5 and s >= MIN_NAMING_LIFT * share({k}, base)),
+                    key=lambda k: -shares[k])
+    if not chosen:
         return None
     return f"{'+'.join(chosen)[:20]} ({share(set(chosen), counts):.0%})"
 
