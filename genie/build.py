@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from genie.config import DEVICES, MODEL_KINDS, WorldConfig, to_dict, write_json_atomic
+from genie.config import MODEL_KINDS, WorldConfig, check_device, to_dict, write_json_atomic
 
 BUILD_FILE = "build.json"
 
@@ -35,8 +35,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if not self.out:
             raise ValueError("a world build needs an output directory (--out)")
-        if self.device not in DEVICES:
-            raise ValueError(f"unknown device {self.device!r}; expected one of {DEVICES}")
+        check_device(self.device)
         if self.eval_clips < 0 or self.drift_steps < 0 or self.atlas_prompts < 0:
             raise ValueError("eval_clips, drift_steps and atlas_prompts must be >= 0")
 

@@ -21,6 +21,13 @@ MODEL_KINDS = ("tokenizer", "lam", "dynamics")
 DEVICES = ("auto", "cpu", "cuda")  # where training runs: auto = a GPU when torch sees one, else the CPU
 
 
+def check_device(name: str) -> str:
+    """`name` if it is one of DEVICES; ValueError otherwise."""
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; expected one of {DEVICES}")
+    return name
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000

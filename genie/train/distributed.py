@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from genie.config import DEVICES
+from genie.config import check_device
 from genie.data.source import VideoBatch, VideoSource
 from genie.nn.vq import VectorQuantizer
 
@@ -55,8 +55,7 @@ def topology() -> Topology:
 def resolve_device(requested: str, topo: Topology) -> torch.device:
     """The device this rank trains on: "cpu"; "cuda" = cuda:LOCAL_RANK (one GPU per torchrun process on a
     node); "auto" = cuda when torch sees a GPU, else cpu. Raises ValueError when CUDA is asked for and absent."""
-    if requested not in DEVICES:
-        raise ValueError(f"unknown device {requested!r}; expected one of {DEVICES}")
+    check_device(requested)
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
