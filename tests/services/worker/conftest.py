@@ -116,12 +116,12 @@ class Kit:
 
     @staticmethod
     def cli(env: dict[str, str], *args: str):
-        """`genie jobs ARGS` through click's runner, against the broker and jobs dir of `env`."""
+        """`genie jobs ARGS` through click's runner, against the broker, world and jobs dir of `env`."""
         from click.testing import CliRunner
 
         from services.worker.cli import jobs
 
-        return CliRunner().invoke(jobs, list(args), env={k: env[k] for k in ("GENIE_BROKER_URL", "GENIE_JOBS_DIR")})
+        return CliRunner().invoke(jobs, list(args), env={k: env[k] for k in ("GENIE_BROKER_URL", "GENIE_WORLD", "GENIE_JOBS_DIR")})
 
     @staticmethod
     def submitted(result) -> str:

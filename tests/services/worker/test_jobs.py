@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from genie.train.checkpoint import latest_checkpoint, list_checkpoints
-from services.worker.cli import jobs
 from services.worker.specs import RolloutJobSpec
 
 PROMPTS = ("0", "1", "2")
@@ -36,20 +34,9 @@ def deployed(kit, tmp_path_factory):
     client.close()
 
 
-def _cli(env, *args):
-    result = CliRunner().invoke(jobs, list(args), env={"GENIE_BROKER_URL": env["GENIE_BROKER_URL"],
-                                                      "GENIE_WORLD": env["GENIE_WORLD"], "GENIE_JOBS_DIR": env["GENIE_JOBS_DIR"]})
-    return result
-
-
-def _submitted(result) -> str:
-    assert result.exit_code == 0, (result.output, result.stderr)
-    return json.loads(result.stdout.strip().splitlines()[0])["job"]
-
-
-def test_train_job_runs_to_a_checkpoint(deployed):
+def test_train_job_runs_to_a_checkpoint(deployed, kit):
     env, client = deployed["env"], deployed["client"]
-    job = _submitted(_cli(env, "submit", "train", "tokenizer", "--preset", "tiny", "--set", "train_tokenizer.steps=20",
+    job = kit.submitted(kit.cli(env, "submit", "train", "tokenizer", "--preset", "tiny", "--set", "train_tokenizer.steps=20",
                           "--set", "train_tokenizer.ckpt_every=10"))
     st = client.wait(job, timeout=120)
     assert st.state == "SUCCESS", st.to_json()
@@ -58,29 +45,29 @@ def test_train_job_runs_to_a_checkpoint(deployed):
     run_dir = Path(env["GENIE_JOBS_DIR"]) / job / "tokenizer"  # no --run-root: GENIE_JOBS_DIR/<job id>
     assert Path(result["checkpoint"]) == latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step_00000020"
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000010", "step_00000020"]
-    shown = _cli(env, "status", job)
+    shown = kit.cli(env, "status", job)
     assert shown.exit_code == 0 and "SUCCESS" in shown.stdout and "[" + "#" * 30 + "] 20/20 100%" in shown.stdout
 
 
-def test_dynamics_job_uses_the_run_roots_tokenizer_and_lam(deployed, trained_run, tmp_path):
+def test_dynamics_job_uses_the_run_roots_tokenizer_and_lam(deployed, trained_run, tmp_path, kit):
     env, client = deployed["env"], deployed["client"]
     for kind in ("tokenizer", "lam"):
         shutil.copytree(trained_run / kind / "checkpoints", tmp_path / kind / "checkpoints")
-    job = _submitted(_cli(env, "submit", "train", "dynamics", "--preset", "tiny", "--run-root", str(tmp_path),
+    job = kit.submitted(kit.cli(env, "submit", "train", "dynamics", "--preset", "tiny", "--run-root", str(tmp_path),
                           "--set", "train_dynamics.steps=4"))
     st = client.wait(job, timeout=120)
     assert st.state == "SUCCESS", st.to_json()
     assert st.result["step"] == 4 and latest_checkpoint(tmp_path / "dynamics").name == "step_00000004"
 
 
-def test_rollout_job_writes_every_output_and_a_manifest(deployed, trained_world_dir, tmp_path):
+def test_rollout_job_writes_every_output_and_a_manifest(deployed, trained_world_dir, tmp_path, kit):
     env, client = deployed["env"], deployed["client"]
     args = ["submit", "rollout", "--chunk-size", "2", "--seed", "7", "--out", str(tmp_path / "out")]
     for p in PROMPTS:
         args += ["--prompt", p]
     for a in ACTIONS:
         args += ["--actions", a]
-    job = _submitted(_cli(env, *args))
+    job = kit.submitted(kit.cli(env, *args))
     st = client.wait(job, timeout=120)
     assert st.state == "SUCCESS", st.to_json()
     assert st.done == st.total == 6 and st.result["items"] == 6
@@ -121,12 +108,12 @@ async def _reference(world_dir, item):
 def test_cancel_running_and_queued_jobs(deployed, kit):
     env, client = deployed["env"], deployed["client"]
     long = ["submit", "train", "lam", "--preset", "tiny", "--set", "train_lam.steps=100000", "--set", "train_lam.ckpt_every=1000"]
-    running = _submitted(_cli(env, *long))
-    queued = _submitted(_cli(env, *long))
+    running = kit.submitted(kit.cli(env, *long))
+    queued = kit.submitted(kit.cli(env, *long))
     kit.wait_for(lambda: client.status(running).done >= 3, "the first job to train a few steps")
-    assert _cli(env, "cancel", queued).stdout.split()[2] == "CANCELLED"  # never started: dropped when taken
+    assert kit.cli(env, "cancel", queued).stdout.split()[2] == "CANCELLED"  # never started: dropped when taken
     assert client.status(running).state == "PROGRESS"
-    cancelling = _cli(env, "cancel", running)
+    cancelling = kit.cli(env, "cancel", running)
     assert cancelling.exit_code == 0 and cancelling.stdout.split()[2] in ("CANCELLING", "CANCELLED")
 
     st = client.wait(running, timeout=60)
@@ -138,7 +125,7 @@ def test_cancel_running_and_queued_jobs(deployed, kit):
     kit.wait_for(lambda: client.store.lease_holder(queued) is None and deployed["train"].log_text().count("cancelled at") == 2,
               "the queued job to be taken and dropped")
     assert not (Path(env["GENIE_JOBS_DIR"]) / queued).exists()  # it never trained
-    shown = _cli(env, "status", running)
+    shown = kit.cli(env, "status", running)
     assert "CANCELLED" in shown.stdout
 
 
@@ -156,7 +143,7 @@ def test_cancel_a_rollout_mid_way(deployed, trained_world_dir, tmp_path, kit):
     assert 1 <= len(list((tmp_path / "items").iterdir())) < 6 and not (tmp_path / "manifest.json").exists()
 
 
-def test_a_job_failing_on_the_worker_reports_why(deployed, trained_world_dir, tmp_path):
+def test_a_job_failing_on_the_worker_reports_why(deployed, trained_world_dir, tmp_path, kit):
     env, client = deployed["env"], deployed["client"]
     prompt = tmp_path / "prompt.png"
     shutil.copy(trained_world_dir / "prompts" / "00.png", prompt)
@@ -165,7 +152,7 @@ def test_a_job_failing_on_the_worker_reports_why(deployed, trained_world_dir, tm
     prompt.unlink()  # ...gone when the worker gets to it (the race only makes the test stricter: it must fail either way)
     st = client.wait(job, timeout=60)
     assert st.state == "FAILURE" and "prompt" in st.error, st.to_json()
-    shown = _cli(env, "status", job)
+    shown = kit.cli(env, "status", job)
     assert shown.exit_code == 0 and "FAILURE" in shown.stdout
 
 
@@ -198,7 +185,7 @@ def test_bad_arguments_are_rejected_before_queueing(deployed, kit, trained_run, 
         (["cancel", "no-such-job"], "no job"),
     ]
     for args, message in cases:
-        result = _cli(env, *args)
+        result = kit.cli(env, *args)
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2, (args, result.output)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
