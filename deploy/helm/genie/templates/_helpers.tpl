@@ -68,7 +68,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- toYaml $res }}
 {{- end }}
 
-{{/* Pod-level placement and identity shared by every pod: (dict "ctx" $ "gpu" <bool>). */}}
+{{/* Pod-level placement and identity shared by every pod: (dict "ctx" $ "gpu" <bool> ["serviceAccount" <name>]). */}}
 {{- define "genie.podCommon" -}}
 {{- /* Only a pod that talks to the API server (the train worker's launcher) gets a ServiceAccount token. */ -}}
 {{- if .serviceAccount -}}
