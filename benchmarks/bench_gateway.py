@@ -54,7 +54,7 @@ class GatewayProcess:
 
     def __init__(self, world: Path, backend: str, store: str, triton_url: str, threads: int) -> None:
         self.token = new_token()
-        args = [sys.executable, "-m", "genie.cli", "serve", "--world", str(world), "--backend", backend, "--store", store,
+        args = [sys.executable, "-m", "services.cli", "serve", "--world", str(world), "--backend", backend, "--store", store,
                 "--triton-url", triton_url, "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "0",
                 "--tokens", f"bench:{self.token}", "--max-sessions", "100000", "--rate", "1000000", "--session-ttl", "3600"]
         if threads:

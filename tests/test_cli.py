@@ -6,10 +6,10 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from genie.cli import main
 from genie.config import to_dict
 from genie.media import CAPTION_HEIGHT
 from genie.presets import tiny
+from services.cli import main
 
 TINY = ["--preset", "tiny", "--quiet"]
 
@@ -96,7 +96,7 @@ def test_play_serves_the_page_and_the_grpc_api_until_interrupted(trained_world_d
 
     from services.gateway.client import GatewayClient
 
-    args = [sys.executable, "-m", "genie.cli", "play", "--world", str(trained_world_dir), "--no-browser",
+    args = [sys.executable, "-m", "services.cli", "play", "--world", str(trained_world_dir), "--no-browser",
             "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1", "--threads", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -144,3 +144,26 @@ def test_world_names_view_edit_rederive_and_errors(tmp_path):
     (world / "actions.json").write_text(json.dumps({"names": hand_written}))  # no "source": written by hand
     code, out = _run(["world", "names", str(world)])
     assert code == 0 and json.loads(out) == {"world": str(world), "names": hand_written, "source": "user"}
+
+
+def test_library_imports_no_service():
+    """genie/ never imports services/: statically (no import statement names it) and at run time (python -m genie.cli)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "genie"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("services", "genie_api")]
+    assert not offenders, offenders
+    code = "import sys, genie.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'services'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
+    help_text = subprocess.run([sys.executable, "-m", "genie.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "train" in help_text and "world" in help_text and "serve" not in help_text

@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from genie.cli import main
 from genie.data import ShardedClips, ShardWriter, make_source
 from genie.eval.drift import drift, infer_long_actions, long_clips, rollout
 from genie.eval.metrics import psnr
 from genie.train.checkpoint import load_model
 from genie.worlds import load_world
+from services.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

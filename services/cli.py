@@ -1,0 +1,194 @@
+"""The installed `genie` command: the library's commands (genie/cli.py) plus play, serve, rollout, triton and jobs.
+
+The serving and job commands are registered here, beside the services they start, so the library never imports
+services/ (`python -m genie.cli` has the library's commands only, which is all torchrun's training processes need).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from genie.cli import DEFAULT_WORLD, _fail, main
+from services.triton.cli import triton
+from services.worker.cli import jobs
+
+main.add_command(triton)
+main.add_command(jobs)
+
+
+def _backend_options(f):
+    f = click.option("--triton-model-urls", default="", envvar="GENIE_TRITON_MODEL_URLS",
+                     help="Per-model Triton addresses, e.g. tokenizer=tok:8001,dynamics=dyn:8001,lam=lam:8001 "
+                          "(default: all at --triton-url).")(f)
+    f = click.option("--triton-url", default="127.0.0.1:8001", show_default=True, envvar="GENIE_TRITON_URL",
+                     help="Triton gRPC address (--backend triton).")(f)
+    f = click.option("--backend", type=click.Choice(["inprocess", "triton"]), default="inprocess", show_default=True,
+                     help="Run the models in this process, or call the Triton model services.")(f)
+    return f
+
+
+@main.command()
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), default=DEFAULT_WORLD, show_default=True)
+@click.option("--steps", type=int, default=32, show_default=True, help="Frames to generate.")
+@click.option("--actions", default="random", show_default=True, help="Comma-separated latent actions, or 'random'.")
+@click.option("--prompt", default="0", show_default=True,
+              help="A PNG/JPEG file, or the index of one of the world's prompts (WORLD/prompts/).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sampling-steps", type=int, help="MaskGIT steps (default: the world's).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("rollout.gif"), show_default=True)
+@_backend_options
+def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls) -> None:
+    """Generate frames for a prompt and an action sequence and write a GIF, through the same model backend
+    interface the gateway uses (in process, or the Triton services). Each frame is captioned with its step and the
+    name of the action that led to it (WORLD/actions.json; `genie world names`)."""
+    import asyncio
+    from dataclasses import replace
+
+    from genie.media import load_image, write_gif
+    from genie.worlds import load_prompts
+    from services.gateway.app import GatewayConfig, make_backend
+    from services.gateway.backend import BackendUnavailable
+    from services.rollout import rollout_one
+
+    async def run(image: Path):
+        models = make_backend(GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url,
+                                            triton_model_urls=triton_model_urls))
+        try:
+            await models.start()
+            spec = models.spec
+            seq = _action_sequence(actions, steps, spec.num_actions, seed)
+            sampling = replace(spec.sampling, steps=sampling_steps) if sampling_steps else spec.sampling
+            frame = load_image(image, spec.height, spec.width)
+            t0 = time.perf_counter()
+            frames = await rollout_one(models, frame[None], seq, seed, sampling)
+            captions = ["prompt"] + [f"{t + 1}: {spec.action_name(a)}" for t, a in enumerate(seq)]
+            return seq, frames, captions, time.perf_counter() - t0
+        finally:
+            await models.close()
+
+    try:
+        if backend == "inprocess" and not (Path(world_dir) / "world.json").exists():
+            raise ValueError(f"{world_dir} is not a world directory (no world.json)")
+        seq, frames, captions, elapsed = asyncio.run(run(_prompt_path(prompt, load_prompts(world_dir))))
+    except (ValueError, BackendUnavailable) as exc:
+        _fail(str(exc))
+    write_gif(frames, out, captions=captions)  # under each frame: the step and the action that led to it
+    click.echo(json.dumps({"gif": str(out), "frames": len(seq), "fps": round(len(seq) / elapsed, 2), "actions": seq}))
+
+
+def _action_sequence(actions: str, steps: int, num_actions: int, seed: int) -> list[int]:
+    import torch
+
+    if actions == "random":
+        return torch.randint(0, num_actions, (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
+    try:
+        return [int(a) for a in actions.split(",")]
+    except ValueError:
+        raise ValueError(f"--actions must be comma-separated integers or 'random', got {actions!r}") from None
+
+
+def _gateway_options(f):
+    opts = [
+        click.option("--metrics-port", type=int, default=9090, show_default=True, help="Prometheus /metrics; -1 = off."),
+        click.option("--http-port", type=int, default=8080, show_default=True, help="Web play page; 0 = any free port, -1 = off."),
+        click.option("--grpc-port", type=int, default=50051, show_default=True, help="gRPC API; 0 = any free port."),
+        click.option("--host", default="127.0.0.1", show_default=True),
+        click.option("--world", "world_dir", type=click.Path(path_type=Path), default=DEFAULT_WORLD, show_default=True),
+    ]
+    for opt in opts:
+        f = opt(f)
+    return f
+
+
+@main.command()
+@_gateway_options
+@click.option("--token", envvar="GENIE_PLAY_TOKEN", help="API token for the page (default: a fresh random one).")
+@click.option("--open-browser/--no-browser", default=True, show_default=True, help="Open the page in a browser, if there is one.")
+@click.option("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
+def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browser, threads) -> None:
+    """Play a world interactively: starts a gateway on the embedded defaults (models in process, sessions in
+    memory) and serves the web play page; arrow and number keys send latent actions. Ctrl-C stops it."""
+    from services.gateway.app import GatewayConfig
+
+    if not (Path(world_dir) / "world.json").exists():
+        _fail(f"{world_dir} is not a world directory (no world.json)")
+    cfg = GatewayConfig(world=str(world_dir), host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                        tokens=f"local:{token}" if token else "", threads=threads)
+
+    def ready(gw) -> None:
+        url = gw.page_url() or ""
+        click.echo(json.dumps({"page": url, "grpc": gw.grpc_address, "metrics_port": gw.metrics_port,
+                               "token": token or gw.token}), nl=True)
+        click.echo(f"Play at {url}  (Ctrl-C to stop)", err=True)
+        if open_browser and url:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    _run_gateway(cfg, ready)
+
+
+@main.command()
+@_gateway_options
+@_backend_options
+@click.option("--store", type=click.Choice(["memory", "redis"]), default="memory", show_default=True, envvar="GENIE_STORE")
+@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, envvar="GENIE_REDIS_URL")
+@click.option("--tokens", envvar="GENIE_TOKENS", default="", help="client:token,... or @tokens.json (env GENIE_TOKENS).")
+@click.option("--session-ttl", type=float, default=600.0, show_default=True, help="Idle seconds before a session expires.")
+@click.option("--max-sessions", type=int, default=16, show_default=True, help="Open sessions per client.")
+@click.option("--rate", type=int, default=100, show_default=True, help="Requests per second per client.")
+@click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
+def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, store, redis_url, tokens,
+          session_ttl, max_sessions, rate, threads) -> None:
+    """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
+    in-memory session store. Replicas sharing one Redis serve any session."""
+    from services.gateway.app import GatewayConfig
+    from services.gateway.sessions import Limits
+
+    try:
+        limits = Limits(session_ttl_s=session_ttl, max_sessions_per_client=max_sessions, requests_per_second=rate)
+        cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, triton_model_urls=triton_model_urls,
+                            store=store, redis_url=redis_url,
+                            host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
+                            threads=threads, limits=limits)
+    except ValueError as exc:
+        _fail(str(exc))
+
+    def ready(gw) -> None:
+        info = {"grpc": gw.grpc_address, "page": gw.page_url(), "metrics_port": gw.metrics_port}
+        if gw.token:
+            info["token"] = gw.token
+        click.echo(json.dumps(info))
+
+    _run_gateway(cfg, ready)
+
+
+def _run_gateway(cfg, ready) -> None:
+    import asyncio
+
+    from services.gateway.app import Gateway, serve_forever
+    from services.gateway.backend import BackendUnavailable
+
+    try:
+        asyncio.run(serve_forever(Gateway(cfg), on_ready=ready))
+    except (ValueError, OSError, BackendUnavailable) as exc:
+        _fail(str(exc))
+
+
+def _prompt_path(prompt: str, shipped: list[Path]) -> Path:
+    if prompt.isdigit():
+        if int(prompt) >= len(shipped):
+            raise ValueError(f"the world ships {len(shipped)} prompts; --prompt {prompt} is out of range")
+        return shipped[int(prompt)]
+    path = Path(prompt)
+    if not path.is_file():
+        raise ValueError(f"prompt image {path} does not exist")
+    return path
+
+
+if __name__ == "__main__":
+    main()
