@@ -46,4 +46,5 @@ PARAM_THREADS = "threads"  # torch intra-op threads per model instance; 0 = torc
 PARAM_CACHE_BYTES = "cache_bytes"  # bytes cap of an instance's soft K/V cache (tokenizer, dynamics)
 PARAM_WORLD_SPEC = "world_spec"  # dynamics: services.gateway.backend.WorldSpec as JSON, read by clients
 PARAM_MAX_FRAMES = "max_frames"  # lam: the clip length it accepts at most
+PARAM_PRECISION = "precision"  # auto | fp32 | bf16: the engines' compute precision (auto: bf16 on a GPU, fp32 on a CPU)
 WORLD_DIR_ENV = "GENIE_WORLD_DIR"
