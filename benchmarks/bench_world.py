@@ -23,23 +23,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from genie.models.dynamics import DynamicsModel
 from genie.models.tokenizer import VideoTokenizer
-from genie.nn.st_transformer import KVCache
 from genie.presets import PRESETS, get_preset
 from genie.sampling import World
-from genie.state import KVCacheStore
 
 # jasmine on this machine, "peer-small", B=1, no cache: ms per frame by MaskGIT steps (../shared/DESIGN.md).
 JASMINE_MS_PER_FRAME = {8: 5977.0, 25: 18858.0}
 FPS_TARGET, JASMINE_SPEEDUP_TARGET, PEAK_TARGET = 10.0, 20.0, 0.5
 
 
-def _clone(kv: KVCache) -> KVCache:
-    return KVCache(kv.k.clone(), kv.v.clone(), kv.lengths.clone())
-
-
 class Bench:
-    def __init__(self, preset: str, sampling_steps: int) -> None:
-        self.preset = preset
+    def __init__(self, preset: str, sampling_steps: int, device: str, precision: str, fixed_shapes: bool) -> None:
+        self.preset, self.device, self.precision, self.fixed_shapes = preset, device, precision, fixed_shapes
         cfg = get_preset(preset)
         self.sampling = cfg.sampling
         if sampling_steps:
@@ -48,10 +42,12 @@ class Bench:
         self.tokenizer = VideoTokenizer(cfg.tokenizer)
         self.dynamics = DynamicsModel(cfg.dynamics)
         self.clips = sprites_for(cfg).batch(0, 16).frames  # (16, T, H, W, 3) uint8
-        self.base = {"preset": preset, "sampling_steps": self.sampling.steps, "weights": "random-init"}
+        self.base = {"preset": preset, "sampling_steps": self.sampling.steps, "weights": "random-init", "device": device,
+                     "precision": precision, "fixed_shapes": fixed_shapes}
 
     def world(self, cached: bool) -> World:
-        return World(self.tokenizer, self.dynamics, self.sampling, cache=KVCacheStore() if cached else None)
+        return World(self.tokenizer, self.dynamics, self.sampling, cache_bytes=1 << 30 if cached else 0,
+                     device=self.device, precision=self.precision, fixed_shapes=self.fixed_shapes)
 
     def actions(self, batch: int, step: int) -> list[int]:
         return [(step + i) % self.dynamics.cfg.num_actions for i in range(batch)]
@@ -60,8 +56,7 @@ class Bench:
         """Steady-state play: warm-up step (FLOPs counted) then up to a full window cycle of timed steps."""
         world = self.world(cached)
         states, _ = world.reset(self.clips[:batch, : world.keep], seeds=list(range(batch)))
-        if cached:  # reset builds each new session's caches: those are misses by design
-            world.cache.hits = world.cache.misses = 0
+        misses0 = world.cache_counts[1]  # reset builds each new session's caches: those are misses by design
         t0 = time.perf_counter()
         flops, (states, _) = count_flops(lambda: world.step(states, self.actions(batch, 0)))
         first_s = time.perf_counter() - t0
@@ -78,7 +73,8 @@ class Bench:
         timing = time_it(step, iters=n, warmup=0)
         if cached:
             # a slide changes the context, so it rebuilds both caches of every row: the only misses allowed
-            assert world.cache.misses == 2 * batch * slides, f"expected {2 * batch * slides} misses, got {world.cache.misses}"
+            misses = world.cache_counts[1] - misses0
+            assert misses == 2 * batch * slides, f"expected {2 * batch * slides} misses, got {misses}"
         mean, med = timing.mean, timing.median
         return {
             **self.base,
@@ -101,16 +97,21 @@ class Bench:
         states, _ = world.reset(self.clips[:1, :length], seeds=[0])
         action = self.actions(1, 0)
         setup = None
+        deltas = []
         if cached:
-            templates = world.cache.items()  # the dynamics and decoder caches of this state, as reset left them
-            world.cache.hits = world.cache.misses = 0
 
-            def setup() -> None:  # restore what each step consumes
-                for key, kv in templates:
-                    world.cache.put(key, _clone(kv))
-        timing = time_it(lambda: world.step(states, action), iters=reps, warmup=1, setup=setup)
-        if cached:  # two hits (dynamics, decoder) per call, warm-up included
-            assert (world.cache.hits, world.cache.misses) == (2 * (reps + 1), 0), "the sweep must hit the cache"
+            def setup() -> None:  # rebuild what each step consumes (the step moves the slots on to its new state)
+                world.engine.prime(states)
+                world.decoder.decode_last(states)
+
+        def step() -> None:
+            before = world.cache_counts
+            world.step(states, action)
+            deltas.append(tuple(b - a for a, b in zip(before, world.cache_counts, strict=True)))
+
+        timing = time_it(step, iters=reps, warmup=1, setup=setup)
+        if cached:  # two hits (dynamics, decoder) and no miss in every call
+            assert set(deltas) == {(2, 0)}, f"the sweep must hit the cache, got (hits, misses) {set(deltas)}"
         return timing
 
     def profile_step(self, batch: int, rows: int) -> None:
@@ -135,9 +136,12 @@ def main() -> None:
     parser.add_argument("--sweep-reps", type=int, default=5)
     parser.add_argument("--profile", type=int, default=0, help="print the top N ops of 3 cached B=1 steps")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="skip measuring the matmul peak")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--fixed-shapes", action="store_true", help="attention over the whole window, masked")
     args = parser.parse_args()
     machine = setup_run(args)
-    bench = Bench(args.preset, args.sampling_steps)
+    bench = Bench(args.preset, args.sampling_steps, args.device, args.precision, args.fixed_shapes)
     peak = args.peak_gflops or matmul_peak()
     print(f"# fp32 matmul peak {peak:.1f} GFLOP/s", file=sys.stderr, flush=True)
 

@@ -5,12 +5,11 @@ from genie.models.dynamics import DynamicsModel, DynamicsModelConfig
 from genie.models.lam import LatentActionModel, LatentActionModelConfig
 from genie.models.tokenizer import VideoTokenizer, VideoTokenizerConfig
 from genie.sampling import SamplingConfig, World
-from genie.state import KVCacheStore, WorldState
+from genie.state import WorldState
 
 __all__ = [
     "DynamicsModel",
     "DynamicsModelConfig",
-    "KVCacheStore",
     "LatentActionModel",
     "LatentActionModelConfig",
     "SamplingConfig",

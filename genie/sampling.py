@@ -11,6 +11,7 @@ Two engines do the work, so that a server can run them as separate services (Tri
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -18,12 +19,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from genie.device import resolve_inference_device, resolve_precision
+from genie.kvpool import CacheKey, KVPool
 from genie.models.common import check_video, to_uint8
 from genie.models.dynamics import DynamicsModel
 from genie.models.tokenizer import VideoTokenizer
-from genie.nn.maskgit import SCHEDULES, maskgit_decode
-from genie.nn.st_transformer import KVCache
-from genie.state import KVCacheStore, WorldState, digest
+from genie.nn.maskgit import SCHEDULES, counter_uniform, maskgit_decode, noise_key
+from genie.nn.st_transformer import STTransformerConfig
+from genie.state import WorldState, digest
 
 
 @dataclass(frozen=True)
@@ -50,15 +53,6 @@ class SamplingConfig:
         if keep >= window:
             raise ValueError(f"keep_frames {keep} must be < window {window}")
         return keep
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The sampling noise of one step depends only on (seed, step): not on batch mates or replicas."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 31
-    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 29
-    return torch.Generator().manual_seed(x & 0x7FFFFFFFFFFFFFFF)
 
 
 def slide(state: WorldState, window: int, keep: int) -> WorldState:
@@ -91,14 +85,71 @@ def _dec_key(session_id: str, tokens: Tensor) -> tuple[str, str, str]:
     return (session_id, "decoder", digest(tokens))
 
 
-class DynamicsEngine:
-    """MaskGIT next-frame tokens for a batch of sessions, with a soft K/V cache of each session's history."""
+class _Engine:
+    """What both engines share: a device, a compute precision, and a pool of per-session K/V slots on the device."""
 
-    def __init__(self, dynamics: DynamicsModel, keep_frames: int = 0, cache: KVCacheStore | None = None) -> None:
-        self.dynamics = dynamics.eval()
-        self.cache = cache
+    def __init__(self, model: torch.nn.Module, cfg: STTransformerConfig, tokens: int, cache_bytes: int,
+                 device: str | torch.device, precision: str) -> None:
+        self.device = resolve_inference_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.model = model.eval()
+        if next(model.parameters()).device != self.device:
+            self.model.to(self.device)
+        # The pool is the step's working memory too; cache_bytes=0 only turns off keeping it between steps.
+        self.caching = cache_bytes > 0
+        self.pool = KVPool(cfg, tokens, cache_bytes, self.device, self.dtype)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _slots(self, keys: list[CacheKey] | int) -> tuple[list[int], list[bool]]:
+        """Slots for a batch: looked up by key, or (an int: the batch size, caching off) fresh ones, all misses."""
+        if isinstance(keys, int):
+            return self.pool.acquire([("", "uncached", str(i)) for i in range(keys)])
+        return self.pool.acquire(keys)
+
+    def _release(self, slots: list[int], keys: list[CacheKey] | None) -> None:
+        self.pool.release(slots, keys if self.caching and keys is not None else [None] * len(slots))
+
+    def drop_session(self, session_id: str) -> None:
+        self.pool.drop_session(session_id)
+
+
+def _misses(items: list, slots: list[int], hits: list[bool]) -> tuple[list, list[int]]:
+    """The items whose slot missed, and those slots: what a step must recompute."""
+    missed = [i for i, hit in enumerate(hits) if not hit]
+    return [items[i] for i in missed], [slots[i] for i in missed]
+
+
+def _by_slot(slots: list[int]) -> list[int]:
+    """Row order by slot: a batch of sessions in consecutive slots becomes one view of the pool, not a gather."""
+    return sorted(range(len(slots)), key=slots.__getitem__)
+
+
+class DynamicsEngine(_Engine):
+    """MaskGIT next-frame tokens for a batch of sessions, with each session's history cached in a pool slot.
+
+    Args:
+        dynamics: the model; moved to `device` (the engine owns it from then on).
+        keep_frames: frames kept when a full window slides (0 = half the window).
+        cache_bytes: cap of the K/V pool kept between steps (0 = recompute every history every step).
+        device: auto | cpu | cuda | cuda:N.  precision: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16.
+        fixed_shapes: attention always spans the whole window (masked) and nothing is read back from the device
+            mid-step, so the step could be captured as a CUDA graph; the same tokens as sized shapes.
+    """
+
+    def __init__(self, dynamics: DynamicsModel, keep_frames: int = 0, cache_bytes: int = 1 << 30,
+                 device: str | torch.device = "cpu", precision: str = "auto", fixed_shapes: bool = False) -> None:
+        super().__init__(dynamics, dynamics.cfg.transformer, dynamics.cfg.tokens_per_frame, cache_bytes, device, precision)
         self.window = dynamics.cfg.max_frames
         self.keep = SamplingConfig(keep_frames=keep_frames).keep(self.window)
+        self.fixed_shapes = fixed_shapes
+
+    @property
+    def dynamics(self) -> DynamicsModel:
+        return self.model
 
     @property
     def num_actions(self) -> int:
@@ -111,103 +162,153 @@ class DynamicsEngine:
 
     @torch.no_grad()
     def next_tokens(self, states: Sequence[WorldState], actions: Sequence[int], sampling: SamplingConfig) -> Tensor:
-        """The next frame's tokens for each session: (B, N) int32. Deterministic in (state, action, sampling)."""
+        """The next frame's tokens for each session: (B, N) int32 on the CPU. Deterministic in (state, action,
+        sampling): the noise is a counter-based hash of the session's (seed, step), so neither batch mates, the
+        replica nor the device change a session's tokens."""
         if len(states) != len(actions) or not states:
             raise ValueError(f"need one action per state, got {len(actions)} for {len(states)}")
         self.check_actions(actions)
         slid = [slide(s, self.window, self.keep) for s in states]
-        dyn = KVCache.stack([self._cache_for(s) for s in slid])
-        action_in = torch.tensor([int(a) for a in actions], dtype=torch.long)  # (B,)
-        generators = [step_generator(s.seed, s.step) for s in slid]
-        n, mask_id = self.dynamics.cfg.tokens_per_frame, self.dynamics.cfg.mask_id
-        tokens = maskgit_decode(
-            lambda x: self.dynamics.frame_logits(x, action_in, dyn),
-            torch.full((len(states), n), mask_id, dtype=torch.long),
-            mask_id,
-            generators,
-            steps=sampling.steps,
-            temperature=sampling.temperature,
-            schedule=sampling.schedule,
-            choice_temperature=sampling.choice_temperature,
-        )  # (B, N)
-        self.dynamics.frame_logits(tokens, action_in, dyn, commit=True)
-        if self.cache is not None:
-            for s, row, a, c in zip(slid, tokens, action_in, dyn.unstack(), strict=True):
-                new = advance(s, row, int(a), self.window, self.keep)
-                self.cache.put(_dyn_key(s.session_id, new.tokens, new.actions), c)
-        return tokens.to(torch.int32)
+        for s in slid:
+            if s.tokens.shape[0] >= self.window:
+                raise ValueError(f"state holds {s.tokens.shape[0]} frames, more than the window {self.window} allows")
+        slots, hits = self._slots([_dyn_key(s.session_id, s.tokens, s.actions) for s in slid] if self.caching else len(slid))
+        try:
+            self._rebuild(*_misses(slid, slots, hits))
+            order = _by_slot(slots)
+            rows = [slid[i] for i in order]
+            cache = self.pool.batch([slots[i] for i in order], [s.tokens.shape[0] for s in rows], self.fixed_shapes)
+            action_in = torch.tensor([int(actions[i]) for i in order], dtype=torch.long, device=self.device)  # (B,)
+            keys = torch.tensor([noise_key(s.seed, s.step) for s in rows], dtype=torch.long, device=self.device)  # (B, 2)
+            n, mask_id = self.dynamics.cfg.tokens_per_frame, self.dynamics.cfg.mask_id
+            with self.autocast():
+                tokens = maskgit_decode(
+                    lambda x: self.dynamics.frame_logits(x, action_in, cache),
+                    torch.full((len(rows), n), mask_id, dtype=torch.long, device=self.device),
+                    mask_id,
+                    lambda iteration, stream, count: counter_uniform(keys, iteration, stream, count),
+                    steps=sampling.steps,
+                    temperature=sampling.temperature,
+                    schedule=sampling.schedule,
+                    choice_temperature=sampling.choice_temperature,
+                    unknown=n,
+                )  # (B, N) in slot order
+                self.dynamics.frame_logits(tokens, action_in, cache, commit=True)
+            out = torch.empty(len(rows), n, dtype=torch.int32)
+            out[order] = tokens.to("cpu", torch.int32)
+        except BaseException:
+            self._release(slots, None)
+            raise
+        if self.caching:
+            new = [advance(s, row, int(a), self.window, self.keep) for s, row, a in zip(slid, out, actions, strict=True)]
+            self._release(slots, [_dyn_key(s.session_id, s.tokens, s.actions) for s in new])
+        else:
+            self._release(slots, None)
+        return out
 
     @torch.no_grad()
     def prime(self, states: Sequence[WorldState]) -> None:
-        """Builds and stores the history caches of new sessions, so that their first step is a cache hit."""
-        if self.cache is not None:
-            for s in states:
-                self.cache.put(_dyn_key(s.session_id, s.tokens, s.actions), self._cache_for(s))
+        """Builds and keeps the history caches of new sessions, so that their first step is a cache hit."""
+        if not self.caching or not states:
+            return
+        keys = [_dyn_key(s.session_id, s.tokens, s.actions) for s in states]
+        slots, hits = self.pool.acquire(keys)
+        try:
+            self._rebuild(*_misses(list(states), slots, hits))
+        except BaseException:
+            self._release(slots, None)
+            raise
+        self._release(slots, keys)
 
-    def _cache_for(self, state: WorldState) -> KVCache:
-        if self.cache is not None:
-            hit = self.cache.take(_dyn_key(state.session_id, state.tokens, state.actions))
-            if hit is not None:
-                return hit
-        if state.tokens.shape[0] >= self.window:
-            raise ValueError(f"state holds {state.tokens.shape[0]} frames, more than the window {self.window} allows")
-        cache = self.dynamics.new_cache(1)
+    def _rebuild(self, states: list[WorldState], slots: list[int]) -> None:
+        """Fills the slots with the states' histories: the same per-frame passes that steps make, all rows at once.
+
+        Rows advance in lockstep; a row with fewer frames repeats its last one, which lands past its length, where
+        nothing reads it.
+        """
+        if not states:
+            return
+        order = _by_slot(slots)
+        rows = [states[i] for i in order]
+        cache = self.pool.batch([slots[i] for i in order], [0] * len(rows))
         null = self.dynamics.cfg.null_action
-        for k in range(state.tokens.shape[0]):  # exactly the per-frame passes that steps make
-            a = int(state.actions[k])
-            self.dynamics.frame_logits(state.tokens[k : k + 1].long(), torch.tensor([null if a < 0 else a]), cache, commit=True)
-        return cache
+        actions = [s.actions.tolist() for s in rows]  # read on the host once, not per frame
+        with self.autocast():
+            for k in range(max(len(a) for a in actions)):
+                last = [min(k, len(a) - 1) for a in actions]
+                tokens = torch.stack([s.tokens[j] for s, j in zip(rows, last, strict=True)]).to(self.device, torch.long)
+                acts = [a[j] for a, j in zip(actions, last, strict=True)]
+                action_in = torch.tensor([null if a < 0 else a for a in acts], dtype=torch.long, device=self.device)
+                self.dynamics.frame_logits(tokens, action_in, cache, commit=True)
 
 
-class FrameDecoder:
+class FrameDecoder(_Engine):
     """The tokenizer side of a step: prompt frames -> tokens, and each session's newest frame -> pixels."""
 
-    def __init__(self, tokenizer: VideoTokenizer, cache: KVCacheStore | None = None) -> None:
-        self.tokenizer = tokenizer.eval()
-        self.cache = cache
+    def __init__(self, tokenizer: VideoTokenizer, cache_bytes: int = 1 << 30, device: str | torch.device = "cpu",
+                 precision: str = "auto") -> None:
+        super().__init__(tokenizer, tokenizer.cfg.decoder, tokenizer.cfg.tokens_per_frame, cache_bytes, device, precision)
+
+    @property
+    def tokenizer(self) -> VideoTokenizer:
+        return self.model
 
     @torch.no_grad()
     def encode(self, frames: Tensor) -> Tensor:
-        """(B, t, H, W, C) uint8 -> (B, t, N) int32."""
+        """(B, t, H, W, C) uint8 -> (B, t, N) int32 on the CPU. The encoder and the nearest-code search run in fp32
+        whatever the precision: a code must not flip with rounding."""
         check_video(frames, self.tokenizer.cfg.frame, self.tokenizer.cfg.max_frames)
-        return self.tokenizer.encode(frames).to(torch.int32)
+        return self.tokenizer.encode(frames.to(self.device)).to("cpu", torch.int32)
 
     @torch.no_grad()
     def decode_last(self, states: Sequence[WorldState]) -> Tensor:
-        """The last frame of each session's window as pixels: (B, H, W, C) uint8.
+        """The last frame of each session's window as pixels: (B, H, W, C) uint8 on the CPU.
 
         The decoder is causal in time, so the frame depends on the whole window; the cache of the window
         minus its last frame makes that one single-frame pass.
         """
         if not states:
             raise ValueError("no states to decode")
-        dec = KVCache.stack([self._cache_for(s.session_id, s.tokens[:-1]) for s in states])
-        last = torch.stack([s.tokens[-1] for s in states]).long()  # (B, N)
-        frames = to_uint8(self.tokenizer.decode_frame(last, dec))  # (B, H, W, C)
-        if self.cache is not None:
-            for s, c in zip(states, dec.unstack(), strict=True):
-                self.cache.put(_dec_key(s.session_id, s.tokens), c)
+        for s in states:
+            if s.tokens.shape[0] > self.tokenizer.cfg.max_frames:
+                raise ValueError(f"{s.tokens.shape[0]} frames do not fit the tokenizer window {self.tokenizer.cfg.max_frames}")
+        slots, hits = self._slots([_dec_key(s.session_id, s.tokens[:-1]) for s in states] if self.caching else len(states))
+        try:
+            misses = [(s, slot) for s, slot, h in zip(states, slots, hits, strict=True) if not h and s.tokens.shape[0] > 1]
+            self._rebuild([s.tokens[:-1] for s, _ in misses], [slot for _, slot in misses])
+            order = _by_slot(slots)
+            cache = self.pool.batch([slots[i] for i in order], [states[i].tokens.shape[0] - 1 for i in order])
+            last = torch.stack([states[i].tokens[-1] for i in order]).to(self.device, torch.long)  # (B, N)
+            with self.autocast():
+                pixels = to_uint8(self.tokenizer.decode_frame(last, cache))  # (B, H, W, C)
+            frames = torch.empty((len(states), *pixels.shape[1:]), dtype=torch.uint8)
+            frames[order] = pixels.cpu()
+        except BaseException:
+            self._release(slots, None)
+            raise
+        self._release(slots, [_dec_key(s.session_id, s.tokens) for s in states] if self.caching else None)
         return frames
 
-    def _cache_for(self, session_id: str, tokens: Tensor) -> KVCache:
-        if self.cache is not None:
-            hit = self.cache.take(_dec_key(session_id, tokens))
-            if hit is not None:
-                return hit
-        if tokens.shape[0] >= self.tokenizer.cfg.max_frames:
-            raise ValueError(f"{tokens.shape[0] + 1} frames do not fit the tokenizer window {self.tokenizer.cfg.max_frames}")
-        cache = self.tokenizer.new_cache(1)
-        for k in range(tokens.shape[0]):  # committing a frame means decoding it, exactly as a step does
-            self.tokenizer.decode_frame(tokens[k : k + 1].long(), cache)
-        return cache
+    def _rebuild(self, histories: list[Tensor], slots: list[int]) -> None:
+        """Fills the slots by decoding each history's frames (committing a frame means decoding it, as a step does)."""
+        if not histories:
+            return
+        order = _by_slot(slots)
+        rows = [histories[i] for i in order]
+        cache = self.pool.batch([slots[i] for i in order], [0] * len(rows))
+        with self.autocast():
+            for k in range(max(h.shape[0] for h in rows)):
+                tokens = torch.stack([h[min(k, h.shape[0] - 1)] for h in rows]).to(self.device, torch.long)
+                self.tokenizer.decode_frame(tokens, cache)
 
 
 class World:
     """A playable world: a tokenizer and a dynamics model, stepped with latent actions.
 
-    The model holds no per-session buffers: every call takes WorldStates and returns new ones. The optional
-    KVCacheStore keeps what past frames contribute so a step costs the same whatever the history length;
-    without it (or on a miss) the caches are recomputed from the state, with identical results.
+    The model holds no per-session buffers: every call takes WorldStates and returns new ones. Each engine keeps
+    what past frames contribute in a pool of K/V slots on its device (up to `cache_bytes` each), so a step costs
+    the same whatever the history length; with cache_bytes=0 (or on a miss) the caches are recomputed from the
+    state, with identical results.
 
     When the window of `window` frames is full, the oldest frames are dropped so `keep` remain and the
     caches are rebuilt from those tokens; positions restart at 0, as in training. A hit and a miss
@@ -219,7 +320,10 @@ class World:
         tokenizer: VideoTokenizer,
         dynamics: DynamicsModel,
         sampling: SamplingConfig | None = None,
-        cache: KVCacheStore | None = None,
+        cache_bytes: int = 1 << 28,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        fixed_shapes: bool = False,
     ) -> None:
         tcfg, dcfg = tokenizer.cfg, dynamics.cfg
         if (tcfg.vq.num_codes, tcfg.tokens_per_frame) != (dcfg.num_tokens, dcfg.tokens_per_frame):
@@ -230,10 +334,19 @@ class World:
         if tcfg.max_frames < dcfg.max_frames:
             raise ValueError(f"tokenizer window {tcfg.max_frames} is shorter than dynamics window {dcfg.max_frames}")
         self.sampling = sampling or SamplingConfig()
-        self.cache = cache
-        self.engine = DynamicsEngine(dynamics, self.sampling.keep_frames, cache)
-        self.decoder = FrameDecoder(tokenizer, cache)
+        self.engine = DynamicsEngine(dynamics, self.sampling.keep_frames, cache_bytes, device, precision, fixed_shapes)
+        self.decoder = FrameDecoder(tokenizer, cache_bytes, device, precision)
         self.window, self.keep = self.engine.window, self.engine.keep
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def cache_counts(self) -> tuple[int, int]:
+        """(hits, misses) of both engines' K/V pools since they were made."""
+        pools = (self.engine.pool, self.decoder.pool)
+        return sum(p.hits for p in pools), sum(p.misses for p in pools)
 
     @property
     def tokenizer(self) -> VideoTokenizer:

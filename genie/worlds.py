@@ -12,7 +12,6 @@ from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict, w
 from genie.data import make_source
 from genie.media import save_png
 from genie.sampling import SamplingConfig, World
-from genie.state import KVCacheStore
 from genie.train.checkpoint import latest_checkpoint, load_model, read_meta
 
 
@@ -65,16 +64,17 @@ def load_world_config_of(world_dir: Path) -> WorldConfig:
 
 
 def load_world(
-    world_dir: Path, sampling: SamplingConfig | None = None, cache: KVCacheStore | None = None
+    world_dir: Path, sampling: SamplingConfig | None = None, cache_bytes: int = 1 << 28, device: str = "cpu",
+    precision: str = "auto",
 ) -> tuple[World, WorldConfig]:
-    """Loads the tokenizer and dynamics of a world dir (the LAM is not needed to play)."""
+    """Loads the tokenizer and dynamics of a world dir (the LAM is not needed to play) onto `device`."""
     world_dir = Path(world_dir)
     cfg = load_world_config_of(world_dir)
     for kind in ("tokenizer", "dynamics"):
         read_meta(world_dir / kind)
     tokenizer = load_model(world_dir / "tokenizer", "tokenizer")
     dynamics = load_model(world_dir / "dynamics", "dynamics")
-    return World(tokenizer, dynamics, sampling or cfg.sampling, cache=cache), cfg
+    return World(tokenizer, dynamics, sampling or cfg.sampling, cache_bytes, device, precision), cfg
 
 
 # --- Action names: WORLD/actions.json ------------------------------------------------------------------------------

@@ -20,6 +20,15 @@ main.add_command(triton)
 main.add_command(jobs)
 
 
+def _device_options(f):
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+                     envvar="GENIE_PRECISION", help="In-process models: auto = bf16 on a GPU, fp32 on a CPU (bf16 on a CPU "
+                     "only with bf16 hardware).")(f)
+    f = click.option("--device", default="auto", show_default=True, envvar="GENIE_DEVICE",
+                     help="In-process models: auto (a GPU when torch sees one), cpu, cuda or cuda:N.")(f)
+    return f
+
+
 def _backend_options(f):
     f = click.option("--triton-model-urls", default="", envvar="GENIE_TRITON_MODEL_URLS",
                      help="Per-model Triton addresses, e.g. tokenizer=tok:8001,dynamics=dyn:8001,lam=lam:8001 "
@@ -41,7 +50,9 @@ def _backend_options(f):
 @click.option("--sampling-steps", type=int, help="MaskGIT steps (default: the world's).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("rollout.gif"), show_default=True)
 @_backend_options
-def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls) -> None:
+@_device_options
+def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls, device,
+            precision) -> None:
     """Generate frames for a prompt and an action sequence and write a GIF, through the same model backend
     interface the gateway uses (in process, or the Triton services). Each frame is captioned with its step and the
     name of the action that led to it (WORLD/actions.json; `genie world names`)."""
@@ -56,7 +67,7 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
 
     async def run(image: Path):
         models = make_backend(GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url,
-                                            triton_model_urls=triton_model_urls))
+                                            triton_model_urls=triton_model_urls, device=device, precision=precision))
         try:
             await models.start()
             spec = models.spec
@@ -109,15 +120,19 @@ def _gateway_options(f):
 @click.option("--token", envvar="GENIE_PLAY_TOKEN", help="API token for the page (default: a fresh random one).")
 @click.option("--open-browser/--no-browser", default=True, show_default=True, help="Open the page in a browser, if there is one.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
-def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browser, threads) -> None:
+@_device_options
+def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browser, threads, device, precision) -> None:
     """Play a world interactively: starts a gateway on the embedded defaults (models in process, sessions in
     memory) and serves the web play page; arrow and number keys send latent actions. Ctrl-C stops it."""
     from services.gateway.app import GatewayConfig
 
     if not (Path(world_dir) / "world.json").exists():
         _fail(f"{world_dir} is not a world directory (no world.json)")
-    cfg = GatewayConfig(world=str(world_dir), host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-                        tokens=f"local:{token}" if token else "", threads=threads)
+    try:
+        cfg = GatewayConfig(world=str(world_dir), host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                            tokens=f"local:{token}" if token else "", threads=threads, device=device, precision=precision)
+    except ValueError as exc:
+        _fail(str(exc))
 
     def ready(gw) -> None:
         url = gw.page_url() or ""
@@ -142,8 +157,9 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
 @click.option("--max-sessions", type=int, default=16, show_default=True, help="Open sessions per client.")
 @click.option("--rate", type=int, default=100, show_default=True, help="Requests per second per client.")
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
+@_device_options
 def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, store, redis_url, tokens,
-          session_ttl, max_sessions, rate, threads) -> None:
+          session_ttl, max_sessions, rate, threads, device, precision) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
     in-memory session store. Replicas sharing one Redis serve any session."""
     from services.gateway.app import GatewayConfig
@@ -154,7 +170,7 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_u
         cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, triton_model_urls=triton_model_urls,
                             store=store, redis_url=redis_url,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
-                            threads=threads, limits=limits)
+                            threads=threads, device=device, precision=precision, limits=limits)
     except ValueError as exc:
         _fail(str(exc))
 

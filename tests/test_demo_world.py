@@ -10,7 +10,6 @@ import pytest
 from genie.data.procgen import ProcgenConfig, generate
 from genie.data.shards import ShardedClips
 from genie.eval.run import EvalConfig, evaluate
-from genie.state import KVCacheStore
 from genie.worlds import load_prompts, load_world
 
 DEMO = Path(__file__).resolve().parent.parent / "worlds" / "demo"
@@ -30,7 +29,7 @@ def heldout(tmp_path_factory):
 def test_demo_world_ships_small_and_loads():
     size = sum(f.stat().st_size for f in DEMO.rglob("*.safetensors"))
     assert 0 < size < 40 * 2**20, size
-    world, cfg = load_world(DEMO, cache=KVCacheStore())
+    world, cfg = load_world(DEMO)
     assert cfg.data.source == "shards" and (cfg.data.height, cfg.data.width) == (64, 64)
     assert len(load_prompts(DEMO)) >= 4
 

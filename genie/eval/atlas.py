@@ -1,7 +1,7 @@
 """The action atlas: what each latent action does from several prompts, as a labelled grid (atlas.png, atlas.gif).
 
 Every latent action a is held for `steps` steps from every prompt p; all A * P sessions run as one batch per step.
-The sampling noise of a step depends only on (seed, step) (`genie.sampling.step_generator`), and every session
+The sampling noise of a step depends only on (seed, step) (`genie.nn.maskgit.counter_uniform`), and every session
 gets the same seed, so two actions from one prompt differ only by what the action does, and the atlas is
 reproducible. The grid has a row of prompts on top and one row per action below it; the GIF animates the steps.
 
@@ -25,7 +25,6 @@ from torch import Tensor
 from genie.eval.metrics import psnr
 from genie.media import draw_text, save_png, text_width, write_gif
 from genie.sampling import World
-from genie.state import KVCacheStore
 from genie.worlds import default_action_names
 
 CELL_SCALE = 2  # frames are upscaled this much (nearest) in the grid
@@ -44,8 +43,8 @@ def atlas_rollouts(world: World, prompts: Tensor, steps: int, seed: int = 0, bat
     if steps < 1 or prompts.ndim != 4 or prompts.shape[0] < 1:
         raise ValueError(f"need steps >= 1 and (P, H, W, C) prompts, got {steps} and {tuple(prompts.shape)}")
     num_actions, num_prompts = world.num_actions, prompts.shape[0]
-    if world.cache is None:  # history caches make a step cost the same at any length; frames are identical
-        world = World(world.tokenizer, world.dynamics, world.sampling, cache=KVCacheStore())
+    if not world.engine.caching:  # history caches make a step cost the same at any length; frames are identical
+        world = World(world.tokenizer, world.dynamics, world.sampling, device=world.device)
     sessions = repeat(prompts, "p h w c -> (a p) 1 h w c", a=num_actions)  # (A*P, 1, H, W, C)
     actions = [a for a in range(num_actions) for _ in range(num_prompts)]  # the (a p) order of `sessions`
     chunks = []

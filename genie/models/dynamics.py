@@ -81,8 +81,8 @@ class DynamicsModel(nn.Module):
         x = self.token_emb(tokens) + self.action_emb(actions_in)[:, :, None]  # (B, T, N, D)
         return self.head(self.transformer(self.pos(x)))
 
-    def new_cache(self, batch: int) -> KVCache:
-        return KVCache.empty(self.cfg.transformer, batch, self.cfg.tokens_per_frame)
+    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32, device=None) -> KVCache:
+        return KVCache.empty(self.cfg.transformer, batch, self.cfg.tokens_per_frame, dtype, device)
 
     @torch.no_grad()
     def frame_logits(self, tokens: Tensor, action_in: Tensor, cache: KVCache, commit: bool = False) -> Tensor | None:
@@ -92,7 +92,7 @@ class DynamicsModel(nn.Module):
         commit=True (then the frame's keys/values are stored and the output head is skipped).
         """
         x = self.token_emb(tokens) + self.action_emb(action_in)[:, None]  # (B, N, D)
-        h = self.transformer.forward_frame(self.pos.frame(x, cache.lengths), cache, commit=commit)
+        h = self.transformer.forward_frame(self.pos.frame(x, cache.lengths), cache, commit=commit, output=not commit)
         return None if commit else self.head(h)
 
     def forward(self, tokens: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> DynamicsOutput:

@@ -80,8 +80,8 @@ class VideoTokenizer(nn.Module):
         """tokens: (B, T, N) int64 -> video (B, T, H, W, C) float in [-1, 1]."""
         return self._decode_latents(self.vq.lookup(tokens))
 
-    def new_cache(self, batch: int) -> KVCache:
-        return KVCache.empty(self.cfg.decoder, batch, self.cfg.tokens_per_frame)
+    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32, device=None) -> KVCache:
+        return KVCache.empty(self.cfg.decoder, batch, self.cfg.tokens_per_frame, dtype, device)
 
     @torch.no_grad()
     def decode_frame(self, tokens: Tensor, cache: KVCache) -> Tensor:

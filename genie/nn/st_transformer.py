@@ -43,17 +43,24 @@ class KVCache:
     Only causal temporal attention looks across frames, so a new frame needs, per layer and per spatial
     position, the keys/values of past frames at that position. Slot `lengths[b]` is scratch space where the
     frame being generated writes its own key/value; `commit` makes it permanent.
+
+    `host_lengths` mirrors `lengths` on the host, so a step never reads the device to size its attention; with
+    None the cache runs at fixed shapes (attention over all T slots, masked), which a CUDA graph can capture.
+    `sink` is where committed keys/values must also go when `k`/`v` are a gathered copy of pool slots.
     """
 
     k: Tensor  # (L, B, N, heads, T, dh) float
     v: Tensor  # (L, B, N, heads, T, dh) float
-    lengths: Tensor  # (B,) int64, committed frames per row, <= T - 1 while a frame is in flight
+    lengths: Tensor  # (B,) int64 on k's device, committed frames per row, <= T - 1 while a frame is in flight
+    host_lengths: list[int] | None = None
+    sink: tuple[Tensor, Tensor, Tensor] | None = None  # pool k, pool v (L, P, N, heads, T, dh), slots (B,) int64
 
     @classmethod
-    def empty(cls, cfg: STTransformerConfig, batch: int, tokens: int, dtype=torch.float32) -> KVCache:
+    def empty(cls, cfg: STTransformerConfig, batch: int, tokens: int, dtype=torch.float32, device=None) -> KVCache:
         dh = cfg.dim // cfg.heads
         shape = (cfg.depth, batch, tokens, cfg.heads, cfg.max_frames, dh)
-        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), torch.zeros(batch, dtype=torch.long))
+        zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(zeros(), zeros(), torch.zeros(batch, dtype=torch.long, device=device), [0] * batch)
 
     @property
     def capacity(self) -> int:
@@ -64,23 +71,39 @@ class KVCache:
 
     @staticmethod
     def stack(caches: list[KVCache]) -> KVCache:
-        """Joins per-session caches (each B=1) into one batch cache (copies)."""
+        """Joins per-session caches into one batch cache (copies)."""
         if len(caches) == 1:
             return caches[0]
-        return KVCache(
-            torch.cat([c.k for c in caches], dim=1),
-            torch.cat([c.v for c in caches], dim=1),
-            torch.cat([c.lengths for c in caches]),
-        )
+        host = None if any(c.host_lengths is None for c in caches) else [n for c in caches for n in c.host_lengths]
+        return KVCache(torch.cat([c.k for c in caches], dim=1), torch.cat([c.v for c in caches], dim=1),
+                       torch.cat([c.lengths for c in caches]), host)
 
-    def unstack(self) -> list[KVCache]:
-        """Splits a batch cache into per-session caches (copies, so each owns only its own memory)."""
-        if self.k.shape[1] == 1:
-            return [self]
-        return [
-            KVCache(self.k[:, b : b + 1].clone(), self.v[:, b : b + 1].clone(), self.lengths[b : b + 1].clone())
-            for b in range(self.k.shape[1])
-        ]
+    def frame_layout(self) -> FrameLayout:
+        """How a pass over one new frame reads and writes this cache (computed once per pass, not per layer)."""
+        b = self.k.shape[1]
+        if self.host_lengths is None:  # fixed shapes: every slot, masked
+            valid = torch.arange(self.capacity, device=self.lengths.device)[None, :] <= self.lengths[:, None]  # (B, T)
+            return FrameLayout(self.capacity, valid[:, None, None, :], None)
+        if max(self.host_lengths) >= self.capacity:
+            raise ValueError(f"cache is full ({self.capacity} frames): slide the window before stepping")
+        t_used = max(self.host_lengths) + 1
+        if min(self.host_lengths) == t_used - 1:
+            return FrameLayout(t_used, None, t_used - 1)
+        valid = torch.tensor([[t <= n for t in range(t_used)] for n in self.host_lengths], device=self.k.device)  # (B, t)
+        return FrameLayout(t_used, valid.view(b, 1, 1, t_used), None)
+
+    def advance(self) -> None:
+        """Commits the frame in flight: every row's length grows by one."""
+        self.lengths = self.lengths + 1
+        if self.host_lengths is not None:
+            self.host_lengths = [n + 1 for n in self.host_lengths]
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    t_used: int  # cache slots a new frame attends over (its own included)
+    mask: Tensor | None  # (B, 1, 1, t_used) bool, True = attend; None when every row has the same length
+    slot: int | None  # the row-wide slot of the new frame when every row has the same length, else None
 
 
 class Attention(nn.Module):
@@ -136,25 +159,40 @@ class STBlock(nn.Module):
         h = rearrange(h, "(b n) t d -> b t n d", b=b)
         return h + self.ffn(self.norm_f(h))
 
-    def forward_frame(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, mask: Tensor | None) -> Tensor:
+    def forward_frame(self, x: Tensor, cache: KVCache, layer: int, layout: FrameLayout, commit: bool,
+                      kv_only: bool = False) -> Tensor | None:
         """One new frame per row against cached past frames.
 
-        x: (B, N, D); k_cache, v_cache: (B, N, heads, T, dh), written in place at slot lengths[b];
-        mask: (B, 1, 1, t_max + 1) bool (True = attend) or None when every row has the same length.
+        x: (B, N, D) -> (B, N, D). This layer's slice of `cache` is written in place at each row's slot
+        (`cache.lengths`); with commit=True also into `cache.sink`. kv_only: stop once the keys/values are
+        written (the last layer of a commit pass whose output nobody reads) and return None.
         """
-        b, n, _ = x.shape
+        b, n, d = x.shape
+        heads = self.temporal.heads
         x = x + self.spatial(self.norm_s(x))
-        q, k, v = self.temporal.qkv_heads(rearrange(self.norm_t(x), "b n d -> (b n) 1 d"))  # (B*N, heads, 1, dh)
-        rows = torch.arange(b)
+        qkv = self.temporal.qkv(self.norm_t(x)).view(b, n, 3, heads, d // heads)  # (B, N, 3, heads, dh)
+        q, k, v = qkv.unbind(dim=2)  # each (B, N, heads, dh)
+        k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, N, heads, T, dh)
         # The cache keeps its own dtype (fp32 by default) even when the block runs under bf16 autocast.
-        k_cache[rows, :, :, lengths] = rearrange(k, "(b n) h 1 e -> b n h e", b=b).to(k_cache.dtype)
-        v_cache[rows, :, :, lengths] = rearrange(v, "(b n) h 1 e -> b n h e", b=b).to(v_cache.dtype)
-        t_used = int(lengths.max()) + 1
-        keys = rearrange(k_cache[:, :, :, :t_used], "b n h t e -> (b n) h t e").to(q.dtype)  # (B*N, heads, t, dh)
-        values = rearrange(v_cache[:, :, :, :t_used], "b n h t e -> (b n) h t e").to(q.dtype)
-        attn_mask = None if mask is None else mask.repeat_interleave(n, dim=0)  # (B*N, 1, 1, t)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)  # (B*N, heads, 1, dh)
-        x = x + self.temporal.proj(rearrange(out, "(b n) h 1 e -> b n (h e)", b=b))
+        if layout.slot is not None:  # every row writes the same slot: a strided copy, no index tensors
+            k_cache[:, :, :, layout.slot] = k
+            v_cache[:, :, :, layout.slot] = v
+        else:
+            rows = torch.arange(b, device=x.device)
+            k_cache[rows, :, :, cache.lengths] = k.to(k_cache.dtype)
+            v_cache[rows, :, :, cache.lengths] = v.to(v_cache.dtype)
+        if commit and cache.sink is not None:
+            pool_k, pool_v, slots = cache.sink
+            pool_k[layer][slots, :, :, cache.lengths] = k.to(pool_k.dtype)
+            pool_v[layer][slots, :, :, cache.lengths] = v.to(pool_v.dtype)
+        if kv_only:
+            return None
+        t = layout.t_used
+        keys = k_cache[:, :, :, :t].reshape(b * n, heads, t, -1).to(q.dtype)  # (B*N, heads, t, dh), a view
+        values = v_cache[:, :, :, :t].reshape(b * n, heads, t, -1).to(q.dtype)
+        attn_mask = None if layout.mask is None else layout.mask.repeat_interleave(n, dim=0)  # (B*N, 1, 1, t)
+        out = F.scaled_dot_product_attention(q.reshape(b * n, heads, 1, -1), keys, values, attn_mask=attn_mask)
+        x = x + self.temporal.proj(out.view(b, n, d))  # (B*N, heads, 1, dh) -> (B, N, D)
         return x + self.ffn(self.norm_f(x))
 
 
@@ -175,23 +213,22 @@ class STTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward_frame(self, x: Tensor, cache: KVCache, commit: bool) -> Tensor:
+    def forward_frame(self, x: Tensor, cache: KVCache, commit: bool, output: bool = True) -> Tensor | None:
         """Runs one new frame per row using `cache` for the past; identical maths to `forward`.
 
         x: (B, N, D) -> (B, N, D). With commit=True the frame's keys/values stay in the cache and
         `cache.lengths` grows by one; otherwise the scratch slot is overwritten by the next call.
+        output=False (with commit) only stores the keys/values and returns None: the last layer's attention
+        and feed-forward are skipped.
         """
         if not self.cfg.causal_time:
             raise ValueError("frame-by-frame inference needs causal temporal attention")
-        if int(cache.lengths.max()) >= cache.capacity:
-            raise ValueError(f"cache is full ({cache.capacity} frames): slide the window before stepping")
-        lengths = cache.lengths
-        mask = None
-        if int(lengths.min()) != int(lengths.max()):
-            t_used = int(lengths.max()) + 1
-            mask = (torch.arange(t_used)[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, t)
+        if not (output or commit):
+            raise ValueError("a pass that neither commits nor returns its output does nothing")
+        layout = cache.frame_layout()
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block.forward_frame(x, cache.k[i], cache.v[i], lengths, mask)
+            x = block.forward_frame(x, cache, i, layout, commit, kv_only=not output and i == last)
         if commit:
-            cache.lengths = lengths + 1
-        return self.norm(x)
+            cache.advance()
+        return None if x is None else self.norm(x)

@@ -10,6 +10,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from genie.device import resolve_inference_device, resolve_precision
 from services.gateway.auth import Authenticator, new_token
 from services.gateway.backend import BackendUnavailable, ModelBackend
 from services.gateway.grpc_server import GrpcServer
@@ -34,6 +35,8 @@ class GatewayConfig:
     metrics_port: int = 9090  # Prometheus /metrics; -1 = off
     tokens: str = ""  # "client:token,..." or "@tokens.json"; empty = one fresh token for client "local"
     threads: int = 0  # torch threads of the in-process backend (0 = torch's default)
+    device: str = "auto"  # in-process backend: auto (a GPU when torch sees one) | cpu | cuda | cuda:N
+    precision: str = "auto"  # in-process backend: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -41,6 +44,8 @@ class GatewayConfig:
             raise ValueError(f"backend must be inprocess or triton, got {self.backend!r}")
         if self.store not in ("memory", "redis"):
             raise ValueError(f"store must be memory or redis, got {self.store!r}")
+        if self.backend == "inprocess":  # a GPU that is absent, or bf16 on a CPU without it: refused before serving
+            resolve_precision(self.precision, resolve_inference_device(self.device))
 
 
 def make_backend(cfg: GatewayConfig) -> ModelBackend:
@@ -50,7 +55,7 @@ def make_backend(cfg: GatewayConfig) -> ModelBackend:
         return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls))
     from services.gateway.inprocess import InProcessBackend
 
-    return InProcessBackend(Path(cfg.world), threads=cfg.threads)
+    return InProcessBackend(Path(cfg.world), threads=cfg.threads, device=cfg.device, precision=cfg.precision)
 
 
 def parse_model_urls(spec: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import torch
 
 from genie.config import WorldConfig
 from genie.sampling import DynamicsEngine, FrameDecoder, SamplingConfig
-from genie.state import KVCacheStore, WorldState
+from genie.state import WorldState
 from genie.train.checkpoint import load_model
 from genie.worlds import load_world_config_of
 from services.gateway.backend import WorldSpec, check_frames, check_state, world_spec_of
@@ -20,16 +20,17 @@ from services.gateway.batcher import MicroBatcher
 
 
 class InProcessBackend:
-    """Loads a world directory and serves it from this process (CPU or one GPU).
+    """Loads a world directory and serves it from this process (CPU or one GPU: `device`, `precision`).
 
     All model calls run on one worker thread (torch's own threads do the maths); concurrent calls of the
     same kind are batched across sessions by a MicroBatcher. The K/V caches are soft state, as in Triton.
     """
 
     def __init__(self, world_dir: Path, max_batch: int = 16, max_wait_s: float = 0.002, cache_bytes: int = 1 << 30,
-                 threads: int = 0) -> None:
+                 threads: int = 0, device: str = "auto", precision: str = "auto") -> None:
         self.world_dir = Path(world_dir)
         self.max_batch, self.max_wait_s, self.cache_bytes, self.threads = max_batch, max_wait_s, cache_bytes, threads
+        self.device, self.precision = device, precision
         self.spec: WorldSpec | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="genie-model")
         self._batchers: list[MicroBatcher] = []
@@ -45,11 +46,12 @@ class InProcessBackend:
     def _load(self, cfg: WorldConfig) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        cache = KVCacheStore(self.cache_bytes)
-        self.engine = DynamicsEngine(load_model(self.world_dir / "dynamics", "dynamics"), cfg.sampling.keep_frames, cache)
-        self.decoder = FrameDecoder(load_model(self.world_dir / "tokenizer", "tokenizer"), cache)
-        self.lam = load_model(self.world_dir / "lam", "lam").eval()
-        self.cache = cache
+        self.engine = DynamicsEngine(load_model(self.world_dir / "dynamics", "dynamics"), cfg.sampling.keep_frames,
+                                     self.cache_bytes, self.device, self.precision)
+        self.decoder = FrameDecoder(load_model(self.world_dir / "tokenizer", "tokenizer"), self.cache_bytes, self.device,
+                                    self.precision)
+        # fp32 whatever the precision: the LAM's nearest-code search must not flip with rounding
+        self.lam = load_model(self.world_dir / "lam", "lam").eval().to(self.engine.device)
         make = lambda fn: MicroBatcher(fn, self._executor, self.max_batch, self.max_wait_s)  # noqa: E731
         self._next = make(self._next_batch)
         self._decode = make(self._decode_batch)
@@ -96,7 +98,7 @@ class InProcessBackend:
         spec = self._check_started()
         check_frames(frames, spec, 2, self.lam.cfg.max_frames)
         video = torch.from_numpy(np.array(frames))[None]  # a writable copy
-        run = lambda: self.lam.infer_actions(video)[0].to(torch.int32).numpy()  # noqa: E731
+        run = lambda: self.lam.infer_actions(video.to(self.engine.device))[0].to('cpu', torch.int32).numpy()  # noqa: E731
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     async def ready(self) -> bool:

@@ -38,6 +38,13 @@ def model_setup(args: dict[str, str]) -> tuple[Path, dict[str, str]]:
     return Path(world_dir), params
 
 
+def instance_device(args: dict[str, str]) -> str:
+    """The device of this model instance: its GPU for a KIND_GPU instance group, else the CPU."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id') or 0)}"
+    return "cpu"
+
+
 def read_inputs(request, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """One request's input tensors without the batch axis. Raises ValueError unless each holds exactly one item."""
     out = {}

@@ -36,6 +36,8 @@ class WorkerSettings:
     world: str = "worlds/demo"  # world dir of the in-process backend (and where the CLI validates rollouts)
     triton_url: str = "127.0.0.1:8001"
     triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=host:port,lam=host:port", as `genie serve`
+    rollout_device: str = "auto"  # the in-process backend's device: auto | cpu | cuda | cuda:N (GENIE_ROLLOUT_DEVICE)
+    rollout_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 (GENIE_ROLLOUT_PRECISION)
     lease_ttl: int = 60  # seconds a killed worker's claim on a job outlives it (a live one renews it every ttl/4)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,8 @@ class WorkerSettings:
             "world": env.get("GENIE_WORLD") or "worlds/demo",
             "triton_url": env.get("GENIE_TRITON_URL") or "127.0.0.1:8001",
             "triton_model_urls": env.get("GENIE_TRITON_MODEL_URLS", ""),
+            "rollout_device": env.get("GENIE_ROLLOUT_DEVICE") or "auto",
+            "rollout_precision": env.get("GENIE_ROLLOUT_PRECISION") or "auto",
             "lease_ttl": _int(env, "GENIE_JOB_LEASE_TTL", 60),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

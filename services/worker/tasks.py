@@ -202,7 +202,8 @@ def _run_chunk(run: Execution, job: RolloutJobSpec, out: Path, index: int, items
     t0 = time.perf_counter()
     world = job.world or settings.world
     cfg = GatewayConfig(world=world, backend=settings.rollout_backend, triton_url=settings.triton_url,
-                        triton_model_urls=settings.triton_model_urls)
+                        triton_model_urls=settings.triton_model_urls, device=settings.rollout_device,
+                        precision=settings.rollout_precision)
     backend = runner().backend(settings, world, lambda: make_backend(cfg))
     spec = backend.spec
     bad = sorted({a for item in items for a in item.actions if a >= spec.num_actions})

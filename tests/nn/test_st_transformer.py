@@ -66,9 +66,31 @@ def test_ragged_batch_matches_rows_alone():
         batch = KVCache.stack(caches)
         together = model.forward_frame(new, batch, commit=True)
     assert torch.allclose(together, torch.cat(alone), atol=1e-5)
-    parts = batch.unstack()
-    assert [p.lengths.item() for p in parts] == [2, 5]
-    assert parts[0].k.data_ptr() != batch.k.data_ptr()
+    assert batch.lengths.tolist() == batch.host_lengths == [2, 5]
+
+
+def test_fixed_shapes_and_kv_only_commit_match():
+    """The fixed-shape layout (no host lengths: all T slots, masked) computes what the sized one does, and a
+    commit that skips the output stores the same keys/values as one that computes it."""
+    model = STTransformer(CFG).eval()
+    hist = torch.randn(2, 3, 7, 32)
+    new = torch.randn(2, 7, 32)
+    sized, fixed, kv_only = (KVCache.empty(CFG, 2, 7) for _ in range(3))
+    with torch.no_grad():
+        for t in range(3):
+            model.forward_frame(hist[:, t], sized, commit=True)
+            model.forward_frame(hist[:, t], kv_only, commit=True, output=False)
+        fixed.k, fixed.v = sized.k.clone(), sized.v.clone()
+        fixed.lengths, fixed.host_lengths = torch.tensor([3, 1]), None  # ragged: row 1 keeps only its first frame
+        sized.lengths, sized.host_lengths = torch.tensor([3, 1]), [3, 1]
+        assert model.forward_frame(new, kv_only, commit=True, output=False) is None
+        out_sized = model.forward_frame(new, sized, commit=True)
+        out_fixed = model.forward_frame(new, fixed, commit=True)
+    assert torch.allclose(out_sized, out_fixed, atol=1e-5)
+    assert torch.allclose(kv_only.k[:, 0, :, :, :4], sized.k[:, 0, :, :, :4], atol=1e-6)  # row 0: same history, same new frame
+    assert fixed.lengths.tolist() == [4, 2] and fixed.host_lengths is None
+    with pytest.raises(ValueError, match="neither commits"):
+        model.forward_frame(new, sized, commit=False, output=False)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Triton model `dynamics`: the next frame's tokens for a batch of sessions (DynamicsEngine.next_tokens).
 
-Each instance keeps a soft, bounded K/V cache of session histories, so a session's repeated steps on one
-instance skip recomputing its window; a miss (another instance, a restart) recomputes it, with identical tokens.
+Each instance runs on its instance group's device (a GPU for KIND_GPU) and keeps a soft, bounded pool of session
+histories' K/V caches there, so a session's repeated steps on one instance skip recomputing its window; a miss
+(another instance, a restart) recomputes it, with identical tokens.
 """
 
 from __future__ import annotations
@@ -10,19 +11,29 @@ import numpy as np
 import torch
 
 from genie.sampling import DynamicsEngine, SamplingConfig
-from genie.state import KVCacheStore, WorldState
+from genie.state import WorldState
 from genie.train.checkpoint import load_model
 from genie.worlds import load_world_config_of
 from services.triton import protocol as P
-from services.triton.stub import check_tokens, execute_batched, model_setup, num_frames, read_inputs, respond, scalar
+from services.triton.stub import (
+    check_tokens,
+    execute_batched,
+    instance_device,
+    model_setup,
+    num_frames,
+    read_inputs,
+    respond,
+    scalar,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         world_dir, params = model_setup(args)
         keep_frames = load_world_config_of(world_dir).sampling.keep_frames
-        cache = KVCacheStore(int(params.get(P.PARAM_CACHE_BYTES) or 1 << 30))
-        self.engine = DynamicsEngine(load_model(world_dir / "dynamics", "dynamics"), keep_frames, cache)
+        self.engine = DynamicsEngine(load_model(world_dir / "dynamics", "dynamics"), keep_frames,
+                                     int(params.get(P.PARAM_CACHE_BYTES) or 1 << 30), instance_device(args),
+                                     params.get(P.PARAM_PRECISION) or "auto")
         self.keep_frames = keep_frames
 
     def execute(self, requests: list) -> list:

@@ -8,13 +8,14 @@ import torch
 from genie.models.common import check_video
 from genie.train.checkpoint import load_model
 from services.triton import protocol as P
-from services.triton.stub import execute_batched, model_setup, num_frames, read_inputs, respond
+from services.triton.stub import execute_batched, instance_device, model_setup, num_frames, read_inputs, respond
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         world_dir, _ = model_setup(args)
-        self.lam = load_model(world_dir / "lam", "lam")
+        self.device = torch.device(instance_device(args))
+        self.lam = load_model(world_dir / "lam", "lam").to(self.device)  # fp32: the nearest-code search must not round
 
     def execute(self, requests: list) -> list:
         return execute_batched(requests, self._parse, self._run, lambda actions: respond(**{P.LATENT_ACTIONS: actions}))
@@ -29,4 +30,4 @@ class TritonPythonModel:
 
     @torch.no_grad()
     def _run(self, t: int, clips: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.lam.infer_actions(torch.stack(clips)).to(torch.int32).numpy())  # (B, t - 1)
+        return list(self.lam.infer_actions(torch.stack(clips).to(self.device)).to('cpu', torch.int32).numpy())  # (B, t - 1)

@@ -12,17 +12,27 @@ import torch
 
 from genie.models.common import check_video
 from genie.sampling import FrameDecoder
-from genie.state import KVCacheStore, WorldState
+from genie.state import WorldState
 from genie.train.checkpoint import load_model
 from services.triton import protocol as P
-from services.triton.stub import check_tokens, execute_batched, model_setup, num_frames, read_inputs, respond, scalar
+from services.triton.stub import (
+    check_tokens,
+    execute_batched,
+    instance_device,
+    model_setup,
+    num_frames,
+    read_inputs,
+    respond,
+    scalar,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         world_dir, params = model_setup(args)
-        cache = KVCacheStore(int(params.get(P.PARAM_CACHE_BYTES) or 1 << 30))
-        self.decoder = FrameDecoder(load_model(world_dir / "tokenizer", "tokenizer"), cache)
+        cache_bytes = int(params.get(P.PARAM_CACHE_BYTES) or 1 << 30)
+        self.decoder = FrameDecoder(load_model(world_dir / "tokenizer", "tokenizer"), cache_bytes, instance_device(args),
+                                    params.get(P.PARAM_PRECISION) or "auto")
 
     def execute(self, requests: list) -> list:
         return execute_batched(requests, self._parse, self._run, self._pack)

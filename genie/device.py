@@ -1,0 +1,66 @@
+"""Where inference runs and in what precision: --device auto|cpu|cuda[:N], --precision auto|fp32|bf16.
+
+bf16 is worth it on GPUs and on CPUs with bf16 hardware (AVX-512 BF16, AMX); elsewhere torch emulates it and a bf16
+matmul runs at ~1 GFLOP/s against ~120 in fp32 (a 2-core AVX2 EPYC), so it is never chosen there by default and is
+refused when asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that run bf16 matmuls natively
+
+
+def resolve_inference_device(name: str | torch.device) -> torch.device:
+    """"auto" = the first GPU when torch sees one, else the CPU; "cpu"; "cuda" / "cuda:N". ValueError when a GPU is
+    asked for and absent, or the name is unknown. A torch.device is taken as it is (tests use a stand-in device)."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"bad device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}, but torch sees no CUDA GPU (a CPU build of torch, or no GPU visible); "
+                             "use --device cpu or auto")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}, but only {torch.cuda.device_count()} GPU(s) are visible")
+        return torch.device("cuda", index)
+    raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls in hardware (AVX-512 BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of inference on `device`: bf16 (autocast) or fp32.
+
+    auto = bf16 on a GPU, fp32 on any CPU (bf16 on a CPU must be asked for, and its hardware must have it).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return torch.float32
+    if device.type == "cpu" and not cpu_has_bf16():
+        raise ValueError("precision bf16 on a CPU without bf16 hardware (no AVX-512 BF16 or AMX): torch would emulate "
+                         "it at ~1 GFLOP/s; use fp32")
+    return torch.bfloat16

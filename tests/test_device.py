@@ -1,0 +1,120 @@
+"""Inference device and precision: auto picks a GPU only when there is one, bf16 never by default on a CPU and
+never on a CPU without bf16 hardware; engines put everything on their device (checked on a stand-in device)."""
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from genie import device as dev
+from genie.models.dynamics import DynamicsModel
+from genie.models.tokenizer import VideoTokenizer
+from genie.presets import tiny
+from genie.sampling import DynamicsEngine, FrameDecoder, SamplingConfig, World, new_state
+
+
+def _gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_auto_is_the_first_gpu_only_when_there_is_one(monkeypatch):
+    _gpus(monkeypatch, 0)
+    assert dev.resolve_inference_device("auto") == torch.device("cpu")
+    _gpus(monkeypatch, 2)
+    assert dev.resolve_inference_device("auto") == torch.device("cuda", 0)
+    assert dev.resolve_inference_device("cuda:1") == torch.device("cuda", 1)
+    assert dev.resolve_inference_device("cpu") == torch.device("cpu")
+
+
+def test_bad_or_absent_devices_are_clear_errors(monkeypatch):
+    _gpus(monkeypatch, 0)
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+        dev.resolve_inference_device("cuda")
+    _gpus(monkeypatch, 1)
+    with pytest.raises(ValueError, match="only 1 GPU"):
+        dev.resolve_inference_device("cuda:3")
+    for bad in ("tpu", "cuda:x", ""):
+        with pytest.raises(ValueError, match="device"):
+            dev.resolve_inference_device(bad)
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_precision_never_bf16_on_a_cpu_by_default(monkeypatch, has_bf16):
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: has_bf16)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert dev.resolve_precision("auto", cpu) == torch.float32
+    assert dev.resolve_precision("fp32", gpu) == torch.float32
+    assert dev.resolve_precision("auto", gpu) == dev.resolve_precision("bf16", gpu) == torch.bfloat16
+    if has_bf16:
+        assert dev.resolve_precision("bf16", cpu) == torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match="without bf16 hardware"):
+            dev.resolve_precision("bf16", cpu)
+    with pytest.raises(ValueError, match="unknown precision"):
+        dev.resolve_precision("fp8", cpu)
+
+
+def test_cpu_bf16_detection_reads_the_flags(monkeypatch, tmp_path):
+    for flags, expected in (("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(dev, "Path", lambda _p, info=info: info)
+        dev.cpu_has_bf16.cache_clear()
+        assert dev.cpu_has_bf16() is expected
+    dev.cpu_has_bf16.cache_clear()
+
+
+def test_an_engine_on_a_cpu_without_bf16_runs_fp32_and_refuses_bf16(monkeypatch):
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: False)
+    cfg = tiny()
+    engine = DynamicsEngine(DynamicsModel(cfg.dynamics), device="cpu")
+    assert engine.dtype == torch.float32 and engine.pool.k.dtype == torch.float32
+    with pytest.raises(ValueError, match="without bf16 hardware"):
+        World(VideoTokenizer(cfg.tokenizer), DynamicsModel(cfg.dynamics), precision="bf16")
+
+
+# --- every engine's step on a stand-in device -------------------------------------------------------------------------
+OTHER = torch.device("meta")  # the stand-in for cuda: an op mixing it with a CPU tensor fails, as on a GPU
+
+
+def _on_other_device(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(FakeTensor(mode, torch.empty_like(p, device="meta"), OTHER),
+                                                        requires_grad=False)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = FakeTensor(mode, torch.empty_like(b, device="meta"), OTHER)
+    return model
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["sized", "fixed shapes"])
+def test_engines_keep_every_tensor_on_their_device(fixed_shapes):
+    """A whole step (history rebuild, MaskGIT with counter noise, commit, decode) on the stand-in device, in both
+    layouts. (The sessions' states are CPU tensors the engine reads on the host, so scalar reads are allowed here;
+    that a fixed-shape step never waits on the GPU is checked on a GPU, under torch.cuda.set_sync_debug_mode.)"""
+    mode = FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True), allow_non_fake_inputs=True)
+    cfg = tiny()
+    dynamics = _on_other_device(DynamicsModel(cfg.dynamics).eval(), mode)
+    tokenizer = _on_other_device(VideoTokenizer(cfg.tokenizer).eval(), mode)
+    n = cfg.dynamics.tokens_per_frame
+    states = [new_state(f"s{i}", torch.randint(0, cfg.dynamics.num_tokens, (t, n)), seed=i) for i, t in enumerate((1, 3))]
+    with mode:
+        engine = DynamicsEngine(dynamics, cache_bytes=0, device=OTHER, precision="fp32", fixed_shapes=fixed_shapes)
+        decoder = FrameDecoder(tokenizer, cache_bytes=0, device=OTHER, precision="fp32")
+        assert engine.pool.k.device == OTHER
+        tokens = engine.next_tokens(states, [1, 2], SamplingConfig(steps=3, temperature=1.0, choice_temperature=1.0))
+        assert tokens.shape == (2, n) and tokens.device == torch.device("cpu")
+        frames = decoder.decode_last(states)
+        assert frames.shape == (2, *cfg.tokenizer.frame.__dict__.values()) and frames.device == torch.device("cpu")
+
+
+def test_the_stand_in_device_catches_a_cpu_tensor():
+    """The check above can fail: a model that adds a CPU tensor to its device's tensors is refused."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    layer = _on_other_device(nn.Linear(3, 3), mode)
+    with mode, pytest.raises(RuntimeError, match=r"devices.*(cpu.*meta|meta.*cpu)"):
+        layer(torch.ones(3, device=OTHER)) + torch.zeros(3)
