@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict, write_json_atomic
-from genie.controls import KEY_SOURCES, check_key_bindings, key_bindings_from_mapping, unbound_keys
+from genie.controls import KEY_SOURCES, KeyBinding, check_key_bindings, key_bindings_from_mapping, unbound_keys
 from genie.data import make_source
 from genie.media import save_png
 from genie.sampling import SamplingConfig, World
@@ -175,6 +175,19 @@ def load_key_bindings(world_dir: Path, num_actions: int) -> tuple[dict[str, int 
         return check_key_bindings(doc["keys"], num_actions), doc["keys_source"]
     except ValueError as exc:
         raise ValueError(f"{Path(world_dir) / ACTIONS_FILE}: {exc}") from exc
+
+
+def load_key_binding_list(world_dir: Path, num_actions: int) -> list[KeyBinding]:
+    """load_key_bindings as KeyBindings in KEYS order, each with its latent's share of transitions pressing the key
+    when the bindings were derived from a mapping (None for bindings a user set)."""
+    keys, source = load_key_bindings(world_dir, num_actions)
+    evidence = ((read_actions_file(world_dir) or {}).get("key_evidence") or {}) if source == "mapping" else {}
+    out = []
+    for key, action in keys.items():
+        e = evidence.get(key) or {}
+        share = e.get("share") if action is not None and e.get("latent") == action else None
+        out.append(KeyBinding(key, action, None if share is None else float(share)))
+    return out
 
 
 def save_key_bindings(world_dir: Path, keys: dict[str, int | None], source: str,
