@@ -43,14 +43,22 @@ def test_train_export_rollout(tmp_path):
     with Image.open(gif) as im:
         im.seek(1)  # the frame action 0 led to: its caption now names it
         assert not np.array_equal(np.array(im.convert("RGB"))[64:], default_strip)
+    code, out = _run(["world", "names", str(tmp_path / "world"), "--key", "up=2"])
+    assert code == 0, out
+    code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "4", "--actions", "Up,jump,3,duck",
+                      "--out", str(gif)])
+    assert code == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["actions"] == [2, 2, 3, 1]  # the up key's latent; "duck" is 1
     assert len(list((tmp_path / "world" / "prompts").glob("*.png"))) == 8
     own = tmp_path / "mine.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(own)
     code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "2", "--prompt", str(own), "--out", str(gif)])
     assert code == 0, out
-    for bad in (["--prompt", "99"], ["--prompt", str(tmp_path / "none.png")], ["--actions", "1,x"], ["--actions", "7"]):
+    for bad in (["--prompt", "99"], ["--prompt", str(tmp_path / "none.png")], ["--actions", "1,x"], ["--actions", "7"],
+                ["--actions", "up,left"]):
         code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "1", *bad, "--out", str(gif)])
         assert code == 2 and out.count("error: ") == 1, (bad, out)
+    assert "left key is unbound" in out and "bound keys: up=2, jump=2" in out and "'duck'" in out
 
 
 def test_training_resumes_in_parts(tmp_path):
