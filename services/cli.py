@@ -145,7 +145,8 @@ def _gateway_options(f):
 @click.option("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
 def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browser, threads) -> None:
     """Play a world interactively: starts a gateway on the embedded defaults (models in process, sessions in
-    memory) and serves the web play page; arrow and number keys send latent actions. Ctrl-C stops it."""
+    memory) and serves the web play page; number keys send latent actions, arrow keys the ones the world binds to
+    them (`genie world names`). Ctrl-C stops it."""
     from services.gateway.app import GatewayConfig
 
     if not (Path(world_dir) / "world.json").exists():
