@@ -10,7 +10,7 @@ import click
 
 @click.group("world")
 def world() -> None:
-    """Build worlds and edit their action names."""
+    """Build worlds and edit their action names and arrow key bindings."""
 
 
 @world.command("build")
@@ -61,37 +61,65 @@ def build(data_dir, eval_data, preset, config, overrides, out, run_root, eval_cl
 @click.argument("world_dir", type=click.Path(path_type=Path))
 @click.option("--set", "edits", multiple=True, metavar="INDEX=NAME",
               help='Rename one latent action, e.g. --set 3="jump right" (repeatable); the names become the user\'s.')
+@click.option("--key", "key_edits", multiple=True, metavar="KEY=LATENT",
+              help="Bind an arrow key (left, right, up or jump, down) to a latent action, or unbind it with "
+                   "KEY=none, e.g. --key left=6 --key down=none (repeatable); the bindings become the user's.")
 @click.option("--from-report", "report_path", type=click.Path(path_type=Path),
-              help="Re-derive the names from an eval report's latent -> true action mapping (replaces edits).")
-def names(world_dir, edits, report_path) -> None:
-    """Print the world's action names (WORLD/actions.json) as JSON, or edit them. The gateway, the play page and
-    `genie rollout` show them."""
+              help="Re-derive the names and the arrow key bindings from an eval report's latent -> true action "
+                   "mapping (replaces edits).")
+def names(world_dir, edits, key_edits, report_path) -> None:
+    """Print the world's action names and arrow key bindings (WORLD/actions.json) as JSON, or edit them. The
+    gateway, the play page and `genie rollout` use them."""
     from genie.cli import _fail
     from genie.worlds import (
         apply_action_names_from_report,
         load_action_names,
+        load_key_bindings,
         load_world_config_of,
         read_actions_file,
         save_action_names,
+        save_key_bindings,
     )
 
     try:
-        if edits and report_path:
-            raise ValueError("use either --set or --from-report, not both")
+        if (edits or key_edits) and report_path:
+            raise ValueError("use either --set/--key or --from-report, not both")
         num_actions = load_world_config_of(world_dir).dynamics.num_actions
         if report_path:
             report = _read_report(report_path)
             apply_action_names_from_report(world_dir, report, overwrite_user=True)
-        elif edits:
+        if edits:
             current = load_action_names(world_dir, num_actions)
             evidence = (read_actions_file(world_dir) or {}).get("mapping")
             save_action_names(world_dir, _edited(current, edits), "user", evidence)
+        if key_edits:
+            keys, _ = load_key_bindings(world_dir, num_actions)
+            save_key_bindings(world_dir, _rebound(keys, key_edits), "user")
         result = load_action_names(world_dir, num_actions)
+        keys, keys_source = load_key_bindings(world_dir, num_actions)
         doc = read_actions_file(world_dir)
         source = doc["source"] if doc is not None else "default"
     except ValueError as exc:
         _fail(str(exc))
-    click.echo(json.dumps({"world": str(world_dir), "names": result, "source": source}))
+    click.echo(json.dumps({"world": str(world_dir), "names": result, "source": source, "keys": keys,
+                           "keys_source": keys_source}))
+
+
+def _rebound(keys: dict[str, int | None], edits: tuple[str, ...]) -> dict[str, int | None]:
+    """Applies KEY=LATENT / KEY=none edits to a copy of `keys`; ValueError on a malformed edit or an unknown key
+    (the latent's range is checked when the bindings are saved)."""
+    from genie.controls import KEYS, canonical_key
+
+    out = dict(keys)
+    for edit in edits:
+        name, sep, value = edit.partition("=")
+        key, value = canonical_key(name), value.strip().lower()
+        if not sep or key is None:
+            raise ValueError(f"--key takes KEY=LATENT or KEY=none with KEY one of {list(KEYS)} or jump, got {edit!r}")
+        if value not in ("none", "") and not value.isdigit():
+            raise ValueError(f"--key {name.strip()}= takes a latent action id or none, got {value!r}")
+        out[key] = int(value) if value.isdigit() else None
+    return out
 
 
 def _edited(names: list[str], edits: tuple[str, ...]) -> list[str]:

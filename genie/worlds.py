@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict, write_json_atomic
+from genie.controls import KEY_SOURCES, KeyBinding, check_key_bindings, key_bindings_from_mapping, unbound_keys
 from genie.data import make_source
 from genie.media import save_png
 from genie.sampling import SamplingConfig, World
@@ -109,8 +110,9 @@ def check_action_names(names: list[str]) -> list[str]:
 
 
 def read_actions_file(world_dir: Path) -> dict[str, Any] | None:
-    """The parsed WORLD/actions.json ({"names", "source", ...}), None if absent; ValueError naming the file if bad.
-    A file without a "source" was written by hand: its source is "user"."""
+    """The parsed WORLD/actions.json ({"names", "source", ...}, with "keys" and "keys_source" when it binds the
+    arrow keys), None if absent; ValueError naming the file if bad. A file without a "source" (or with "keys" but
+    no "keys_source") was written by hand: its source is "user"."""
     path = Path(world_dir) / ACTIONS_FILE
     if not path.exists():
         return None
@@ -122,6 +124,11 @@ def read_actions_file(world_dir: Path) -> dict[str, Any] | None:
         doc.setdefault("source", "user")
         if doc["source"] not in NAME_SOURCES:
             raise ValueError(f"source must be one of {list(NAME_SOURCES)}, got {doc['source']!r}")
+        if "keys" in doc:  # arrow keys a person wrote in by hand are theirs, like names without a source
+            doc["keys"] = check_key_bindings(doc["keys"])
+            doc.setdefault("keys_source", "user")
+            if doc["keys_source"] not in KEY_SOURCES:
+                raise ValueError(f"keys_source must be one of {list(KEY_SOURCES)}, got {doc['keys_source']!r}")
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{path}: bad action names file: {exc}") from exc
     return doc
@@ -141,14 +148,63 @@ def load_action_names(world_dir: Path, num_actions: int) -> list[str]:
 
 
 def save_action_names(world_dir: Path, names: list[str], source: str, evidence: dict[str, Any] | None = None) -> Path:
-    """Writes WORLD/actions.json atomically: {"names", "source"} plus the optional "mapping" evidence."""
+    """Writes WORLD/actions.json atomically: {"names", "source"} plus the optional "mapping" evidence, keeping the
+    key bindings the file already has."""
     check_action_names(names)
     if source not in NAME_SOURCES:
         raise ValueError(f"source must be one of {list(NAME_SOURCES)}, got {source!r}")
     doc: dict[str, Any] = {"names": list(names), "source": source}
     if evidence is not None:
         doc["mapping"] = evidence
+    old = read_actions_file(world_dir)
+    if old is not None and "keys" in old:
+        doc.update({f: old[f] for f in ("keys", "keys_source", "key_evidence") if f in old})
     return write_json_atomic(Path(world_dir) / ACTIONS_FILE, doc)
+
+
+def load_key_bindings(world_dir: Path, num_actions: int) -> tuple[dict[str, int | None], str]:
+    """The world's arrow key bindings ({key: latent or None} for every key in genie.controls.KEYS) and their
+    source ("mapping", "user" or "default"); every key unbound when actions.json has none.
+
+    Raises ValueError naming the file when it is malformed or binds a latent outside [0, num_actions).
+    """
+    doc = read_actions_file(world_dir)
+    if doc is None or "keys" not in doc:
+        return unbound_keys(), "default"
+    try:
+        return check_key_bindings(doc["keys"], num_actions), doc["keys_source"]
+    except ValueError as exc:
+        raise ValueError(f"{Path(world_dir) / ACTIONS_FILE}: {exc}") from exc
+
+
+def load_key_binding_list(world_dir: Path, num_actions: int) -> list[KeyBinding]:
+    """load_key_bindings as KeyBindings in KEYS order, each with its latent's share of transitions pressing the key
+    when the bindings were derived from a mapping (None for bindings a user set)."""
+    keys, source = load_key_bindings(world_dir, num_actions)
+    evidence = ((read_actions_file(world_dir) or {}).get("key_evidence") or {}) if source == "mapping" else {}
+    out = []
+    for key, action in keys.items():
+        e = evidence.get(key) or {}
+        share = e.get("share") if action is not None and e.get("latent") == action else None
+        out.append(KeyBinding(key, action, None if share is None else float(share)))
+    return out
+
+
+def save_key_bindings(world_dir: Path, keys: dict[str, int | None], source: str,
+                      evidence: dict[str, Any] | None = None) -> Path:
+    """Writes the arrow key bindings into WORLD/actions.json atomically, keeping its names (default names when the
+    world has no actions.json yet). `keys` may name only some keys: the others become unbound."""
+    world_dir = Path(world_dir)
+    num_actions = load_world_config_of(world_dir).dynamics.num_actions
+    keys = check_key_bindings(keys, num_actions)
+    if source not in KEY_SOURCES:
+        raise ValueError(f"keys_source must be one of {list(KEY_SOURCES)}, got {source!r}")
+    doc = read_actions_file(world_dir) or {"names": default_action_names(num_actions), "source": "default"}
+    doc.pop("key_evidence", None)
+    doc.update({"keys": keys, "keys_source": source})
+    if evidence:
+        doc["key_evidence"] = evidence
+    return write_json_atomic(world_dir / ACTIONS_FILE, doc)
 
 
 def names_from_mapping(mapping: dict[str, Any] | None, num_actions: int) -> list[str]:
@@ -196,20 +252,26 @@ def _key_name(entry: dict[str, Any], mapping: dict[str, Any]) -> str | None:
 
 
 def apply_action_names_from_report(world_dir: Path, report: dict[str, Any], overwrite_user: bool = False) -> list[str]:
-    """Names the world's actions from an eval report's report["lam"]["mapping"] and returns the names in effect.
+    """Names the world's actions and binds its arrow keys (genie.controls) from an eval report's
+    report["lam"]["mapping"]; returns the names in effect.
 
-    Never overwrites names a user edited (source "user") unless `overwrite_user`. Without a mapping (no true
-    actions in the data), the names are "action N" (source "default").
+    Never overwrites names or keys a user edited (source / keys_source "user") unless `overwrite_user`. Without a
+    mapping (no true actions in the data), the names are "action N" and every key is unbound (source "default").
     """
     world_dir = Path(world_dir)
     num_actions = load_world_config_of(world_dir).dynamics.num_actions
     doc = None if overwrite_user else read_actions_file(world_dir)
-    if doc is not None and doc["source"] == "user":
-        return load_action_names(world_dir, num_actions)
     mapping = (report.get("lam") or {}).get("mapping")
-    names = names_from_mapping(mapping, num_actions)
-    source = "mapping" if names != default_action_names(num_actions) else "default"
-    save_action_names(world_dir, names, source, evidence=_evidence(mapping) if mapping else None)
+    if doc is not None and doc["source"] == "user":
+        names = load_action_names(world_dir, num_actions)
+    else:
+        names = names_from_mapping(mapping, num_actions)
+        source = "mapping" if names != default_action_names(num_actions) else "default"
+        save_action_names(world_dir, names, source, evidence=_evidence(mapping) if mapping else None)
+    if doc is None or doc.get("keys_source") != "user":
+        keys, key_evidence = key_bindings_from_mapping(mapping, num_actions)
+        save_key_bindings(world_dir, keys, "mapping" if any(a is not None for a in keys.values()) else "default",
+                          key_evidence)
     return names
 
 

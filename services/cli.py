@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from genie.cli import DEFAULT_WORLD, _fail, main
 from services.triton.cli import triton
 from services.worker.cli import jobs
+
+if TYPE_CHECKING:
+    from services.gateway.backend import WorldSpec
 
 main.add_command(triton)
 main.add_command(jobs)
@@ -43,7 +47,9 @@ def _backend_options(f):
 @main.command()
 @click.option("--world", "world_dir", type=click.Path(path_type=Path), default=DEFAULT_WORLD, show_default=True)
 @click.option("--steps", type=int, default=32, show_default=True, help="Frames to generate.")
-@click.option("--actions", default="random", show_default=True, help="Comma-separated latent actions, or 'random'.")
+@click.option("--actions", default="random", show_default=True,
+              help="'random', or a comma-separated list of latent action ids (3), arrow keys the world binds (left, "
+                   "right, up or jump, down; `genie world names`) and the world's action names, e.g. up,up,2,down.")
 @click.option("--prompt", default="0", show_default=True,
               help="A PNG/JPEG file, or the index of one of the world's prompts (WORLD/prompts/).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -71,7 +77,7 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
         try:
             await models.start()
             spec = models.spec
-            seq = _action_sequence(actions, steps, spec.num_actions, seed)
+            seq = _action_sequence(actions, steps, spec, seed)
             sampling = replace(spec.sampling, steps=sampling_steps) if sampling_steps else spec.sampling
             frame = load_image(image, spec.height, spec.width)
             t0 = time.perf_counter()
@@ -91,15 +97,43 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
     click.echo(json.dumps({"gif": str(out), "frames": len(seq), "fps": round(len(seq) / elapsed, 2), "actions": seq}))
 
 
-def _action_sequence(actions: str, steps: int, num_actions: int, seed: int) -> list[int]:
+def _action_sequence(actions: str, steps: int, spec: WorldSpec, seed: int) -> list[int]:
+    """The latent actions of --actions for a world (services.gateway.backend.WorldSpec): `steps` seeded random ones
+    for 'random'; else each comma-separated item resolved, case-insensitively, as a latent action id, an arrow key
+    the world binds (a bound key wins over an action name that spells it), or one of the world's action names.
+    ValueError listing the valid names for an unbound key, an unknown or ambiguous name, or an id out of range."""
     import torch
 
-    if actions == "random":
-        return torch.randint(0, num_actions, (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
-    try:
-        return [int(a) for a in actions.split(",")]
-    except ValueError:
-        raise ValueError(f"--actions must be comma-separated integers or 'random', got {actions!r}") from None
+    from genie.controls import KEY_ALIASES, canonical_key
+
+    if actions.strip().lower() == "random":
+        return torch.randint(0, spec.num_actions, (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
+    bound = {b.key: b.action for b in spec.key_bindings() if b.action is not None}
+    named: dict[str, list[int]] = {}
+    for a, name in enumerate(spec.action_names):
+        named.setdefault(name.strip().lower(), []).append(a)
+    keys = [f"{k}={a}" for k, a in bound.items()] + [f"{alias}={bound[k]}" for alias, k in KEY_ALIASES.items() if k in bound]
+    valid = (f"valid: latent ids 0..{spec.num_actions - 1}; bound keys: {', '.join(keys) or 'none'}"
+             + (f"; action names: {', '.join(map(repr, spec.action_names))}" if spec.action_names else ""))
+    seq = []
+    for item in actions.split(","):
+        token = item.strip()
+        key = canonical_key(token)
+        if token.isdigit():
+            if int(token) >= spec.num_actions:
+                raise ValueError(f"--actions: latent action {token} is out of range ({valid})")
+            seq.append(int(token))
+        elif key in bound:
+            seq.append(bound[key])
+        elif len(named.get(token.lower(), [])) == 1:
+            seq.append(named[token.lower()][0])
+        elif key is not None and token.lower() not in named:
+            raise ValueError(f"--actions: the {token} key is unbound in this world: no latent action is tied to it "
+                             f"({valid})")
+        else:
+            what = "ambiguous" if token.lower() in named else "unknown"
+            raise ValueError(f"--actions: {what} action {token!r} ({valid})")
+    return seq
 
 
 def _gateway_options(f):
@@ -123,7 +157,8 @@ def _gateway_options(f):
 @_device_options
 def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browser, threads, device, precision) -> None:
     """Play a world interactively: starts a gateway on the embedded defaults (models in process, sessions in
-    memory) and serves the web play page; arrow and number keys send latent actions. Ctrl-C stops it."""
+    memory) and serves the web play page; number keys send latent actions, arrow keys the ones the world binds to
+    them (`genie world names`). Ctrl-C stops it."""
     from services.gateway.app import GatewayConfig
 
     if not (Path(world_dir) / "world.json").exists():

@@ -14,7 +14,7 @@ from genie.cli import main
 from genie.config import apply_overrides
 from genie.data.video import VideoImportConfig, import_videos
 from genie.presets import tiny
-from genie.worlds import load_action_names, load_world, save_action_names
+from genie.worlds import load_action_names, load_key_bindings, load_world, save_action_names, save_key_bindings
 
 STEPS = {"tokenizer": 6, "lam": 4, "dynamics": 6}
 OVERRIDES = [f"train_{k}.{f}={v}" for k, n in STEPS.items() for f, v in (("steps", n), ("ckpt_every", 2),
@@ -71,6 +71,7 @@ def test_build_from_videos_writes_a_playable_world(tmp_path, videos):
     # Imported videos have no true actions: no mapping, so the names stay the defaults.
     assert result.action_names == [f"action {i}" for i in range(4)]
     assert "lam" not in result.report
+    assert load_key_bindings(out, 4) == (dict.fromkeys(("left", "right", "up", "down")), "default")  # and no keys
     world, _ = load_world(out)
     states, _ = world.reset(torch.zeros(1, 1, 16, 16, 3, dtype=torch.uint8), seeds=[0])
     states, frames = world.step(states, [2])
@@ -99,8 +100,10 @@ def test_rebuild_keeps_names_a_user_edited(tmp_path, videos):
     build_world(cfg)
     names = ["left", "right", "jump", "wait"]
     save_action_names(tmp_path / "world", names, source="user")
+    save_key_bindings(tmp_path / "world", {"up": 2}, "user")
     build_world(cfg)  # every training stage is complete: export + eval run again
     assert load_action_names(tmp_path / "world", 4) == names
+    assert load_key_bindings(tmp_path / "world", 4) == ({"left": None, "right": None, "up": 2, "down": None}, "user")
 
 
 def test_a_run_root_of_another_config_is_refused_before_training(tmp_path, videos):

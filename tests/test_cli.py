@@ -43,14 +43,22 @@ def test_train_export_rollout(tmp_path):
     with Image.open(gif) as im:
         im.seek(1)  # the frame action 0 led to: its caption now names it
         assert not np.array_equal(np.array(im.convert("RGB"))[64:], default_strip)
+    code, out = _run(["world", "names", str(tmp_path / "world"), "--key", "up=2"])
+    assert code == 0, out
+    code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "4", "--actions", "Up,jump,3,duck",
+                      "--out", str(gif)])
+    assert code == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["actions"] == [2, 2, 3, 1]  # the up key's latent; "duck" is 1
     assert len(list((tmp_path / "world" / "prompts").glob("*.png"))) == 8
     own = tmp_path / "mine.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(own)
     code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "2", "--prompt", str(own), "--out", str(gif)])
     assert code == 0, out
-    for bad in (["--prompt", "99"], ["--prompt", str(tmp_path / "none.png")], ["--actions", "1,x"], ["--actions", "7"]):
+    for bad in (["--prompt", "99"], ["--prompt", str(tmp_path / "none.png")], ["--actions", "1,x"], ["--actions", "7"],
+                ["--actions", "up,left"]):
         code, out = _run(["rollout", "--world", str(tmp_path / "world"), "--steps", "1", *bad, "--out", str(gif)])
         assert code == 2 and out.count("error: ") == 1, (bad, out)
+    assert "left key is unbound" in out and "bound keys: up=2, jump=2" in out and "'duck'" in out
 
 
 def test_training_resumes_in_parts(tmp_path):
@@ -121,16 +129,18 @@ def test_world_names_view_edit_rederive_and_errors(tmp_path):
     world.mkdir()
     (world / "world.json").write_text(json.dumps(to_dict(tiny())))
     a = tiny().dynamics.num_actions
+    unbound = {"left": None, "right": None, "up": None, "down": None}
     code, out = _run(["world", "names", str(world)])
     assert code == 0 and json.loads(out) == {"world": str(world), "names": [f"action {i}" for i in range(a)],
-                                             "source": "default"}
+                                             "source": "default", "keys": unbound, "keys_source": "default"}
     code, out = _run(["world", "names", str(world), "--set", '1=jump right', "--set", "0=left"])
     assert code == 0, out
     shown = json.loads(out)
     assert shown["names"][:2] == ["left", "jump right"] and shown["source"] == "user"
     assert json.loads((world / "actions.json").read_text())["names"] == shown["names"]
     for bad in (["--set", f"{a}=far"], ["--set", "0=jump right"], ["--set", "nonsense"], ["--set", "0="],
-                ["--from-report", str(tmp_path / "none.json")]):
+                ["--from-report", str(tmp_path / "none.json")], ["--key", f"up={a}"], ["--key", "fire=1"],
+                ["--key", "up=x"], ["--key", "up"], ["--key", "up=1", "--from-report", str(tmp_path / "none.json")]):
         code, out = _run(["world", "names", str(world), *bad])
         assert code == 2 and out.count("error: ") == 1, (bad, out)
     assert json.loads((world / "actions.json").read_text())["names"] == shown["names"]  # bad edits change nothing
@@ -143,7 +153,15 @@ def test_world_names_view_edit_rederive_and_errors(tmp_path):
     hand_written = [f"move {i}" for i in range(a)]
     (world / "actions.json").write_text(json.dumps({"names": hand_written}))  # no "source": written by hand
     code, out = _run(["world", "names", str(world)])
-    assert code == 0 and json.loads(out) == {"world": str(world), "names": hand_written, "source": "user"}
+    assert code == 0 and json.loads(out) == {"world": str(world), "names": hand_written, "source": "user",
+                                             "keys": unbound, "keys_source": "default"}
+    code, out = _run(["world", "names", str(world), "--key", "JUMP=2", "--key", "left=0"])
+    assert code == 0, out
+    shown = json.loads(out)
+    assert shown["keys"] == {**unbound, "up": 2, "left": 0} and shown["keys_source"] == "user"
+    assert shown["names"] == hand_written  # binding keys leaves the names alone
+    code, out = _run(["world", "names", str(world), "--key", "left=none"])
+    assert code == 0 and json.loads(out)["keys"] == {**unbound, "up": 2}
 
 
 def test_library_imports_no_service():

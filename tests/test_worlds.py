@@ -1,4 +1,5 @@
-"""Action names of a world directory (WORLD/actions.json): load, save, derive from an eval report's mapping."""
+"""Action names and arrow key bindings of a world directory (WORLD/actions.json): load, save, derive from an eval
+report's mapping."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from genie.worlds import (
     MIN_NAMING_COUNT,
     apply_action_names_from_report,
     load_action_names,
+    load_key_bindings,
     names_from_mapping,
     read_actions_file,
     save_action_names,
+    save_key_bindings,
 )
 
 
@@ -146,3 +149,64 @@ def test_re_export_keeps_the_worlds_action_names(trained_run, tmp_path, tiny_wor
     export_world(trained_run, out)  # replaces the checkpoints, keeps the names
     assert load_action_names(out, _num_actions(tiny_world_cfg)) == names
     assert read_actions_file(out)["source"] == "user"
+
+
+# --- arrow key bindings ---------------------------------------------------------------------------------------------
+
+UNBOUND = {"left": None, "right": None, "up": None, "down": None}
+
+
+def _combo_report(num_actions: int) -> dict:
+    """A mapping in which latent 1 presses UP in 30 of 40 transitions and latent 0 RIGHT in 30; nobody LEFT."""
+    true_names = ["LEFT", "UP", "RIGHT", "NOOP"]
+    rows = [[2, 2, 30, 6], [2, 30, 2, 6]] + [[2, 2, 2, 34]] * (num_actions - 2)
+    latents = [{"latent": a, "count": sum(r), "counts": r, "majority_name": true_names[max(range(4), key=r.__getitem__)],
+                "purity": max(r) / sum(r), "lift": 2.0} for a, r in enumerate(rows)]
+    return {"lam": {"mapping": {"true_names": true_names, "latents": latents}}}
+
+
+def test_apply_from_report_binds_the_keys(world_dir, tiny_world_cfg):
+    a = _num_actions(tiny_world_cfg)
+    assert load_key_bindings(world_dir, a) == (UNBOUND, "default")  # no actions.json: nothing bound
+    apply_action_names_from_report(world_dir, _combo_report(a))
+    assert load_key_bindings(world_dir, a) == ({"left": None, "right": 0, "up": 1, "down": None}, "mapping")
+    doc = read_actions_file(world_dir)
+    assert doc["key_evidence"]["up"]["share"] == 0.75 and doc["key_evidence"]["left"]["bound"] is False
+    assert json.loads((world_dir / ACTIONS_FILE).read_text())["keys"]["down"] is None  # stored as null, not left out
+    apply_action_names_from_report(world_dir, {"lam": None})  # a newer eval without a mapping unbinds them
+    assert load_key_bindings(world_dir, a) == (UNBOUND, "default")
+
+
+def test_user_keys_survive_re_derivation_and_name_edits(world_dir, tiny_world_cfg):
+    a = _num_actions(tiny_world_cfg)
+    apply_action_names_from_report(world_dir, _combo_report(a))
+    save_key_bindings(world_dir, {"left": 3, "up": 1}, "user")
+    mine = ({"left": 3, "right": None, "up": 1, "down": None}, "user")
+    assert load_key_bindings(world_dir, a) == mine
+    names = apply_action_names_from_report(world_dir, _combo_report(a))  # names re-derived, keys kept
+    assert names[1] == "UP (75%)" and load_key_bindings(world_dir, a) == mine
+    save_action_names(world_dir, [f"n{i}" for i in range(a)], "user")  # editing names keeps the keys
+    assert load_key_bindings(world_dir, a) == mine
+    apply_action_names_from_report(world_dir, _combo_report(a), overwrite_user=True)  # the explicit reset
+    assert load_key_bindings(world_dir, a)[1] == "mapping"
+
+
+def test_save_keys_without_names_file_and_bad_keys(world_dir, tiny_world_cfg):
+    a = _num_actions(tiny_world_cfg)
+    save_key_bindings(world_dir, {"down": 0}, "user")
+    assert load_action_names(world_dir, a) == [f"action {i}" for i in range(a)]
+    assert read_actions_file(world_dir)["source"] == "default"
+    with pytest.raises(ValueError, match="out of range"):
+        save_key_bindings(world_dir, {"down": a}, "user")
+    with pytest.raises(ValueError, match="unknown key"):
+        save_key_bindings(world_dir, {"fire": 0}, "user")
+    assert load_key_bindings(world_dir, a)[0]["down"] == 0  # refused edits change nothing
+    (world_dir / ACTIONS_FILE).write_text(json.dumps({"names": [f"x{i}" for i in range(a)],
+                                                      "keys": {"up": a + 5}}))
+    with pytest.raises(ValueError, match=rf"{ACTIONS_FILE}: .*out of range"):
+        load_key_bindings(world_dir, a)
+    (world_dir / ACTIONS_FILE).write_text(json.dumps({"names": [f"x{i}" for i in range(a)], "keys": {"up": 1}}))
+    assert load_key_bindings(world_dir, a) == ({**UNBOUND, "up": 1}, "user")  # written by hand: the user's
+    (world_dir / ACTIONS_FILE).write_text(json.dumps({"names": [f"x{i}" for i in range(a)], "keys": {"jump": 1}}))
+    with pytest.raises(ValueError, match=rf"{ACTIONS_FILE}: bad action names file: unknown key 'jump'"):
+        load_key_bindings(world_dir, a)

@@ -144,19 +144,31 @@ class Action(_message.Message):
     name: str
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
+class KeyBinding(_message.Message):
+    __slots__ = ("key", "action", "share")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    action: int
+    share: float
+    def __init__(self, key: _Optional[str] = ..., action: _Optional[int] = ..., share: _Optional[float] = ...) -> None: ...
+
 class ListActionsResponse(_message.Message):
-    __slots__ = ("actions", "height", "width", "channels", "window")
+    __slots__ = ("actions", "height", "width", "channels", "window", "keys")
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
     actions: _containers.RepeatedCompositeFieldContainer[Action]
     height: int
     width: int
     channels: int
     window: int
-    def __init__(self, actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
+    keys: _containers.RepeatedCompositeFieldContainer[KeyBinding]
+    def __init__(self, actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyBinding, _Mapping]]] = ...) -> None: ...
 
 class InferActionsRequest(_message.Message):
     __slots__ = ("frames",)

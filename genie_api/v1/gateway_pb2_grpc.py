@@ -108,7 +108,7 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListActions(self, request, context):
-        """The world's latent actions with their names, and the world's frame size.
+        """The world's latent actions with their names, the arrow key bindings, and the world's frame size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

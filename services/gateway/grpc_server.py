@@ -127,8 +127,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         async def run(client: str) -> pb.ListActionsResponse:
             spec = await self.service.world()
             actions = [pb.Action(id=i, name=spec.action_name(i)) for i in range(spec.num_actions)]
+            keys = [pb.KeyBinding(key=b.key, action=b.action, share=b.share) for b in spec.key_bindings()]  # None: unset
             return pb.ListActionsResponse(actions=actions, height=spec.height, width=spec.width, channels=spec.channels,
-                                          window=spec.window)
+                                          window=spec.window, keys=keys)
 
         return await self._serve("ListActions", context, run)
 

@@ -4,7 +4,8 @@ Routes (every /api call needs `Authorization: Bearer <token>`; the page and its 
     GET    /                          the play page (it reads the token from the URL fragment, `/#token=...`)
     GET    /static/{file}             its JS and CSS
     GET    /healthz                   200 when the backend and store answer, else 503
-    GET    /api/world                 {actions: [{id, name}], height, width, window, prompts}
+    GET    /api/world                 {actions: [{id, name}], keys: [{key, action, share}], height, width, window,
+                                      prompts}; keys: the four arrow keys, action null when unbound
     GET    /api/prompts/{i}           the world's i-th prompt image (PNG)
     POST   /api/sessions              JSON {prompt: i, steps?, temperature?, seed?}, or a PNG/JPEG body (image/*)
                                       with optional ?steps=&temperature=&seed= -> {session_id, step, frame}
@@ -145,8 +146,9 @@ async def _world(request: web.Request) -> web.Response:
     await _client(request)
     spec = await _spec(request.app[SERVICE])
     actions = [{"id": a, "name": spec.action_name(a)} for a in range(spec.num_actions)]
-    return web.json_response({"actions": actions, "height": spec.height, "width": spec.width, "window": spec.window,
-                              "prompts": len(request.app[PROMPTS])})
+    keys = [{"key": b.key, "action": b.action, "share": b.share} for b in spec.key_bindings()]
+    return web.json_response({"actions": actions, "keys": keys, "height": spec.height, "width": spec.width,
+                              "window": spec.window, "prompts": len(request.app[PROMPTS])})
 
 
 async def _prompt(request: web.Request) -> web.Response:

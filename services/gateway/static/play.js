@@ -3,8 +3,9 @@
 "use strict";
 
 const MAX_QUEUE = 16; // key presses beyond this are dropped, so a held key cannot build up minutes of lag
-const ARROWS = ["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown"]; // -> actions 0..3
-const GLYPHS = { ArrowLeft: "←", ArrowRight: "→", ArrowUp: "↑", ArrowDown: "↓" };
+// The world's key bindings (GET /api/world "keys") say which latent each arrow sends; an unbound arrow sends nothing.
+const ARROWS = { left: "ArrowLeft", right: "ArrowRight", up: "ArrowUp", down: "ArrowDown" };
+const GLYPHS = { left: "←", right: "→", up: "↑", down: "↓" };
 
 const $ = (id) => document.getElementById(id);
 
@@ -12,6 +13,7 @@ const state = {
   token: null,
   world: null, // GET /api/world
   keys: new Map(), // KeyboardEvent.key -> action
+  unbound: new Map(), // KeyboardEvent.key -> key name, for arrows this world leaves unbound
   prompt: 0, // the chosen prompt index, or null when an uploaded image is chosen
   upload: null, // the chosen uploaded File
   session: null, // the open session's id
@@ -180,13 +182,28 @@ async function pump() {
 
 // --- setup ------------------------------------------------------------------------------------------------
 
-function buildKeys(numActions) {
+function buildKeys(world) {
   const keys = new Map();
+  const numActions = world.actions.length;
   for (let a = 0; a < Math.min(numActions, 10); a++) keys.set(String((a + 1) % 10), a); // 1..9, then 0 = action 9
-  ARROWS.forEach((key, a) => {
-    if (a < numActions) keys.set(key, a);
-  });
+  state.unbound = new Map();
+  for (const { key, action } of world.keys || []) {
+    if (!(key in ARROWS)) continue; // a key this page has no arrow for
+    if (action === null || action >= numActions) state.unbound.set(ARROWS[key], key);
+    else keys.set(ARROWS[key], action);
+  }
+  for (const [name, arrow] of Object.entries(ARROWS)) {
+    if (!keys.has(arrow)) state.unbound.set(arrow, name); // a gateway that lists no keys binds none
+  }
   return keys;
+}
+
+function bindingText(binding, world) {
+  if (binding.action === null) return " unbound: no latent action is tied to it";
+  const a = binding.action;
+  let text = ` ${actionLabel(a, world.actions[a].name)}`;
+  if (binding.share !== null) text += ` — ${Math.round(binding.share * 100)}% of its moves press ${binding.key}`;
+  return text;
 }
 
 function kbd(text) {
@@ -198,7 +215,11 @@ function kbd(text) {
 function buildControls(world) {
   const actions = $("actions");
   actions.replaceChildren();
-  const arrowOf = new Map(ARROWS.map((key, a) => [a, GLYPHS[key]]));
+  const arrowOf = new Map();
+  for (const [arrow, a] of state.keys) {
+    const name = Object.keys(ARROWS).find((k) => ARROWS[k] === arrow);
+    if (name) arrowOf.set(a, GLYPHS[name]);
+  }
   for (const { id, name } of world.actions) {
     const button = document.createElement("button");
     button.type = "button";
@@ -218,12 +239,23 @@ function buildControls(world) {
     const li = document.createElement("li");
     li.append(...parts);
     legend.append(li);
+    return li;
   };
   const n = world.actions.length;
   const last = Math.min(n, 10);
   if (last === 1) item(kbd("1"), " latent action 0");
   else item(kbd("1"), "…", kbd(String(last % 10)), ` latent actions 0…${last - 1}`);
-  ARROWS.slice(0, n).forEach((key, a) => item(kbd(GLYPHS[key]), ` ${actionLabel(a, world.actions[a].name)}`));
+  for (const name of Object.keys(ARROWS)) {
+    const arrow = ARROWS[name];
+    const action = state.keys.has(arrow) ? state.keys.get(arrow) : null;
+    const binding = (world.keys || []).find((b) => b.key === name && b.action === action) || { key: name, action, share: null };
+    const li = item(kbd(GLYPHS[name]), bindingText(binding, world));
+    li.dataset.key = name;
+    if (action === null) {
+      li.classList.add("unbound");
+      li.title = "No latent action of this world is tied to this key, so it sends nothing; the number keys reach every action.";
+    }
+  }
   item(kbd("R"), " restart from the chosen frame");
 }
 
@@ -279,12 +311,25 @@ function buildPrompts(world) {
   }
 }
 
+function showUnbound(name) {
+  say(`${GLYPHS[name]} is unbound in this world: no latent action is tied to ${name}. The number keys reach every action.`);
+  const li = document.querySelector(`#legend li[data-key="${name}"]`);
+  if (!li) return;
+  li.classList.add("pressed");
+  setTimeout(() => li.classList.remove("pressed"), 300);
+}
+
 function onKey(event) {
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.target instanceof HTMLInputElement) return;
   if (event.key === "r" || event.key === "R") {
     event.preventDefault();
     if (!event.repeat) start();
+    return;
+  }
+  if (state.unbound.has(event.key)) {
+    event.preventDefault(); // arrows would scroll the page
+    if (!event.repeat) showUnbound(state.unbound.get(event.key));
     return;
   }
   const action = state.keys.get(event.key);
@@ -300,7 +345,7 @@ async function connect() {
   try {
     const world = await (await api("GET", "/api/world")).json();
     state.world = world;
-    state.keys = buildKeys(world.actions.length);
+    state.keys = buildKeys(world);
     $("world-info").textContent = `${world.width}×${world.height} frames · ${world.actions.length} latent actions · ` +
       `${world.window}-frame memory`;
     $("screen").style.aspectRatio = `${world.width} / ${world.height}`;

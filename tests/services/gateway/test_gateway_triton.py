@@ -98,7 +98,10 @@ async def test_a_gateway_started_before_triton_serves_once_it_is_up(trained_worl
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             triton_server.start()
             triton_server.wait_ready(timeout=120)
-            assert len((await client.list_actions()).actions) > 0
+            listed = await client.list_actions()
+            assert len(listed.actions) > 0
+            assert [(b.key, b.HasField("action")) for b in listed.keys] == [  # the tiny world binds no key
+                ("left", False), ("right", False), ("up", False), ("down", False)]
             sid = (await client.open(image=_png(trained_world_dir))).session.session_id
             assert (await client.step(sid, 1)).step == 1
             await gw.grpc._update_health()

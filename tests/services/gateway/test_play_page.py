@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from genie.worlds import load_prompts
+from genie.worlds import apply_action_names_from_report, load_prompts
 from services.gateway.auth import Authenticator
 from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
@@ -105,8 +105,22 @@ class ServerThread:
 
 
 @pytest.fixture(scope="module")
-def server(trained_world_dir) -> Iterator[ServerThread]:
-    srv = ServerThread(trained_world_dir)
+def keyed_world(trained_world_dir, tmp_path_factory) -> Path:
+    """The tiny world (4 latents) with an eval mapping that binds right -> 3 (28 of 40 transitions press RIGHT) and
+    up -> 1 (30 of 40 press UP), and leaves left and down unbound."""
+    import shutil
+
+    world = shutil.copytree(trained_world_dir, tmp_path_factory.mktemp("keyed") / "world")
+    rows = [[2, 2, 2, 34], [2, 30, 2, 6], [2, 2, 2, 34], [2, 4, 28, 6]]  # over LEFT, UP, RIGHT, NOOP
+    mapping = {"true_names": ["LEFT", "UP", "RIGHT", "NOOP"],
+               "latents": [{"latent": a, "count": sum(r), "counts": r} for a, r in enumerate(rows)]}
+    apply_action_names_from_report(world, {"lam": {"mapping": mapping}})
+    return world
+
+
+@pytest.fixture(scope="module")
+def server(keyed_world) -> Iterator[ServerThread]:
+    srv = ServerThread(keyed_world)
     srv.url = srv.start()
     yield srv
     srv.stop()
@@ -194,7 +208,14 @@ def test_keys_and_buttons_step_the_world_in_order(driver, server, tmp_path):
     start_session(driver, server, prompt=2)
     assert "Genie" in driver.title
     legend = text(driver, "legend")
-    assert "action 0" in legend and "restart" in legend
+    assert "latent actions 0…3" in legend and "restart" in legend
+    shown = driver.execute_script(
+        "return [...document.querySelectorAll('#legend li[data-key]')].map(li => [li.dataset.key, li.className, "
+        "li.textContent, getComputedStyle(li).opacity])")
+    assert [(key, cls) for key, cls, _, _ in shown] == [("left", "unbound"), ("right", ""), ("up", ""),
+                                                        ("down", "unbound")]
+    assert "action 3" in shown[1][2] and "70% of its moves press right" in shown[1][2] and "75%" in shown[2][2]
+    assert "unbound" in shown[0][2] and float(shown[0][3]) < 1 == float(shown[1][3])  # unbound keys are greyed
     buttons = driver.find_elements(By.CSS_SELECTOR, "#actions button")
     assert len(buttons) == server.service.spec.num_actions  # 4 in the tiny world
     assert driver.execute_script("return getComputedStyle(document.getElementById('frame')).imageRendering") == "pixelated"
@@ -204,15 +225,19 @@ def test_keys_and_buttons_step_the_world_in_order(driver, server, tmp_path):
     press(driver, "2")  # number keys 1..A -> actions 0..A-1
     src = step_to(driver, 1, src)
     assert text(driver, "last-action") == "action 1"
-    press(driver, Keys.ARROW_DOWN)  # arrows Left/Right/Up/Down -> actions 0..3
+    press(driver, Keys.ARROW_RIGHT)  # a bound arrow sends its latent
     src = step_to(driver, 2, src)
     assert text(driver, "last-action") == "action 3"
+    press(driver, Keys.ARROW_DOWN)  # an unbound arrow sends nothing and says so
+    wait(driver, lambda d: "unbound" in text(d, "message"), "no word that the key is unbound")
+    assert text(driver, "step") == "2" and server.stepped == [1, 3]
     buttons[2].click()
     src = step_to(driver, 3, src)
 
-    press(driver, "1", Keys.ARROW_RIGHT, "4", Keys.ARROW_UP, "1")  # faster than the world answers: queued, in order
+    # Faster than the world answers: queued, in order; the unbound arrows in between send nothing.
+    press(driver, "1", Keys.ARROW_LEFT, Keys.ARROW_RIGHT, "4", Keys.ARROW_UP, Keys.ARROW_DOWN, "1")
     step_to(driver, 8, src)
-    assert server.stepped == [1, 3, 2, 0, 1, 3, 2, 0]
+    assert server.stepped == [1, 3, 2, 0, 3, 3, 1, 0]
     assert driver.execute_script("return document.body.dataset.mode") == "playing"
 
     shot = tmp_path / "play.png"

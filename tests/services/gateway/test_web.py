@@ -100,6 +100,7 @@ async def test_world_and_prompts(client, trained_world_dir):
     assert resp.status == 200
     world = await resp.json()
     assert world["actions"] == [{"id": a, "name": spec.action_name(a)} for a in range(spec.num_actions)]
+    assert world["keys"] == [{"key": k, "action": None, "share": None} for k in ("left", "right", "up", "down")]
     assert (world["height"], world["width"], world["window"]) == (spec.height, spec.width, spec.window)
     prompts = load_prompts(trained_world_dir)
     assert world["prompts"] == len(prompts) > 0
