@@ -116,9 +116,16 @@ class EndpointSet:
         return [e for e in ranked if e in healthy] + [e for e in ranked if e not in healthy]
 
     def mark_down(self, endpoint: str) -> None:
-        _, backoff = self._down.get(endpoint, (0.0, 0.0))
+        """Skips `endpoint` for a backoff: down_s, doubled each time its probe fails (up to max_down_s).
+
+        Failures while it is already down (the other calls that were in flight when it went) change nothing, so a
+        burst of them does not stretch the backoff."""
+        now = time.monotonic()
+        until, backoff = self._down.get(endpoint, (0.0, 0.0))
+        if until > now:
+            return
         backoff = min(self.policy.max_down_s, backoff * 2 if backoff else self.policy.down_s)
-        self._down[endpoint] = (time.monotonic() + backoff, backoff)
+        self._down[endpoint] = (now + backoff, backoff)
 
     def mark_up(self, endpoint: str) -> None:
         self._down.pop(endpoint, None)

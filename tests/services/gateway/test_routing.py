@@ -67,12 +67,13 @@ def test_down_endpoints_are_skipped_until_their_backoff_passes():
     key = "s"
     home, second, third = rendezvous_rank(key, ENDPOINTS[:3])
     eps.mark_down(home)
+    eps.mark_down(home)  # another call that was in flight fails too: no longer backoff for that
+    assert eps._down[home][1] == pytest.approx(0.2)
     assert eps.route(key) == [second, third, home]  # the down one is still tried last
     time.sleep(0.25)
     assert eps.route(key)[0] == home  # its probe: the next call tries it again
-    eps.mark_down(home)
-    eps.mark_down(home)  # failing again doubles the backoff, up to max_down_s
-    assert eps._down[home][1] == pytest.approx(0.3)
+    eps.mark_down(home)  # the probe failed: double the backoff, up to max_down_s
+    assert eps._down[home][1] == pytest.approx(0.3) and eps.route(key)[0] == second
     eps.mark_up(home)
     assert eps.route(key)[0] == home
     for e in ENDPOINTS[:3]:
