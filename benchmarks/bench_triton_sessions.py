@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ def measure(url: str, sessions: int, processes: int, args) -> dict:
         "aggregate_fps": sum(fps),  # every session runs through the whole window, so per-session rates add up
         "step_ms_p50": 1000 * percentile(latencies, 50), "step_ms_p99": 1000 * percentile(latencies, 99),
     }
+    row["loadavg_1m"] = os.getloadavg()[0]  # this 2-core machine is shared: how busy it was at the row's end
     for model, (inf1, exe1) in after.items():
         inf0, exe0 = before[model]
         row[f"{model}_mean_batch"] = (inf1 - inf0) / (exe1 - exe0) if exe1 > exe0 else float("nan")
