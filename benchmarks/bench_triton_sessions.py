@@ -48,7 +48,7 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-async def _run_shard(shard: Shard) -> list[dict]:
+async def _run_shard(shard: Shard) -> tuple[list[dict], dict[str, float]]:
     import torch
 
     from genie.media import load_image
@@ -85,12 +85,16 @@ async def _run_shard(shard: Shard) -> list[dict]:
         return {"latencies": latencies, "seconds": t1 - t_first}
 
     try:
-        return list(await asyncio.gather(*(session(shard.first + i) for i in range(shard.sessions))))
+        results = list(await asyncio.gather(*(session(shard.first + i) for i in range(shard.sessions))))
+        from services.triton import protocol as P
+
+        routed = {e: backend.metrics.value("calls", P.DYNAMICS, e) for e in backend.endpoints[P.DYNAMICS].endpoints}
+        return results, routed
     finally:
         await backend.close()
 
 
-def run_shard(shard: Shard) -> list[dict]:
+def run_shard(shard: Shard) -> tuple[list[dict], dict[str, float]]:
     """A client process: one TritonBackend and its sessions (picklable entry point for the process pool)."""
     import torch
 
@@ -130,7 +134,12 @@ def measure(url: str, sessions: int, processes: int, args) -> dict:
     before = asyncio.run(_batch_stats(url))
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
-        results = [r for shard_result in pool.map(run_shard, shards) for r in shard_result]
+        done = list(pool.map(run_shard, shards))
+    results = [r for sessions_of_shard, _ in done for r in sessions_of_shard]
+    routed: dict[str, float] = {}  # dynamics calls per Triton endpoint (session-affine routing), all shards
+    for _, counts in done:
+        for endpoint, n in counts.items():
+            routed[endpoint] = routed.get(endpoint, 0) + n
     after = asyncio.run(_batch_stats(url))
     fps = [args.steps / r["seconds"] for r in results]
     latencies = [x for r in results for x in r["latencies"]]
@@ -140,6 +149,7 @@ def measure(url: str, sessions: int, processes: int, args) -> dict:
         "fps_p50": percentile(fps, 50), "fps_p10": percentile(fps, 10),
         "aggregate_fps": sum(fps),  # every session runs through the whole window, so per-session rates add up
         "step_ms_p50": 1000 * percentile(latencies, 50), "step_ms_p99": 1000 * percentile(latencies, 99),
+        "dynamics_calls_per_endpoint": routed,
     }
     row["loadavg_1m"] = os.getloadavg()[0]  # this 2-core machine is shared: how busy it was at the row's end
     for model, (inf1, exe1) in after.items():
@@ -162,32 +172,37 @@ def main() -> None:
     parser.add_argument("--prompt", default="", help="prompt image (default: the world's first prompt)")
     parser.add_argument("--triton-threads", type=int, default=1, help="torch threads per model (a local server)")
     parser.add_argument("--device", default="cpu", help="cpu, gpu or auto (a local server)")
+    parser.add_argument("--replicas", type=int, default=1, help="local servers over the same repository (routing)")
     args = parser.parse_args()
     machine = setup_run(args)
     from genie.worlds import load_prompts
 
     args.prompt = args.prompt or str(load_prompts(args.world)[0])
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
-        server = None
+        servers = []
+        local = None
         if not args.triton_url:
             from services.triton import TritonServer, assemble_repository, free_ports
             from services.triton.launcher import resolve_placement
 
             repo = assemble_repository(args.world, Path(tmp), threads=args.triton_threads,
                                        placement=resolve_placement(args.device))
-            server = TritonServer(repo, *free_ports(3), log_path=Path(tmp) / "triton.log")
-            server.start()
-            server.wait_ready(timeout=300)
-            args.triton_url = server.grpc_url
+            local = {"device": repo.device, "threads": args.triton_threads, "replicas": args.replicas}
+            for k in range(args.replicas):
+                servers.append(TritonServer(repo, *free_ports(3), log_path=Path(tmp) / f"triton-{k}.log"))
+                servers[-1].start()
+            for server in servers:
+                server.wait_ready(timeout=300)
+            args.triton_url = ",".join(server.grpc_url for server in servers)
         try:
             for n in args.sessions:
                 row = measure(args.triton_url, n, args.processes, args)
-                row["local_server"] = None if server is None else {"device": repo.device, "threads": args.triton_threads}
+                row["local_server"] = local
                 emit(row, machine, args.out)
                 print(f"# {n} sessions: {row['fps_p50']:.1f} frames/s per session (p50), "
                       f"{row['aggregate_fps']:.1f} in all", flush=True)
         finally:
-            if server is not None:
+            for server in servers:
                 server.stop()
 
 
