@@ -110,3 +110,17 @@ def test_bad_endpoints_exit_2_with_one_error_line(args, tmp_path):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Triton" in lines[0], lines
+
+
+def test_the_gateway_exports_the_routing_counters_on_its_registry():
+    from services.gateway.app import Gateway, GatewayConfig
+    from services.triton import protocol as P
+
+    gw = Gateway(GatewayConfig(backend="triton", triton_url="127.0.0.1:1",
+                               triton_model_urls="dynamics=127.0.0.1:2,127.0.0.1:3", http_port=-1, metrics_port=-1))
+    assert gw.backend.metrics.registry is gw.service.metrics.registry
+    assert [e.specs for e in (gw.backend.endpoints[m] for m in P.MODELS)] == [["127.0.0.1:1"], ["127.0.0.1:1"],
+                                                                             ["127.0.0.1:2", "127.0.0.1:3"]]
+    gw.backend.metrics.failovers.labels(P.DYNAMICS, "127.0.0.1:2").inc()
+    assert gw.service.metrics.registry.get_sample_value(
+        "genie_triton_failovers_total", {"model": P.DYNAMICS, "endpoint": "127.0.0.1:2"}) == 1
