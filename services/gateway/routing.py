@@ -89,6 +89,7 @@ class EndpointSet:
         """
         if not self._dns or (not force and time.monotonic() - self._resolved_at < self.policy.resolve_every_s):
             return []
+        self._resolved_at = time.monotonic()  # first: concurrent calls meanwhile do not start lookups of their own
         before = set(self.endpoints)
         loop = asyncio.get_running_loop()
         for name in self._dns:
@@ -99,7 +100,6 @@ class EndpointSet:
                 log.warning("Triton endpoints: cannot resolve %s (keeping %s): %s", host, self._resolved.get(name), exc)
                 continue
             self._resolved[name] = sorted({f"{info[4][0]}:{port}" for info in infos})
-        self._resolved_at = time.monotonic()
         gone = before - set(self.endpoints)
         for e in gone:
             self._down.pop(e, None)
