@@ -35,10 +35,12 @@ def _device_options(f):
 
 def _backend_options(f):
     f = click.option("--triton-model-urls", default="", envvar="GENIE_TRITON_MODEL_URLS",
-                     help="Per-model Triton addresses, e.g. tokenizer=tok:8001,dynamics=dyn:8001,lam=lam:8001 "
-                          "(default: all at --triton-url).")(f)
+                     help="Per-model Triton addresses, e.g. tokenizer=tok:8001,dynamics=dyn-a:8001,dyn-b:8001,lam=lam:8001 "
+                          "(an address without model= is another replica of the model before it; "
+                          "default: all at --triton-url).")(f)
     f = click.option("--triton-url", default="127.0.0.1:8001", show_default=True, envvar="GENIE_TRITON_URL",
-                     help="Triton gRPC address (--backend triton).")(f)
+                     help="Triton gRPC address(es) (--backend triton): host:port, several comma-separated replicas, or "
+                          "dns:name:port for every A record of a headless Service. A session sticks to one replica.")(f)
     f = click.option("--backend", type=click.Choice(["inprocess", "triton"]), default="inprocess", show_default=True,
                      help="Run the models in this process, or call the Triton model services.")(f)
     return f

@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 class GatewayConfig:
     world: str = "worlds/demo"  # world dir: the in-process backend's models, and the page's prompt images
     backend: str = "inprocess"  # "inprocess" (embedded default) or "triton"
+    # Triton endpoints: "host:port", several comma-separated replicas, or "dns:name:port" (every A record of a
+    # headless Service); a session's calls stick to one replica (services/gateway/routing.py).
     triton_url: str = "127.0.0.1:8001"
-    triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=host:port,lam=host:port": a server per model
+    triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=a:port,b:port,lam=...": endpoints per model
     store: str = "memory"  # "memory" (embedded default, one gateway only) or "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
@@ -48,22 +50,34 @@ class GatewayConfig:
             resolve_precision(self.precision, resolve_inference_device(self.device))
 
 
-def make_backend(cfg: GatewayConfig) -> ModelBackend:
+def make_backend(cfg: GatewayConfig, registry=None) -> ModelBackend:
+    """The configured backend; `registry` (a prometheus CollectorRegistry) receives the Triton routing counters."""
     if cfg.backend == "triton":
         from services.gateway.triton_backend import TritonBackend
 
-        return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls))
+        return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls), registry=registry)
     from services.gateway.inprocess import InProcessBackend
 
     return InProcessBackend(Path(cfg.world), threads=cfg.threads, device=cfg.device, precision=cfg.precision)
 
 
 def parse_model_urls(spec: str) -> dict[str, str]:
-    """"tokenizer=host:port,dynamics=host:port" -> {"tokenizer": "host:port", ...}."""
-    pairs = [p.split("=", 1) for p in spec.split(",") if p.strip()]
-    if any(len(p) != 2 or not p[1].strip() for p in pairs):
-        raise ValueError(f"Triton model URLs must be model=host:port[,model=host:port...], got {spec!r}")
-    return {name.strip(): url.strip() for name, url in pairs}
+    """"tokenizer=host:port,dynamics=a:port,b:port" -> {"tokenizer": "host:port", "dynamics": "a:port,b:port"}:
+    an item without "model=" is one more endpoint of the model named before it."""
+    urls: dict[str, list[str]] = {}
+    model = None
+    for item in (p.strip() for p in spec.split(",")):
+        if not item:
+            continue
+        if "=" in item:
+            model, _, url = (x.strip() for x in item.partition("="))
+            urls.setdefault(model, [])
+        else:
+            url = item
+        if model is None or not url:
+            raise ValueError(f"Triton model URLs must be model=host:port[,host:port...][,model=host:port...], got {spec!r}")
+        urls[model].append(url)
+    return {name: ",".join(u) for name, u in urls.items()}
 
 
 def make_store(cfg: GatewayConfig) -> SessionStore:
@@ -88,9 +102,10 @@ class Gateway:
         else:
             self.token = new_token()
             auth = Authenticator({self.token: "local"})
-        self.backend = backend or make_backend(cfg)
+        metrics = metrics or GatewayMetrics()
+        self.backend = backend or make_backend(cfg, metrics.registry)
         self.store = store or make_store(cfg)
-        self.service = SessionService(self.backend, self.store, auth, cfg.limits, metrics or GatewayMetrics())
+        self.service = SessionService(self.backend, self.store, auth, cfg.limits, metrics)
         self.grpc: GrpcServer | None = None
         self._web_runner = None
         self.http_port: int | None = None

@@ -9,24 +9,34 @@ retried with backoff, then it, a timeout or a missing model becomes BackendUnava
 becomes ValueError; anything else BackendError. While Triton is down the gRPC channel keeps reconnecting, at most
 `reconnect_s` apart (gRPC's default backoff grows to 2 minutes), and a call's retries span longer than that, so the
 first call after Triton is back succeeds: a gateway recovers by itself, without a restart.
+
+Replicas (services/gateway/routing.py): each model may have several endpoints ("a:8001,b:8001", or
+"dns:svc:8001" for every pod behind a headless Service). Calls of one session (next_tokens, decode_last) go to
+its rendezvous-hash home among the healthy endpoints, so its K/V cache hits; encode and infer_actions spread over
+all. An endpoint that answers UNAVAILABLE, times out or lacks the model is marked down and the call moves on to the
+next endpoint in the session's rank order (a failover: that replica recomputes the session from its tokens, so the
+frames are identical). Only when every endpoint failed do the retries above apply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import numpy as np
-from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
+from prometheus_client import CollectorRegistry, Counter
+from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from genie.sampling import SamplingConfig
 from genie.state import WorldState
 from services.gateway.backend import BackendError, BackendUnavailable, WorldSpec, check_frames, check_state
+from services.gateway.routing import EndpointSet, HealthPolicy, parse_endpoints
 from services.triton import protocol as P
 
 log = logging.getLogger(__name__)
@@ -37,33 +47,58 @@ _UNAVAILABLE, _DEADLINE, _NOT_FOUND, _INVALID = (
     "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
 
 
+_FAILOVER = (_UNAVAILABLE, _DEADLINE, _NOT_FOUND)  # the endpoint, not the request, is at fault: try another
+
+
+class RoutingMetrics:
+    """Prometheus counters of the routing: calls answered per model and endpoint, and failovers away from one."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.calls = Counter("genie_triton_routed_calls", "Inferences answered, by model and endpoint",
+                             ["model", "endpoint"], registry=self.registry)
+        self.failovers = Counter("genie_triton_failovers", "Calls moved on from a failing endpoint, by model and endpoint",
+                                 ["model", "endpoint"], registry=self.registry)
+
+    def value(self, counter: str, model: str, endpoint: str) -> float:
+        """A counter's current value (0 if never incremented), e.g. value("calls", "dynamics", "host:port")."""
+        name = {"calls": "genie_triton_routed_calls_total", "failovers": "genie_triton_failovers_total"}[counter]
+        return self.registry.get_sample_value(name, {"model": model, "endpoint": endpoint}) or 0.0
+
+
 class TritonBackend:
-    """Talks to a Triton server holding the `tokenizer`, `lam` and `dynamics` models of one world.
+    """Talks to the Triton servers holding the `tokenizer`, `lam` and `dynamics` models of one world.
 
     Args:
-        url: the server's gRPC address, "host:port".
+        url: the servers' gRPC addresses: "host:port", several comma-separated, or "dns:name:port" (all A records).
         timeout_s: deadline of each attempt of each call.
         retries: extra attempts after an UNAVAILABLE answer, spaced by `backoff_s` doubling each time
             (defaults: 0.35 s in all, so a server that is down fails a call quickly).
         reconnect_s: the longest the channel waits between reconnection attempts while the server is down;
             keep it below the retries' span.
+        model_urls: per-model endpoints in the same forms as `url` (a Deployment per model, as the Helm chart runs).
+        health: how long a failed endpoint is skipped, and how often DNS names are looked up again.
+        registry: where the routing counters go (the gateway passes its metrics registry).
     """
 
     def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.05,
-                 reconnect_s: float = 0.25, model_urls: dict[str, str] | None = None) -> None:
+                 reconnect_s: float = 0.25, model_urls: dict[str, str] | None = None,
+                 health: HealthPolicy | None = None, registry: CollectorRegistry | None = None) -> None:
         unknown = set(model_urls or {}) - set(P.MODELS)
         if unknown:
             raise ValueError(f"unknown Triton models {sorted(unknown)}; expected some of {list(P.MODELS)}")
         self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
         # One server for all three models, or one per model (a Deployment each, as the Helm chart runs them).
         self.urls = {m: (model_urls or {}).get(m, url) for m in P.MODELS}
+        self.endpoints = {m: EndpointSet(parse_endpoints(self.urls[m]), health) for m in P.MODELS}
+        self.metrics = RoutingMetrics(registry)
         self.reconnect_s = reconnect_s
         self.spec: WorldSpec | None = None
         self.lam_frames = 0  # the longest clip the LAM takes, published in its config
         self._clients: dict[str, triton_aio.InferenceServerClient] = {}  # by URL
+        self._spread = itertools.count()  # keys of stateless calls: consecutive calls rank endpoints differently
 
-    def _connect(self, model: str) -> triton_aio.InferenceServerClient:
-        url = self.urls[model]
+    def _connect(self, url: str) -> triton_aio.InferenceServerClient:
         if url not in self._clients:
             ms = int(self.reconnect_s * 1000)
             self._clients[url] = triton_aio.InferenceServerClient(url, channel_args=[
@@ -89,7 +124,7 @@ class TritonBackend:
             self.lam_frames = int(_param(lam, P.PARAM_MAX_FRAMES))
         except (KeyError, ValueError, TypeError) as exc:
             raise BackendError(f"Triton at {self.urls[P.DYNAMICS]}: the models do not publish a usable world spec: {exc}") from exc
-        for model in P.MODELS:
+        for model in P.MODELS:  # at least one endpoint of each model is ready (a call fails over to it)
             await self._call(model, "check ready", lambda c, m=model: self._require_ready(c, m))
         self.spec = spec
 
@@ -106,74 +141,116 @@ class TritonBackend:
         spec = self._check_started()
         check_frames(frames, spec, 1, spec.window)
         inputs = [_tensor(P.FRAMES, _pad(frames, spec.window)), _tensor(P.NUM_FRAMES, np.int32(frames.shape[0]))]
-        return await self._infer(P.TOKENIZER, inputs, P.TOKENS)  # (t, N)
+        return await self._infer(P.TOKENIZER, inputs, P.TOKENS, self._stateless())  # (t, N)
 
     async def next_tokens(self, state: WorldState, action: int, sampling: SamplingConfig) -> np.ndarray:
         spec = self._check_started()
         if not 0 <= int(action) < spec.num_actions:
             raise ValueError(f"action {action} is out of range [0, {spec.num_actions})")
         check_state(state, spec)
-        return await self._infer(P.DYNAMICS, _step_inputs(state, action, sampling, spec.window), P.NEXT_TOKENS)  # (N,)
+        return await self._infer(P.DYNAMICS, _step_inputs(state, action, sampling, spec.window), P.NEXT_TOKENS,
+                                 state.session_id)  # (N,)
 
     async def decode_last(self, state: WorldState) -> np.ndarray:
         spec = self._check_started()
         check_state(state, spec)
-        return await self._infer(P.TOKENIZER, _window(state, spec.window), P.FRAME)  # (H, W, C)
+        return await self._infer(P.TOKENIZER, _window(state, spec.window), P.FRAME, state.session_id)  # (H, W, C)
 
     async def infer_actions(self, frames: np.ndarray) -> np.ndarray:
         spec = self._check_started()
         check_frames(frames, spec, 2, self.lam_frames)
         inputs = [_tensor(P.FRAMES, _pad(frames, self.lam_frames)), _tensor(P.NUM_FRAMES, np.int32(frames.shape[0]))]
-        return await self._infer(P.LAM, inputs, P.LATENT_ACTIONS)  # (t - 1,)
+        return await self._infer(P.LAM, inputs, P.LATENT_ACTIONS, self._stateless())  # (t - 1,)
 
     async def ready(self) -> bool:
+        """True when every model has at least one endpoint that says it is ready."""
+        for model in P.MODELS:
+            await self._refresh(model)
+            if not any([await self._endpoint_ready(url, model) for url in self.endpoints[model].endpoints]):
+                return False
+        return True
+
+    async def _endpoint_ready(self, url: str, model: str) -> bool:
         try:
-            for model in P.MODELS:
-                if not await self._connect(model).is_model_ready(model, client_timeout=self.timeout_s):
-                    return False
-            return True
+            return await self._connect(url).is_model_ready(model, client_timeout=self.timeout_s)
         except (InferenceServerException, OSError):
             return False
+
+    def _stateless(self) -> str:
+        return f"#{next(self._spread)}"
 
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
 
-    async def statistics(self, model: str) -> dict:
-        """Triton's inference statistics of one model (counts, batch sizes, timings) as JSON."""
-        return await self._call(model, "statistics", lambda c: c.get_inference_statistics(model, as_json=True,
-                                                                                          client_timeout=self.timeout_s))
+    async def statistics(self, model: str, url: str | None = None) -> dict:
+        """Triton's inference statistics of one model (counts, batch sizes, timings) as JSON, at one endpoint
+        (default: whichever answers first)."""
+        fn = lambda c: c.get_inference_statistics(model, as_json=True, client_timeout=self.timeout_s)  # noqa: E731
+        if url is not None:
+            return await fn(self._connect(url))
+        return await self._call(model, "statistics", fn)
 
-    async def _infer(self, model: str, inputs: list[InferInput], output: str) -> np.ndarray:
-        result: InferResult = await self._call(model, "infer", lambda c: c.infer(
-            model, inputs, outputs=[InferRequestedOutput(output)], client_timeout=self.timeout_s))
+    async def _infer(self, model: str, inputs: list[InferInput], output: str, key: str = "") -> np.ndarray:
+        result, url = await self._call(model, "infer", lambda c: c.infer(
+            model, inputs, outputs=[InferRequestedOutput(output)], client_timeout=self.timeout_s), key, with_url=True)
+        self.metrics.calls.labels(model, url).inc()
         value = result.as_numpy(output)
         if value is None or value.shape[:1] != (1,):
-            raise BackendError(f"Triton model {model!r} at {self.urls[model]} returned no {output} for one item")
+            raise BackendError(f"Triton model {model!r} at {url} returned no {output} for one item")
         return value[0].copy()  # drop the batch axis; a writable array, as the in-process backend returns
 
-    async def _call(self, model: str, what: str, fn: Callable[[triton_aio.InferenceServerClient], Awaitable[T]]) -> T:
-        """Runs fn(client) with retries on UNAVAILABLE; maps Triton's errors to the backend's exceptions."""
-        where = f"Triton model {model!r} at {self.urls[model]}"
+    async def _refresh(self, model: str) -> None:
+        for gone in await self.endpoints[model].refresh():
+            if gone in self._clients and not any(gone in s.endpoints for s in self.endpoints.values()):
+                await self._clients.pop(gone).close()
+
+    async def _call(self, model: str, what: str, fn: Callable[[triton_aio.InferenceServerClient], Awaitable[T]],
+                    key: str = "", with_url: bool = False):
+        """Runs fn(client) at the endpoints `key` routes to, in rank order, failing over from an endpoint that is
+        unavailable, too slow or lacks the model; when all fail, retries after a backoff. Maps Triton's errors to
+        the backend's exceptions. Returns fn's result (and the endpoint that answered, if `with_url`)."""
+        await self._refresh(model)
+        endpoints = self.endpoints[model]
+        failure: tuple[str, InferenceServerException] | None = None
         for attempt in range(self.retries + 1):
-            try:
-                return await fn(self._connect(model))
-            except InferenceServerException as exc:
-                status, message = exc.status(), exc.message()
-                if status == _UNAVAILABLE and attempt < self.retries:
-                    await asyncio.sleep(self.backoff_s * 2**attempt)
+            order = endpoints.route(key)
+            if not order:
+                raise BackendUnavailable(f"Triton model {model!r}: no endpoint ({self.urls[model]} names none now)")
+            for url in order:
+                try:
+                    result = await fn(self._connect(url))
+                except InferenceServerException as exc:
+                    if exc.status() not in _FAILOVER:
+                        raise _error(model, url, what, exc, self.timeout_s) from exc
+                    endpoints.mark_down(url)
+                    self.metrics.failovers.labels(model, url).inc()
+                    failure = (url, exc)
                     continue
-                if status == _UNAVAILABLE:
-                    raise BackendUnavailable(f"{where} is unavailable ({what}, {attempt + 1} attempts): {message}") from exc
-                if status == _DEADLINE:
-                    raise BackendUnavailable(f"{where} did not answer in {self.timeout_s:g} s ({what})") from exc
-                if status == _NOT_FOUND:
-                    raise BackendUnavailable(f"{where} is not loaded ({what}): {message}") from exc
-                if status == _INVALID:
-                    raise ValueError(f"{where} rejected the request: {message}") from exc
-                raise BackendError(f"{where} failed ({what}, {status}): {message}") from exc
-        raise AssertionError("unreachable")
+                endpoints.mark_up(url)
+                return (result, url) if with_url else result
+            if attempt < self.retries and failure[1].status() == _UNAVAILABLE:
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+                continue
+            break
+        url, exc = failure
+        where = ", ".join(order) if len(order) > 1 else url
+        raise _error(model, where, f"{what}, {attempt + 1} attempts", exc, self.timeout_s) from exc
+
+
+def _error(model: str, where: str, what: str, exc: InferenceServerException, timeout_s: float) -> Exception:
+    """The backend's exception for a Triton error at `where` (one endpoint, or every endpoint tried)."""
+    status, message, where = exc.status(), exc.message(), f"Triton model {model!r} at {where}"
+    if status == _UNAVAILABLE:
+        return BackendUnavailable(f"{where} is unavailable ({what}): {message}")
+    if status == _DEADLINE:
+        return BackendUnavailable(f"{where} did not answer in {timeout_s:g} s ({what})")
+    if status == _NOT_FOUND:
+        return BackendUnavailable(f"{where} is not loaded ({what}): {message}")
+    if status == _INVALID:
+        return ValueError(f"{where} rejected the request: {message}")
+    return BackendError(f"{where} failed ({what}, {status}): {message}")
 
 
 def _param(config: dict, key: str) -> str:

@@ -6,7 +6,8 @@ and the CLI imports `services.triton.cli`, neither of which should pull in trito
 
 from __future__ import annotations
 
-__all__ = ["Repository", "TritonServer", "assemble_repository", "free_ports", "pytriton_dir"]
+__all__ = ["Batching", "GPU_BATCHING", "Placement", "Repository", "TritonServer", "assemble_repository", "free_ports",
+           "pytriton_dir", "resolve_placement", "visible_gpus"]
 
 
 def __getattr__(name: str):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -25,26 +27,46 @@ def triton() -> None:
 @click.option("--threads", default=1, show_default=True,
               help="torch threads per model instance (0 = torch's default). Each model is its own process; on a small "
                    "CPU, 1 each avoids oversubscription (benchmarks/README.md: 19.0 vs 11.5 frames/s at 16 sessions).")
-@click.option("--instances", default=1, show_default=True, help="Instances (processes) per model.")
+@click.option("--instances", default=1, show_default=True, help="Instances (processes) per model on a CPU.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu", "cuda", "auto"]),
+              help="Where the models run: KIND_CPU instances, or KIND_GPU instances (cuda = gpu; auto = gpu when "
+                   "torch or `nvidia-smi -L` sees one). gpu with no GPU visible is an error.")
+@click.option("--instances-per-gpu", default=1, show_default=True, help="KIND_GPU instances per model on each GPU.")
+@click.option("--gpus", default="", help="Comma-separated GPU ids for the instances (default: every visible GPU).")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="The engines' compute precision (auto: bf16 on a GPU, fp32 on a CPU).")
+@click.option("--max-batch", default="",
+              help="Triton max_batch_size: one number for every model, or model=N,... (default: 32 on a CPU; "
+                   "on a GPU services/triton/launcher.py GPU_BATCHING, e.g. 256 for dynamics).")
+@click.option("--queue-delay-us", default="",
+              help="Dynamic batching max_queue_delay_microseconds: one number, or model=N,... (default: 1000 on a "
+                   "CPU, GPU_BATCHING's on a GPU).")
+@click.option("--dry-run", is_flag=True, help="Assemble the repository, print its path and the server command, and exit.")
 @click.option("--cache-bytes", default=1 << 30, show_default=True, help="Soft K/V cache cap per tokenizer/dynamics instance.")
 @click.option("--models", default="tokenizer,lam,dynamics", show_default=True,
               help="Comma-separated models to serve (one per server when each model is its own Deployment).")
 @click.option("--repository", type=click.Path(file_okay=False, path_type=Path),
               help="Where to assemble the model repository (default: a temporary directory, removed on exit).")
 def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_port: int, threads: int, instances: int,
-          cache_bytes: int, models: str, repository: Path | None) -> None:
+          device: str, instances_per_gpu: int, gpus: str, precision: str, max_batch: str, queue_delay_us: str,
+          dry_run: bool, cache_bytes: int, models: str, repository: Path | None) -> None:
     """Assemble the repository for WORLD and run tritonserver until Ctrl-C (or SIGTERM)."""
     from services.triton.launcher import TritonServer, assemble_repository
 
     with tempfile.TemporaryDirectory(prefix="genie-triton-") as tmp:
         names = [m.strip() for m in models.split(",") if m.strip()]
         try:
+            placement, batching = _placement_and_batching(device, instances, instances_per_gpu, gpus, precision,
+                                                          max_batch, queue_delay_us, names)
             repo = assemble_repository(world_dir, repository or Path(tmp), threads=threads, cache_bytes=cache_bytes,
-                                       instances=instances, models=names)
+                                       models=names, placement=placement, batching=batching)
         except ValueError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         server = TritonServer(repo, grpc_port, http_port, metrics_port, host=host)  # logs go to this terminal
+        if dry_run:
+            click.echo(json.dumps({"repository": str(repo.root), "device": repo.device, "command": server.command()}))
+            return
         signal.signal(signal.SIGTERM, _interrupt)
         server.start()
         try:
@@ -60,6 +82,52 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_po
             click.echo("stopping Triton", err=True)
         finally:
             server.stop()
+
+
+def _placement_and_batching(device: str, instances: int, instances_per_gpu: int, gpus: str, precision: str,
+                            max_batch: str, queue_delay_us: str, models: list[str]):
+    """The CLI's device and batching options as a Placement and per-model Batching; ValueError (one line) if bad."""
+    from services.triton.launcher import GPU_BATCHING, Batching, resolve_placement
+
+    ids = _ints(gpus, "--gpus")
+    placement = resolve_placement(device, 1, ids, precision)
+    placement = replace(placement, instances=instances_per_gpu if placement.device == "gpu" else instances)
+    sizes, delays = _per_model(max_batch, "--max-batch", models), _per_model(queue_delay_us, "--queue-delay-us", models)
+    batching = {}
+    for model in set(sizes) | set(delays):
+        base = GPU_BATCHING[model] if placement.device == "gpu" else Batching(32, 1000)  # the pbtxt files' CPU values
+        batching[model] = Batching(sizes.get(model, base.max_batch_size), delays.get(model, base.queue_delay_us))
+    return placement, batching
+
+
+def _ints(spec: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {spec!r}") from None
+
+
+def _per_model(spec: str, option: str, models: list[str]) -> dict[str, int]:
+    """"256" -> that value for every model served; "dynamics=256,tokenizer=64" -> those models' values."""
+    from services.triton import protocol as P
+
+    spec = spec.strip()
+    if not spec:
+        return {}
+    try:
+        if "=" not in spec:
+            return dict.fromkeys(models, int(spec))
+        out = {}
+        for item in spec.split(","):
+            name, value = (x.strip() for x in item.split("=", 1))
+            if name not in P.MODELS:
+                raise ValueError(f"{option}: unknown model {name!r}; expected some of {list(P.MODELS)}")
+            out[name] = int(value)
+        return {m: v for m, v in out.items() if m in models}
+    except ValueError as exc:
+        if str(exc).startswith(option):
+            raise
+        raise ValueError(f"{option} must be N or model=N[,model=N...], got {spec!r}") from None
 
 
 def _interrupt(signum, frame) -> None:

@@ -55,6 +55,98 @@ class Repository:
     root: Path
     models: Path  # --model-repository: tokenizer/ lam/ dynamics/, each config.pbtxt + 1/model.py
     backends: Path  # --backend-directory: python/{libtriton_python.so, triton_python_backend_utils.py, stub}
+    device: str = "cpu"  # where its instances run: cpu or gpu (Placement.device)
+
+
+DEVICE_CHOICES = ("cpu", "gpu", "cuda", "auto")  # cuda is an alias of gpu; auto = gpu when one is visible
+PRECISIONS = ("auto", "fp32", "bf16")  # P.PARAM_PRECISION; auto: bf16 on a GPU, fp32 on a CPU (the engines decide)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """One model's Triton batching: the largest batch an execute() gets and how long a request may wait for mates."""
+
+    max_batch_size: int
+    queue_delay_us: int
+    preferred: tuple[int, ...] = ()  # preferred_batch_size: the batcher sends one of these sizes when it can
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max batch size must be >= 1, got {self.max_batch_size}")
+        if self.queue_delay_us < 0:
+            raise ValueError(f"queue delay must be >= 0 us, got {self.queue_delay_us}")
+        if any(not 1 <= b <= self.max_batch_size for b in self.preferred):
+            raise ValueError(f"preferred batch sizes {list(self.preferred)} must be in [1, {self.max_batch_size}]")
+
+
+# On a CPU the pbtxt files' own settings apply (max batch 32, 1000 us): a step's compute grows with the batch, so
+# waiting long for mates only adds latency. On a GPU a batch of 256 costs little more than one, so the batcher
+# may wait longer for a fuller batch. PLACEHOLDERS until the H200 measurement (benchmarks/bench_triton_sessions.py,
+# benchmarks/README.md) replaces them with measured values.
+GPU_BATCHING = {
+    P.TOKENIZER: Batching(256, 2000),
+    P.LAM: Batching(32, 2000),
+    P.DYNAMICS: Batching(256, 2000),
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a repository's models run: KIND_CPU instances, or KIND_GPU instances on each of some GPUs."""
+
+    device: str = "cpu"  # "cpu" or "gpu" (resolve_placement turns cuda/auto into one of these)
+    instances: int = 1  # instances (processes) per model on a CPU; per GPU on GPUs
+    gpus: tuple[int, ...] = ()  # GPU ids for KIND_GPU; empty = every GPU Triton sees
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be cpu or gpu here, got {self.device!r} (resolve_placement maps cuda/auto)")
+        if self.instances < 1:
+            raise ValueError(f"instances must be >= 1, got {self.instances}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"GPU ids must be distinct and >= 0, got {list(self.gpus)}")
+        if self.gpus and self.device != "gpu":
+            raise ValueError("GPU ids are given but the device is cpu")
+
+
+def visible_gpus() -> list[int]:
+    """The GPU ids this machine shows: torch's CUDA devices, else the lines of `nvidia-smi -L`; [] without a GPU."""
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            return list(range(torch.cuda.device_count()))
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return list(range(sum(1 for line in out.splitlines() if line.startswith("GPU "))))
+
+
+def resolve_placement(device: str, instances: int = 1, gpus: Sequence[int] = (), precision: str = "auto",
+                      visible: Sequence[int] | None = None) -> Placement:
+    """A Placement for a device choice (cpu, gpu, cuda, auto), checked against the GPUs this machine shows.
+
+    Raises ValueError (one line) for an unknown device, `gpu` with no GPU visible, or a GPU id not visible.
+    """
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"device must be one of {list(DEVICE_CHOICES)}, got {device!r}")
+    seen = list(visible_gpus() if visible is None else visible)
+    if device == "auto":
+        device = "gpu" if seen else "cpu"
+    device = "gpu" if device == "cuda" else device
+    if device == "gpu":
+        if not seen:
+            raise ValueError("--device gpu, but no GPU is visible (neither torch.cuda nor `nvidia-smi -L` shows one)")
+        missing = sorted(set(gpus) - set(seen))
+        if missing:
+            raise ValueError(f"GPU ids {missing} are not visible; this machine shows {seen}")
+    elif gpus:
+        raise ValueError("GPU ids are given but the device is cpu")
+    return Placement(device, instances, tuple(gpus), precision)
 
 
 def assemble_repository(
@@ -66,6 +158,8 @@ def assemble_repository(
     max_batch_size: int | None = None,
     queue_delay_us: int | None = None,
     models: Sequence[str] = P.MODELS,
+    placement: Placement | None = None,
+    batching: dict[str, Batching] | None = None,
 ) -> Repository:
     """Copies services/{tokenizer,lam,dynamics} into `out_dir/models`, filling each config's parameters.
 
@@ -73,15 +167,22 @@ def assemble_repository(
         world_dir: the world directory every model loads (world.json + checkpoints); must exist.
         threads: torch threads per model instance (0 = torch's default). Each model runs in its own process.
         cache_bytes: the soft K/V cache cap of each tokenizer / dynamics instance.
-        instances: model instances (processes) per model.
-        max_batch_size, queue_delay_us: override the pbtxt's dynamic batching settings when given.
+        instances: model instances (processes) per model, when no `placement` is given.
+        max_batch_size, queue_delay_us: override every model's dynamic batching settings when given.
         models: which of tokenizer, lam, dynamics to serve (all by default; one per server in the Helm chart).
+        placement: CPU or GPU instances and the precision (default: `instances` KIND_CPU instances, precision auto).
+        batching: per-model Batching; a model not in it keeps its pbtxt's settings on a CPU and GPU_BATCHING's on a
+            GPU. `max_batch_size` / `queue_delay_us` then override single fields of every model.
     Returns the Repository; `out_dir` is created, and its models/ and backends/ replaced.
     """
     names = tuple(models)
     unknown = set(names) - set(P.MODELS)
     if unknown or not names:
         raise ValueError(f"models must be some of {list(P.MODELS)}, got {list(names)}")
+    unknown = set(batching or {}) - set(P.MODELS)
+    if unknown:
+        raise ValueError(f"batching for unknown models {sorted(unknown)}; expected some of {list(P.MODELS)}")
+    placement = placement or Placement(instances=instances)
     world_dir, out_dir = Path(world_dir).resolve(), Path(out_dir).resolve()
     cfg = load_world_config_of(world_dir)  # fails early on a directory that is not a world
     models, backends = out_dir / "models", out_dir / "backends"
@@ -95,15 +196,18 @@ def assemble_repository(
     for name in names:
         src = SERVICES_DIR / name
         config = text_format.Parse((src / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-        params = {P.PARAM_WORLD_DIR: str(world_dir), P.PARAM_THREADS: str(threads), **extra[name]}
+        params = {P.PARAM_WORLD_DIR: str(world_dir), P.PARAM_THREADS: str(threads), P.PARAM_PRECISION: placement.precision,
+                  **extra[name]}
         for key, value in params.items():
             config.parameters[key].string_value = value
-        for group in config.instance_group:
-            group.count = instances
-        if max_batch_size is not None:
-            config.max_batch_size = max_batch_size
-        if queue_delay_us is not None:
-            config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+        _place(config, placement)
+        chosen = (batching or {}).get(name) or (GPU_BATCHING[name] if placement.device == "gpu" else None)
+        if chosen is not None:
+            _batch(config, chosen)
+        if max_batch_size is not None or queue_delay_us is not None:
+            _batch(config, Batching(config.max_batch_size if max_batch_size is None else max_batch_size,
+                                    config.dynamic_batching.max_queue_delay_microseconds if queue_delay_us is None
+                                    else queue_delay_us, tuple(config.dynamic_batching.preferred_batch_size)))
         (models / name / "1").mkdir(parents=True)
         shutil.copy2(src / "1" / "model.py", models / name / "1" / "model.py")
         header = f"# Assembled from services/{name}/config.pbtxt for {world_dir} by services/triton/launcher.py.\n"
@@ -113,7 +217,28 @@ def assemble_repository(
     for f in (server / "backends/python/libtriton_python.so", server / "backends/python/triton_python_backend_utils.py",
               server / f"python_backend_stubs/{sys.version_info.major}.{sys.version_info.minor}/triton_python_backend_stub"):
         shutil.copy2(f, backends / "python" / f.name)
-    return Repository(out_dir, models, backends)
+    return Repository(out_dir, models, backends, placement.device)
+
+
+def _place(config: model_config_pb2.ModelConfig, placement: Placement) -> None:
+    """One instance group: `instances` KIND_CPU processes, or `instances` KIND_GPU processes on each GPU."""
+    del config.instance_group[:]
+    group = config.instance_group.add()
+    group.count = placement.instances
+    if placement.device == "gpu":
+        group.kind = model_config_pb2.ModelInstanceGroup.KIND_GPU
+        group.gpus.extend(placement.gpus)  # empty: Triton places `count` instances on every GPU it sees
+    else:
+        group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+def _batch(config: model_config_pb2.ModelConfig, batching: Batching) -> None:
+    if batching.max_batch_size > 1 and not config.HasField("dynamic_batching"):
+        raise ValueError(f"model {config.name} has no dynamic_batching block to size")
+    config.max_batch_size = batching.max_batch_size
+    config.dynamic_batching.max_queue_delay_microseconds = batching.queue_delay_us
+    del config.dynamic_batching.preferred_batch_size[:]
+    config.dynamic_batching.preferred_batch_size.extend(batching.preferred)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -169,7 +294,7 @@ class TritonServer:
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--allow-gpu-metrics=false",
+            f"--allow-gpu-metrics={'true' if self.repository.device == 'gpu' else 'false'}",
             "--disable-auto-complete-config",  # the pbtxt is the contract, never code
             "--exit-on-error=true",
             "--strict-readiness=true",

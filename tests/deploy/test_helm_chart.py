@@ -244,21 +244,33 @@ def test_gateway_command_points_at_the_triton_services(rendered):
     urls = dict(pair.split("=") for pair in args["--triton-model-urls"].split(","))
     assert set(urls) == set(TRITON)
     for model, url in urls.items():
-        host, port = url.split(":")
+        # Session affinity (the default): every pod of the model, by the DNS name of its headless Service.
+        assert url.startswith("dns:"), url
+        host, port = url.removeprefix("dns:").split(":")
         svc = named(docs, "Service", host)
-        assert svc["spec"]["selector"]["app.kubernetes.io/component"] == model
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"]["app.kubernetes.io/component"] == model
         assert int(port) in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
 
 
+def test_without_session_affinity_the_gateway_uses_the_cluster_ip_services(helm):
+    docs = helm.render("--set", "gateway.sessionAffinity=false")
+    args = arg_map(container(docs, "Deployment", "t-genie-gateway")["args"])
+    urls = dict(pair.split("=") for pair in args["--triton-model-urls"].split(","))
+    assert urls == {m: f"t-genie-{m}:8001" for m in TRITON}
+    assert all(named(docs, "Service", f"t-genie-{m}")["spec"].get("clusterIP") != "None" for m in TRITON)
+
+
 def test_triton_commands(rendered):
-    _, docs = rendered
+    which, docs = rendered
     for model in TRITON:
         c = container(docs, "Deployment", f"t-genie-{model}")
         assert c["args"][:2] == ["triton", "serve"]
         args = arg_map(c["args"])
         assert args["--models"] == model and args["--host"] == "0.0.0.0"
         assert (args["--grpc-port"], args["--http-port"], args["--metrics-port"]) == ("8001", "8000", "8002")
-        assert args["--world"] and int(args["--threads"]) >= 0
+        assert args["--world"] and int(args["--threads"]) >= 0 and args["--precision"] in ("auto", "fp32", "bf16")
+        if which == "default":  # CPU pods, the launcher's CPU defaults
+            assert not {"--device", "--instances-per-gpu", "--max-batch", "--queue-delay-us"} & set(args)
         assert {"/dev/shm", "/tmp"} <= {m["mountPath"] for m in c["volumeMounts"]}
 
 
@@ -302,6 +314,14 @@ def test_gpu_values_add_gpu_limits_and_placement(default, production):
         else:
             assert gpus(production, name) is None and "nodeSelector" not in spec, name
             assert spec["containers"][0]["resources"]["requests"]["cpu"], name  # CPU pods still request CPU
+    # The Triton pods with a GPU run KIND_GPU instances, with the batching the production values ask for.
+    dyn = arg_map(container(production, "Deployment", "t-genie-dynamics")["args"])
+    assert (dyn["--device"], dyn["--instances-per-gpu"], dyn["--precision"]) == ("gpu", "2", "bf16")
+    assert (dyn["--max-batch"], dyn["--queue-delay-us"]) == ("256", "2000")
+    tok = arg_map(container(production, "Deployment", "t-genie-tokenizer")["args"])
+    assert (tok["--device"], tok["--max-batch"]) == ("gpu", "128") and "--queue-delay-us" not in tok
+    lam = arg_map(container(production, "Deployment", "t-genie-lam")["args"])
+    assert "--device" not in lam  # gpu: false in production: CPU instances
 
 
 def test_world_from_a_volume(production):

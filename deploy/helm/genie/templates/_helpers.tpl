@@ -126,11 +126,13 @@ tolerations:
 {{- end }}
 {{- end }}
 
-{{/* Model name -> "host:8001" of its Triton Service, as --triton-model-urls / GENIE_TRITON_MODEL_URLS want it. */}}
+{{/* Model name -> "host:8001" of its Triton Service, as --triton-model-urls / GENIE_TRITON_MODEL_URLS want it;
+with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the model (services/gateway/routing.py). */}}
 {{- define "genie.tritonModelUrls" -}}
 {{- $urls := list }}
+{{- $format := ternary "%s=dns:%s-pods:8001" "%s=%s:8001" (.Values.gateway.sessionAffinity | default false) }}
 {{- range $model := list "tokenizer" "dynamics" "lam" }}
-{{- $urls = append $urls (printf "%s=%s:8001" $model (include "genie.componentName" (dict "ctx" $ "component" $model))) }}
+{{- $urls = append $urls (printf $format $model (include "genie.componentName" (dict "ctx" $ "component" $model))) }}
 {{- end }}
 {{- join "," $urls }}
 {{- end }}
