@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import _cpu_jiffies, base_parser, emit, machine_info, matmul_peak, rounded
+from common import _cpu_jiffies, base_parser, emit, gpu_matmul_peak, machine_info, matmul_peak, rounded
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,29 +85,6 @@ def step_gflop(args: argparse.Namespace) -> float:
 
         torch.cuda.empty_cache()
     return flops / 1e9
-
-
-def gpu_matmul_peak(dtype_name: str, tf32: bool, n: int = 8192, reps: int = 10) -> float:
-    """GFLOP/s of n x n x n torch.mm on the GPU (the best of `reps` after warm-up); fp32 on TF32 cores if `tf32`,
-    as the training loop runs it."""
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    dtype = getattr(torch, dtype_name)
-    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        torch.mm(a, b)
-    best = 0.0
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.mm(a, b)
-        end.record()
-        torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e9)
-    del a, b
-    torch.cuda.empty_cache()
-    return best
 
 
 def timed_run(args: argparse.Namespace, procs: int, threads: int) -> dict:

@@ -18,9 +18,10 @@ import sys
 import time
 
 import torch
-from common import Timing, base_parser, count_flops, emit, matmul_peak, rounded, setup_run, sprites_for, time_it
+from common import Timing, base_parser, count_flops, emit, gpu_matmul_peak, matmul_peak, rounded, setup_run, sprites_for, time_it
 from torch.profiler import ProfilerActivity, profile
 
+from genie.config import apply_overrides
 from genie.models.dynamics import DynamicsModel
 from genie.models.tokenizer import VideoTokenizer
 from genie.presets import PRESETS, get_preset
@@ -32,9 +33,10 @@ FPS_TARGET, JASMINE_SPEEDUP_TARGET, PEAK_TARGET = 10.0, 20.0, 0.5
 
 
 class Bench:
-    def __init__(self, preset: str, sampling_steps: int, device: str, precision: str, fixed_shapes: bool) -> None:
+    def __init__(self, preset: str, sampling_steps: int, device: str, precision: str, fixed_shapes: bool,
+                 overrides: list[str]) -> None:
         self.preset, self.device, self.precision, self.fixed_shapes = preset, device, precision, fixed_shapes
-        cfg = get_preset(preset)
+        cfg = apply_overrides(get_preset(preset), overrides)
         self.sampling = cfg.sampling
         if sampling_steps:
             self.sampling = dataclasses.replace(cfg.sampling, steps=sampling_steps)
@@ -42,12 +44,20 @@ class Bench:
         self.tokenizer = VideoTokenizer(cfg.tokenizer)
         self.dynamics = DynamicsModel(cfg.dynamics)
         self.clips = sprites_for(cfg).batch(0, 16).frames  # (16, T, H, W, 3) uint8
-        self.base = {"preset": preset, "sampling_steps": self.sampling.steps, "weights": "random-init", "device": device,
-                     "precision": precision, "fixed_shapes": fixed_shapes}
+        self.base = {"preset": preset, "overrides": overrides, "sampling_steps": self.sampling.steps, "weights": "random-init",
+                     "device": device, "precision": precision, "fixed_shapes": fixed_shapes,
+                     "tokens_per_frame": cfg.dynamics.tokens_per_frame, "dynamics_dim": cfg.dynamics.transformer.dim,
+                     "dynamics_depth": cfg.dynamics.transformer.depth}
+        engine = self.world(False).engine  # resolves the device and precision (and moves the models there)
+        self.engine_device, self.engine_dtype = engine.device, engine.dtype
 
     def world(self, cached: bool) -> World:
         return World(self.tokenizer, self.dynamics, self.sampling, cache_bytes=1 << 30 if cached else 0,
                      device=self.device, precision=self.precision, fixed_shapes=self.fixed_shapes)
+
+    def prompts(self, batch: int, frames: int) -> torch.Tensor:
+        """(batch, frames, H, W, 3) uint8: the sprite clips, repeated for batches larger than their 16."""
+        return self.clips[torch.arange(batch) % self.clips.shape[0], :frames]
 
     def actions(self, batch: int, step: int) -> list[int]:
         return [(step + i) % self.dynamics.cfg.num_actions for i in range(batch)]
@@ -55,7 +65,7 @@ class Bench:
     def steady(self, batch: int, cached: bool, iters: int, budget_s: float) -> dict:
         """Steady-state play: warm-up step (FLOPs counted) then up to a full window cycle of timed steps."""
         world = self.world(cached)
-        states, _ = world.reset(self.clips[:batch, : world.keep], seeds=list(range(batch)))
+        states, _ = world.reset(self.prompts(batch, world.keep), seeds=list(range(batch)))
         misses0 = world.cache_counts[1]  # reset builds each new session's caches: those are misses by design
         t0 = time.perf_counter()
         flops, (states, _) = count_flops(lambda: world.step(states, self.actions(batch, 0)))
@@ -116,7 +126,7 @@ class Bench:
 
     def profile_step(self, batch: int, rows: int) -> None:
         world = self.world(True)
-        states, _ = world.reset(self.clips[:batch, : world.keep], seeds=list(range(batch)))
+        states, _ = world.reset(self.prompts(batch, world.keep), seeds=list(range(batch)))
         states, _ = world.step(states, self.actions(batch, 0))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for k in range(3):
@@ -139,11 +149,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--fixed-shapes", action="store_true", help="attention over the whole window, masked")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="dotted world-config override, e.g. dynamics.transformer.depth=12 (a paper-size world)")
     args = parser.parse_args()
     machine = setup_run(args)
-    bench = Bench(args.preset, args.sampling_steps, args.device, args.precision, args.fixed_shapes)
-    peak = args.peak_gflops or matmul_peak()
-    print(f"# fp32 matmul peak {peak:.1f} GFLOP/s", file=sys.stderr, flush=True)
+    bench = Bench(args.preset, args.sampling_steps, args.device, args.precision, args.fixed_shapes, args.overrides)
+    on_gpu = bench.engine_device.type == "cuda"
+    precision = "bfloat16" if bench.engine_dtype == torch.bfloat16 else "float32"
+    # the % of peak compares with the matmul peak of the step's own precision on its own device, measured now
+    peak = args.peak_gflops or (gpu_matmul_peak(precision, tf32=False) if on_gpu else matmul_peak())
+    print(f"# {precision} matmul peak {peak:.1f} GFLOP/s on {bench.engine_device}", file=sys.stderr, flush=True)
 
     if args.profile:
         bench.profile_step(1, args.profile)

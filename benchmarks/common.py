@@ -195,6 +195,27 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 1536, 2048), reps: int = 5) -> f
     return max(max(matmul_gflops(n, reps).times) for n in sizes)
 
 
+def gpu_matmul_peak(dtype_name: str, tf32: bool, n: int = 8192, reps: int = 10) -> float:
+    """GFLOP/s of n x n x n torch.mm on the GPU (the best of `reps` after warm-up); fp32 on TF32 cores if `tf32`,
+    as the training loop runs it."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    dtype = getattr(torch, dtype_name)
+    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        torch.mm(a, b)
+    best = 0.0
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e9)
+    del a, b
+    torch.cuda.empty_cache()
+    return best
+
+
 def machine_info() -> dict[str, Any]:
     """What a figure was measured on: CPU model and vector extensions, cores, torch build and threads."""
     fields: dict[str, str] = {}

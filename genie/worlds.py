@@ -66,7 +66,7 @@ def load_world_config_of(world_dir: Path) -> WorldConfig:
 
 def load_world(
     world_dir: Path, sampling: SamplingConfig | None = None, cache_bytes: int = 1 << 28, device: str = "cpu",
-    precision: str = "auto",
+    precision: str = "auto", fixed_shapes: bool = False,
 ) -> tuple[World, WorldConfig]:
     """Loads the tokenizer and dynamics of a world dir (the LAM is not needed to play) onto `device`."""
     world_dir = Path(world_dir)
@@ -75,7 +75,7 @@ def load_world(
         read_meta(world_dir / kind)
     tokenizer = load_model(world_dir / "tokenizer", "tokenizer")
     dynamics = load_model(world_dir / "dynamics", "dynamics")
-    return World(tokenizer, dynamics, sampling or cfg.sampling, cache_bytes, device, precision), cfg
+    return World(tokenizer, dynamics, sampling or cfg.sampling, cache_bytes, device, precision, fixed_shapes), cfg
 
 
 # --- Action names: WORLD/actions.json ------------------------------------------------------------------------------
