@@ -403,6 +403,7 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, d
 
 def _add_service_commands() -> None:
     # The CLI is the one module of genie/ that reaches into services/: it is the entry point for both.
+    from genie.agent_cli import agent
     from genie.world_cli import world
     from services.triton.cli import triton
     from services.worker.cli import jobs
@@ -410,6 +411,7 @@ def _add_service_commands() -> None:
     main.add_command(triton)
     main.add_command(jobs)
     main.add_command(world)
+    main.add_command(agent)
 
 
 _add_service_commands()
