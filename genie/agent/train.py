@@ -173,8 +173,10 @@ def _labels_file(run: Path, cfg: AgentTrainConfig) -> Transitions:
 
 
 def train_agent(cfg: AgentTrainConfig, run: Path, progress: bool = True, stop_after: int | None = None,
-                on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Trains (or resumes) one BC policy in `run`; returns the summary written to run/summary.json."""
+                on_step: Callable[[int, float], bool] | None = None) -> dict[str, Any]:
+    """Trains (or resumes) one BC policy in `run`; returns the summary written to run/summary.json, or
+    {"run", "step", "finished": False} when it stopped early: at `stop_after`, or when on_step(done, loss) returned
+    True (a checkpoint is written first, so the run resumes from there)."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     ds_info = ShardedDataset(Path(cfg.data)).info
@@ -228,12 +230,14 @@ def train_agent(cfg: AgentTrainConfig, run: Path, progress: bool = True, stop_af
             with open(run / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_accuracy']:.3f}")
-            if on_log:
-                on_log(row)
-        if done % cfg.checkpoint_every == 0 or done == end:
+        stop = bool(on_step and on_step(done, loss.item())) and done < cfg.steps
+        if done % cfg.checkpoint_every == 0 or done == end or stop:
             tensors, groups = optimizer_to_flat(opt)
             save_checkpoint(checkpoint_dir(run, done), POLICY_KIND, model, done, tensors, {"param_groups": groups})
             prune_checkpoints(run, cfg.keep_checkpoints)
+        if stop:
+            end = done
+            break
     bar.close()
     step = start if end <= start else end
     if step < cfg.steps:
