@@ -102,8 +102,9 @@ def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_
     import torch
 
     from genie.agent.eval import AgentEvalConfig, evaluate_agents, write_report
-    from genie.agent.train import load_mappings, load_policy
+    from genie.agent.train import expert_action_counts, load_mappings, load_policy
     from genie.cli import _fail
+    from genie.data.procgen import ACTION_NAMES
 
     if threads:
         torch.set_num_threads(threads)
@@ -113,8 +114,44 @@ def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_
         oracle = load_policy(Path(oracle_run) / "policy") if oracle_run else None
         lam_bc = load_policy(Path(lam_run) / "policy") if lam_run else None
         mappings = load_mappings(lam_run) if lam_run else {}
-        report = evaluate_agents(cfg, oracle, lam_bc, mappings, expert=not no_expert)
+        counts = expert_action_counts(oracle_run or lam_run, len(ACTION_NAMES)) if (oracle_run or lam_run) else None
+        report = evaluate_agents(cfg, oracle, lam_bc, mappings, expert=not no_expert, expert_action_counts=counts)
         summary = write_report(report, out)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))
     click.echo(json.dumps(summary))
+
+
+@agent.command("gif")
+@click.option("--lam-bc", "lam_run", type=click.Path(path_type=Path), required=True, help="A finished LAM-BC run.")
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), help="World to play in (default: the demo world).")
+@click.option("--k", "k", type=int, default=200, show_default=True, help="The mapping fitted from k labelled transitions.")
+@click.option("--level-index", type=int, default=0, show_default=True, help="Which held-out (test) level.")
+@click.option("--steps", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="GIF to write.")
+@click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
+def gif(lam_run, world_dir, k, level_index, steps, seed, out, threads) -> None:
+    """The LAM-BC policy played in the real game (mapped to real actions) and inside the world (latent actions) from
+    the same held-out level, side by side."""
+    import torch
+
+    from genie.agent.showcase import write_showcase
+    from genie.agent.train import load_mappings, load_policy
+    from genie.cli import DEFAULT_WORLD, _fail
+    from genie.envs import load_engine
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if steps < 1 or level_index < 0:
+            raise ValueError(f"need --steps >= 1 and --level-index >= 0, got {steps}, {level_index}")
+        mappings = load_mappings(lam_run)
+        if k not in mappings:
+            raise ValueError(f"{lam_run} has mappings for k in {sorted(mappings)}, not {k}")
+        policy = load_policy(Path(lam_run) / "policy")
+        engine, _ = load_engine(Path(world_dir or DEFAULT_WORLD))
+        path = write_showcase(policy, mappings[k], engine, out, level_index=level_index, steps=steps, seed=seed)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({"gif": str(path)}))

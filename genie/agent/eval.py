@@ -100,6 +100,13 @@ def random_chooser(num_actions: int = len(ACTION_NAMES)) -> Chooser:
     return lambda ctx, gen: torch.randint(num_actions, (ctx.shape[0],), generator=gen).numpy()
 
 
+def marginal_chooser(probs: np.ndarray) -> Chooser:
+    """Blind baseline: samples the expert's overall action frequencies, never looking at a frame (a BC policy that
+    beats it uses the frames)."""
+    p = torch.as_tensor(np.asarray(probs, dtype=np.float64) / np.sum(probs), dtype=torch.float32)
+    return lambda ctx, gen: torch.multinomial(p.expand(ctx.shape[0], -1), 1, generator=gen)[:, 0].numpy()
+
+
 def policy_chooser(policy: Policy, mapping: Callable[[np.ndarray], np.ndarray] | None = None) -> Chooser:
     """Samples the policy's action; a LAM-BC policy's latent action goes through `mapping` to a real one."""
     def choose(ctx: torch.Tensor, gen: torch.Generator) -> np.ndarray:
@@ -119,9 +126,13 @@ def play_expert(cfg: AgentEvalConfig) -> list[dict[str, Any]]:
 
 
 def evaluate_agents(cfg: AgentEvalConfig, oracle: Policy | None, lam_bc: Policy | None,
-                    mappings: dict[int, Callable[[np.ndarray], np.ndarray]], expert: bool = True) -> dict[str, Any]:
-    """Runs every policy on the same held-out levels; returns {"config", "policies": {name: summary + episodes}}."""
+                    mappings: dict[int, Callable[[np.ndarray], np.ndarray]], expert: bool = True,
+                    expert_action_counts: np.ndarray | None = None) -> dict[str, Any]:
+    """Runs every policy on the same held-out levels; returns {"config", "policies": {name: summary + episodes}}.
+    expert_action_counts (R,): adds the blind baseline that samples the expert's action frequencies."""
     runs: dict[str, list[dict[str, Any]]] = {"random": play(random_chooser(), 1, cfg, tag=0)}
+    if expert_action_counts is not None:
+        runs["expert_marginal"] = play(marginal_chooser(expert_action_counts), 1, cfg, tag=3)
     if expert:
         runs["expert"] = play_expert(cfg)
     if oracle is not None:
@@ -159,7 +170,8 @@ def plot_success_vs_k(report: dict[str, Any], path: Path) -> Path:
         hi = [pol[f"lam_bc_k{k}"]["success_ci95"][1] - r for k, r in zip(ks, rates, strict=True)]
         ax.errorbar(ks, rates, yerr=[lo, hi], marker="o", capsize=3, label="LAM-BC (k labelled transitions)")
         ax.set_xscale("log")
-    for name, color in (("oracle_bc", "tab:green"), ("expert", "tab:purple"), ("random", "tab:red")):
+    for name, color in (("oracle_bc", "tab:green"), ("expert", "tab:purple"), ("expert_marginal", "tab:gray"),
+                        ("random", "tab:red")):
         if name in pol:
             ax.axhline(pol[name]["success_rate"], color=color, linestyle="--", label=name)
     ax.set_xlabel("labelled transitions k")

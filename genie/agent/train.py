@@ -288,3 +288,9 @@ def load_mappings(run: Path) -> dict[int, ActionMapping]:
     data = json.loads(path.read_text())["mappings"]
     return {int(k): ActionMapping(tuple(m["table"]), tuple(tuple(r) for r in m["counts"]), m["labelled"])
             for k, m in data.items()}
+
+
+def expert_action_counts(run: Path, num_real: int) -> np.ndarray:
+    """(R,) how often the expert took each true action in a run's training data (its labels file)."""
+    true = load_file(Path(run) / "labels.safetensors")["true"].numpy()
+    return np.bincount(true[true >= 0], minlength=num_real)[:num_real]
