@@ -1,10 +1,13 @@
 """The CoinRun expert: a short-horizon search planner over the simulator's own state save/restore.
 
-At each decision point it snapshots the game (`env.get_state()`), tries up to `candidates` random action sequences of
-`horizon` frames drawn from a rightward-biased macro-action distribution (each restored from the snapshot), and commits
-the first `commit` frames of the first sequence that survives, or the whole sequence up to the coin when one reaches it.
-It never sees a frame: the search uses only reward and episode ends, so it is an expert by look-ahead, not by learning.
-Episodes are played on one level each (level seeds drawn from (seed, split, episode)), so a recording replays exactly.
+At each decision point it snapshots the game (`env.get_state()`), plays a few fixed action sequences of `horizon`
+frames (run right; jump then run; long jump; wait then run) and `candidates` random ones drawn from a rightward-biased
+macro-action distribution, each restored from the snapshot, and scores them: reaching the coin beats everything, dying
+loses, otherwise the agent's x position at the end counts (read from the serialised game state: the float that moves
++x under RIGHT and not under LEFT, found once per episode by probing). It commits the first `commit` frames of the best
+sequence (ties go to the earlier candidate, so the fixed ones win), or the whole sequence up to the coin. It never sees
+a frame. Episodes are played on one level each (level seeds drawn from (seed, split, episode)), so a recording replays
+exactly.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class ExpertConfig:
     num_levels: int = 10_000  # distinct levels the split draws from
     distribution_mode: str = "easy"
     max_frames: int = 500  # an episode that has not reached the coin by then counts as a failure
-    candidates: int = 16  # sequences tried per decision
+    candidates: int = 8  # random sequences tried per decision, after the fixed ones
     horizon: int = 24  # frames each tried sequence looks ahead
     commit: int = 8  # frames of the chosen sequence played before planning again
     hold_min: int = 2
@@ -78,15 +81,54 @@ def _sequence(rng: np.random.Generator, cfg: ExpertConfig) -> list[int]:
     return seq[: cfg.horizon]
 
 
-def _try(env, snapshot, seq: list[int]) -> tuple[str, int]:
-    """Plays seq from snapshot; ("coin" | "dead", frames played) at the episode's end, else ("alive", len(seq))."""
+def _fixed(horizon: int) -> list[list[int]]:
+    """The sequences tried first at every decision: run right, jump then run, long jump, wait then run."""
+    h = horizon
+    return [[7] * h, [8] * 4 + [7] * (h - 4), [8] * h, [4] * 4 + [7] * (h - 4)]
+
+
+def _x_offset(env) -> int | None:
+    """Byte offset of the agent's x position in the serialised state: the float32 that grows under RIGHT and not under
+    LEFT (probed from the current state, which is restored). None when no such float is found."""
+    snapshot = env.get_state()
+    ends = {}
+    for a in (7, 1):
+        env.set_state(snapshot)
+        for _ in range(8):
+            env.act(np.array([a]))
+        ends[a] = env.get_state()[0]
+    env.set_state(snapshot)
+    base = snapshot[0]
+    if not len(base) == len(ends[7]) == len(ends[1]):
+        return None
+    for align in range(4):
+        m = (len(base) - align) // 4
+        f0, fr, fl = (np.frombuffer(b[align : align + 4 * m], dtype=np.float32) for b in (base, ends[7], ends[1]))
+        with np.errstate(all="ignore"):
+            ok = np.isfinite(f0) & np.isfinite(fr) & np.isfinite(fl) & (np.abs(f0) < 1e3)
+            hit = np.flatnonzero(ok & (fr - f0 > 0.5) & (fr - f0 < 10) & (fl - f0 <= 0.01))
+        if len(hit):
+            return align + 4 * int(hit[0])
+    return None
+
+
+def _x(env, offset: int | None, size: int) -> float:
+    if offset is None:
+        return 0.0
+    state = env.get_state()[0]
+    return float(np.frombuffer(state[offset : offset + 4], dtype=np.float32)[0]) if len(state) == size else 0.0
+
+
+def _try(env, snapshot, seq: list[int], offset: int | None) -> tuple[float, int]:
+    """Plays seq from snapshot -> (score, frames played): inf for the coin, -1e9 + frames survived for death, else
+    the agent's x at the end."""
     env.set_state(snapshot)
     for j, a in enumerate(seq):
         env.act(np.array([a]))
         rew, _, first = env.observe()
         if first[0]:
-            return ("coin" if rew[0] > 0 else "dead"), j + 1
-    return "alive", len(seq)
+            return (float("inf") if rew[0] > 0 else -1e9 + j), j + 1
+    return _x(env, offset, len(snapshot[0])), len(seq)
 
 
 def plan_episode(cfg: ExpertConfig, episode: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -94,38 +136,42 @@ def plan_episode(cfg: ExpertConfig, episode: int) -> tuple[np.ndarray, np.ndarra
     level = episode_level(cfg.split, cfg.seed, episode, cfg.num_levels)
     env = make_env(cfg.env, level, cfg.distribution_mode)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, SPLIT_LEVELS[cfg.split], episode, 1]))
+    offset = _x_offset(env)
     frames, actions = [env.observe()[1]["rgb"][0].copy()], []
-    success, tries = False, 0
-    while len(frames) < cfg.max_frames and not success:
+    success, ended, tries, xs = False, False, 0, []
+    while len(frames) < cfg.max_frames and not ended:
         snapshot = env.get_state()
-        best, best_len = None, -1
-        for _ in range(cfg.candidates):
-            seq = _sequence(rng, cfg)
+        xs.append(_x(env, offset, len(snapshot[0])))
+        # No progress over the last 4 decisions (a wall, a pit to wait out, or no x probe): explore instead, taking
+        # the first random sequence that survives, until x moves again.
+        stuck = len(xs) >= 4 and xs[-1] - xs[-4] < 0.5
+        best, best_score, best_played = None, -float("inf"), 0
+        for seq in ([] if stuck else _fixed(cfg.horizon)) + [_sequence(rng, cfg) for _ in range(cfg.candidates)]:
             tries += 1
-            outcome, played = _try(env, snapshot, seq)
-            if outcome == "coin":
-                best, best_len = seq[:played], played
+            score, played = _try(env, snapshot, seq, offset)
+            if score > best_score:
+                best, best_score, best_played = seq, score, played
+            if score == float("inf") or (stuck and score > -1e9 + cfg.horizon):
                 break
-            if outcome == "alive":
-                best, best_len = seq[: cfg.commit], cfg.commit
-                break
-            if played > best_len:  # every try died so far: keep the one that lives longest
-                best, best_len = seq[: max(1, played - 1)], played
+        if best_score == float("inf"):
+            plan = best[:best_played]
+        elif best_score <= -1e9 + cfg.horizon:  # every sequence dies: play the longest-lived one's start
+            plan = best[: max(1, best_played - 1)]
+        else:
+            plan = best[: cfg.commit]
         env.set_state(snapshot)
-        for a in best:
+        for a in plan:
             env.act(np.array([a]))
             rew, obs, first = env.observe()
             if first[0]:  # the episode ended: this observation already belongs to the next one
-                success = bool(rew[0] > 0)
+                success, ended = bool(rew[0] > 0), True
                 break
             actions.append(a)
             frames.append(obs["rgb"][0].copy())
             if len(frames) >= cfg.max_frames:
                 break
-        if first[0] and not success:
-            break
     meta = {"episode": episode, "level": level, "success": success, "return": 10.0 if success else 0.0,
-            "planner_tries": tries}
+            "planner_tries": tries, "x_probe": offset is not None}
     return np.stack(frames), np.array(actions, dtype=np.int16), meta
 
 
