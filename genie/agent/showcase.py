@@ -58,4 +58,4 @@ def write_showcase(policy: Policy, mapping: ActionMapping, engine: WorldEngine, 
     from genie.media import write_gif
 
     frames, captions = side_by_side(policy, mapping, engine, **kw)
-    return write_gif(frames, out, fps=10, scale=3, captions=captions)
+    return write_gif(frames, out, fps=10, scale=2, captions=captions)
