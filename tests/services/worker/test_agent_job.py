@@ -66,3 +66,19 @@ def test_bad_agent_jobs_are_rejected_before_queueing(worker, agent_inputs, kit, 
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
     assert kit.queue_lengths() == before
+
+
+def test_agent_spec_round_trips_and_routes_to_train(agent_inputs):
+    from genie.agent.train import AgentTrainConfig
+    from services.worker.app import app
+    from services.worker.specs import AgentJobSpec
+
+    spec = AgentJobSpec(AgentTrainConfig(data=str(agent_inputs["data"]), world=str(agent_inputs["world"]),
+                                         labelled=(5, 7)), out="/x", threads=1)
+    assert AgentJobSpec.from_json(spec.to_json()) == spec
+    for bad in ({**spec.to_json(), "nope": 1}, {**spec.to_json(), "train": {"data": "d", "bogus": 1}},
+                {**spec.to_json(), "threads": -1}):
+        with pytest.raises(ValueError):
+            AgentJobSpec.from_json(bad)
+    assert app.amqp.router.route({}, "genie.agent")["queue"].name == "train"
+    assert "genie.agent" in app.tasks
