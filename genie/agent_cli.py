@@ -58,16 +58,19 @@ def expert(split, episodes, out, seed, num_levels, max_frames, distribution_mode
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--labelled", default="10,50,200,1000", show_default=True, help="k: labelled transitions per mapping.")
+@click.option("--context", type=int, default=2, show_default=True, help="Frames the policy sees (the current one and "
+              "context-1 before it).")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option("--stop-after", type=int, help="Stop (resumably) after this step.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
 @click.option("--quiet", is_flag=True)
-def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelled, checkpoint_every, stop_after, threads,
-          quiet) -> None:
+def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelled, context, checkpoint_every, stop_after,
+          threads, quiet) -> None:
     """Behavioural cloning from expert frames: the policy predicts the frozen LAM's latent action (or the true one),
     then latent -> real mappings are fitted from k labelled transitions. Checkpoints and resumes like every training."""
     import torch
 
+    from genie.agent.policy import PolicyConfig
     from genie.agent.train import AgentTrainConfig, train_agent
     from genie.cli import DEFAULT_WORLD, _fail
 
@@ -78,7 +81,7 @@ def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelle
             raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
         cfg = AgentTrainConfig(data=str(data_dir), world=str(world_dir or DEFAULT_WORLD), target=target, steps=steps,
                                batch_size=batch_size, lr=lr, seed=seed, labelled=_labelled(labelled),
-                               checkpoint_every=checkpoint_every)
+                               checkpoint_every=checkpoint_every, policy=PolicyConfig(context=context))
         summary = train_agent(cfg, out, progress=not quiet, stop_after=stop_after)
     except ValueError as exc:
         _fail(str(exc))

@@ -55,6 +55,7 @@ def test_a_changed_config_does_not_resume(expert_data, lam_world, tmp_path):
     ["agent", "train", "--labelled", "10,x"],
     ["agent", "train", "--labelled", "0"],
     ["agent", "train", "--stop-after", "0"],
+    ["agent", "train", "--context", "0"],
     ["agent", "train", "--world", "/nonexistent"],
     ["agent", "eval", "--levels", "0"],
     ["agent", "eval", "--lam-bc", "/nonexistent"],
