@@ -234,9 +234,11 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, d
 
 
 def _add_library_groups() -> None:
-    from genie.world_cli import world  # imports genie.cli: registered once both modules exist
+    from genie.agent_cli import agent  # both import genie.cli: registered once every module exists
+    from genie.world_cli import world
 
     main.add_command(world)
+    main.add_command(agent)
 
 
 _add_library_groups()

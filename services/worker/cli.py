@@ -100,6 +100,45 @@ def submit_train(ctx, kind, preset, config, overrides, run_root, tokenizer_ckpt,
         _follow(client, job_id)
 
 
+@submit.command("agent")
+@click.option("--data", "data_dir", required=True, help="Expert dataset dir the workers can read (`genie agent expert`).")
+@click.option("--world", "world_dir", default="", help="World whose LAM labels the frames (default: GENIE_WORLD).")
+@click.option("--target", type=click.Choice(["latent", "true"]), default="latent", show_default=True,
+              help="latent: LAM-BC; true: the oracle.")
+@click.option("--out", default="", help="Run dir. Default: GENIE_JOBS_DIR/<job id> on the worker.")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--labelled", default="10,50,200,1000", show_default=True, help="k: labelled transitions per mapping.")
+@click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
+@click.pass_context
+def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed, labelled, threads, wait) -> None:
+    """Queue `genie agent train`: behavioural cloning on the LAM's latent actions (or the true ones), resumable."""
+    import os
+
+    from genie.agent.train import AgentTrainConfig
+    from services.worker.specs import AgentJobSpec
+
+    client = _client(ctx)
+    try:
+        ks = tuple(int(k) for k in labelled.split(",")) if labelled.replace(",", "").isdigit() else None
+        if ks is None:
+            raise ValueError(f"--labelled takes comma-separated counts, e.g. 10,50,200,1000; got {labelled!r}")
+        world = world_dir or os.environ.get("GENIE_WORLD", "")
+        train = AgentTrainConfig(data=str(Path(data_dir).resolve()), world=str(Path(world).resolve()) if world else "",
+                                 target=target, steps=steps, batch_size=batch_size, seed=seed, labelled=ks)
+        spec = AgentJobSpec(train, out=out, threads=threads)
+        job_id = client.submit_agent(spec)
+    except ValueError as exc:
+        _fail(str(exc))
+    except _connection_errors() as exc:
+        _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
+    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "agent", "target": target, "steps": steps}))
+    if wait:
+        _follow(client, job_id)
+
+
 @submit.command("world")
 @click.option("--data", "data_dir", default="", help="Training dataset dir the workers can read (default: the "
               "config's data section); its frame size sets the world's.")

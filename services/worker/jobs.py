@@ -15,7 +15,7 @@ from typing import Any
 
 from genie.config import WorldConfig, apply_overrides, from_dict, load_world_config
 from services.worker.settings import WorkerSettings
-from services.worker.specs import RolloutJobSpec, TrainJobSpec, WorldJobSpec, chunk_id, stage_id
+from services.worker.specs import AgentJobSpec, RolloutJobSpec, TrainJobSpec, WorldJobSpec, chunk_id, stage_id
 from services.worker.store import JobStore
 
 TERMINAL = ("SUCCESS", "FAILURE", "CANCELLED")
@@ -187,6 +187,11 @@ class JobClient:
         extra = {"stages": spec.stage_steps}
         return self._send("world", "genie.world", spec.to_json(), spec.total, job_id, extra, queue="train")
 
+    def submit_agent(self, spec: AgentJobSpec, job_id: str | None = None) -> str:
+        """Queues `genie agent train` (queue train); its dataset and the world's LAM are checked first."""
+        check_agent_spec(spec)
+        return self._send("agent", "genie.agent", spec.to_json(), spec.steps, job_id, queue="train")
+
     def _send(self, kind: str, task: str, args: dict, total: int, job_id: str | None, extra: dict | None = None,
               queue: str | None = None) -> str:
         job_id = job_id or uuid.uuid4().hex[:16]
@@ -319,6 +324,17 @@ def submit_train(spec: TrainJobSpec, settings: WorkerSettings | None = None, job
         return client.submit_train(spec, job_id)
     finally:
         client.close()
+
+
+def check_agent_spec(spec: AgentJobSpec) -> None:
+    """The dataset opens and records true actions; a LAM-BC job's world has a LAM checkpoint."""
+    from genie.data.shards import ShardedDataset
+    from genie.train.checkpoint import read_meta
+
+    if int(ShardedDataset(Path(spec.train.data)).info.get("num_true_actions", 0)) < 2:
+        raise ValueError(f"{spec.train.data} records no true actions; record it with `genie agent expert`")
+    if spec.train.target == "latent":
+        read_meta(Path(spec.train.world) / "lam")
 
 
 def check_world_spec(spec: WorldJobSpec) -> None:

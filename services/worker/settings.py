@@ -144,6 +144,7 @@ def celery_config(s: WorkerSettings) -> dict:
         "task_default_queue": "rollout",
         "task_routes": {
             "genie.train": {"queue": "train"},
+            "genie.agent": {"queue": "train"},
             "genie.rollout": {"queue": "rollout"},
             "genie.rollout.chunk": {"queue": "rollout"},
             "genie.rollout.manifest": {"queue": "rollout"},

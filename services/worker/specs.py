@@ -133,6 +133,45 @@ class WorldJobSpec:
 
 
 @dataclass(frozen=True)
+class AgentJobSpec:
+    """`genie agent train` as a job: one BC policy (LAM-BC or the oracle) trained in OUT; a redelivered or continued
+    job resumes from the newest checkpoint there."""
+
+    train: Any  # genie.agent.train.AgentTrainConfig (data and world paths the workers can read)
+    out: str = ""  # the run dir; "" = the worker's GENIE_JOBS_DIR/<job id>
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        from genie.agent.train import AgentTrainConfig
+
+        if not isinstance(self.train, AgentTrainConfig):
+            raise ValueError(f"train must be an AgentTrainConfig, got {type(self.train).__name__}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+    @property
+    def steps(self) -> int:
+        return self.train.steps
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"train": asdict(self.train), "out": self.out, "threads": self.threads}
+
+    @classmethod
+    def from_json(cls, data: Any) -> AgentJobSpec:
+        from genie.agent.train import AgentTrainConfig
+
+        data = _object(data, "agent job", {"train", "out", "threads"})
+        train = _typed(data, "train", dict)
+        try:
+            cfg = AgentTrainConfig.from_json(train)
+        except TypeError as exc:  # unknown or missing keys
+            raise ValueError(f"agent job: {exc}") from None
+        return cls(train=cfg, out=_typed(data, "out", str, ""), threads=_typed(data, "threads", int, 0))
+
+
+@dataclass(frozen=True)
 class RolloutItem:
     """One output of a rollout job: a prompt under one action sequence, with its own seed."""
 

@@ -1,4 +1,4 @@
-"""The job tasks: `genie.train` (queue train); `genie.world` (queue train), which becomes a chain of three
+"""The job tasks: `genie.train` and `genie.agent` (queue train); `genie.world` (queue train), which becomes a chain of three
 `genie.train` stages and `genie.world.finish`; and `genie.rollout` (queue rollout), which splits into a chord of
 `genie.rollout.chunk` tasks and a final `genie.rollout.manifest`. Thin: they parse JSON specs, call genie.train or
 the rollout path over the shared model-backend interface, and return JSON summaries."""
@@ -29,6 +29,7 @@ from services.worker.outputs import (
 )
 from services.worker.runtime import PROGRESS, Execution, JobTask, runner
 from services.worker.specs import (
+    AgentJobSpec,
     RolloutItem,
     RolloutJobSpec,
     TrainJobSpec,
@@ -102,6 +103,34 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
         run.report(result.step, force=True, kind=job.kind, step=result.step, checkpoint=summary["checkpoint"])
         run.end(stop[0], {"done": result.step, **{k: summary[k] for k in ("kind", "step", "total", "checkpoint", "run_dir")}})
     return summary
+
+
+@app.task(bind=True, base=JobTask, name="genie.agent", autoretry_for=_TRANSIENT, **_RETRY)
+def agent(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
+    """Trains one BC policy (`genie agent train`) in OUT; a redelivery resumes from its newest checkpoint."""
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    from genie.agent.train import train_agent
+
+    job_id = self.request.id
+    job = AgentJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"done": 0, "total": job.steps})
+    out = resolve_dir(job.out, settings.job_dir(job_id))
+    stop: list[str] = []
+    with self.execution(job_id, job.steps) as run:
+        def on_step(done: int, loss: float) -> bool:
+            run.report(done, force=done == job.steps, target=job.train.target, step=done, loss=loss)
+            reason = run.stop_reason() if done < job.steps else None
+            if reason:
+                stop.append(reason)
+            return bool(reason)
+
+        summary = _with_threads(job.threads, lambda: train_agent(job.train, out, progress=False, on_step=on_step))
+        if stop:
+            run.end(stop[0], {"done": summary["step"], "total": job.steps, "run": str(out)})
+    return {"job": job_id, **summary, "total": job.steps}
 
 
 @app.task(bind=True, base=JobTask, name="genie.world", autoretry_for=_TRANSIENT, **_RETRY)

@@ -1,0 +1,160 @@
+"""`genie agent ...`: record the CoinRun expert, train latent-action (and oracle) behavioural cloning, evaluate them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group("agent")
+def agent() -> None:
+    """Agents that learn from unlabelled video through latent actions."""
+
+
+def _labelled(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise ValueError(f"--labelled takes comma-separated counts, e.g. 10,50,200,1000; got {text!r}") from None
+    return ks
+
+
+@agent.command("expert")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
+@click.option("--episodes", type=int, default=100, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New dataset directory.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-levels", type=int, default=10_000, show_default=True, help="Levels the split draws from.")
+@click.option("--max-frames", type=int, default=500, show_default=True, help="An episode still running here fails.")
+@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--quiet", is_flag=True)
+def expert(split, episodes, out, seed, num_levels, max_frames, distribution_mode, workers, quiet) -> None:
+    """Record CoinRun expert episodes (a search planner over procgen's state save/restore) in the shard format; the
+    true actions are kept for the oracle and the labelled transitions only."""
+    from genie.agent.expert import ExpertConfig, record
+    from genie.cli import _fail
+
+    try:
+        cfg = ExpertConfig(split=split, episodes=episodes, seed=seed, num_levels=num_levels, max_frames=max_frames,
+                           distribution_mode=distribution_mode)
+        summary = record(cfg, out, workers=workers, progress=not quiet)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(summary))
+
+
+@agent.command("train")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, help="Expert dataset (`genie agent expert`).")
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), help="World whose frozen LAM labels the frames "
+              "(default: the shipped demo world).")
+@click.option("--target", type=click.Choice(["latent", "true"]), default="latent", show_default=True,
+              help="latent: LAM-BC; true: the oracle (the same policy on the true actions).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (re-run to resume).")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--labelled", default="10,50,200,1000", show_default=True, help="k: labelled transitions per mapping.")
+@click.option("--context", type=int, default=2, show_default=True, help="Frames the policy sees (the current one and "
+              "context-1 before it).")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--stop-after", type=int, help="Stop (resumably) after this step.")
+@click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
+@click.option("--quiet", is_flag=True)
+def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelled, context, checkpoint_every, stop_after,
+          threads, quiet) -> None:
+    """Behavioural cloning from expert frames: the policy predicts the frozen LAM's latent action (or the true one),
+    then latent -> real mappings are fitted from k labelled transitions. Checkpoints and resumes like every training."""
+    import torch
+
+    from genie.agent.policy import PolicyConfig
+    from genie.agent.train import AgentTrainConfig, train_agent
+    from genie.cli import DEFAULT_WORLD, _fail
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if stop_after is not None and stop_after < 1:
+            raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
+        cfg = AgentTrainConfig(data=str(data_dir), world=str(world_dir or DEFAULT_WORLD), target=target, steps=steps,
+                               batch_size=batch_size, lr=lr, seed=seed, labelled=_labelled(labelled),
+                               checkpoint_every=checkpoint_every, policy=PolicyConfig(context=context))
+        summary = train_agent(cfg, out, progress=not quiet, stop_after=stop_after)
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(summary))
+
+
+@agent.command("eval")
+@click.option("--lam-bc", "lam_run", type=click.Path(path_type=Path), help="A finished `agent train --target latent` run.")
+@click.option("--oracle", "oracle_run", type=click.Path(path_type=Path), help="A finished `agent train --target true` run.")
+@click.option("--levels", type=int, default=50, show_default=True, help="Held-out levels (one episode each per policy).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-frames", type=int, default=500, show_default=True, help="An episode still running here fails.")
+@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--no-expert", is_flag=True, help="Skip the expert planner.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for report.json, table.md, the plot.")
+@click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
+def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_mode, no_expert, out, threads) -> None:
+    """Play random, the expert, oracle BC and LAM-BC (one mapping per k) in the real game on held-out levels; report
+    mean return and success rate with 95% confidence intervals, a Markdown table and a success-vs-k plot."""
+    import torch
+
+    from genie.agent.eval import AgentEvalConfig, evaluate_agents, write_report
+    from genie.agent.train import expert_action_counts, load_mappings, load_policy
+    from genie.cli import _fail
+    from genie.data.procgen import ACTION_NAMES
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = AgentEvalConfig(levels=levels, split=split, seed=seed, max_frames=max_frames,
+                              distribution_mode=distribution_mode)
+        oracle = load_policy(Path(oracle_run) / "policy") if oracle_run else None
+        lam_bc = load_policy(Path(lam_run) / "policy") if lam_run else None
+        mappings = load_mappings(lam_run) if lam_run else {}
+        counts = expert_action_counts(oracle_run or lam_run, len(ACTION_NAMES)) if (oracle_run or lam_run) else None
+        report = evaluate_agents(cfg, oracle, lam_bc, mappings, expert=not no_expert, expert_action_counts=counts)
+        summary = write_report(report, out)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(summary))
+
+
+@agent.command("gif")
+@click.option("--lam-bc", "lam_run", type=click.Path(path_type=Path), required=True, help="A finished LAM-BC run.")
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), help="World to play in (default: the demo world).")
+@click.option("--k", "k", type=int, default=200, show_default=True, help="The mapping fitted from k labelled transitions.")
+@click.option("--level-index", type=int, default=0, show_default=True, help="Which held-out (test) level.")
+@click.option("--steps", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="GIF to write.")
+@click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
+def gif(lam_run, world_dir, k, level_index, steps, seed, out, threads) -> None:
+    """The LAM-BC policy played in the real game (mapped to real actions) and inside the world (latent actions) from
+    the same held-out level, side by side."""
+    import torch
+
+    from genie.agent.showcase import write_showcase
+    from genie.agent.train import load_mappings, load_policy
+    from genie.cli import DEFAULT_WORLD, _fail
+    from genie.envs import load_engine
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if steps < 1 or level_index < 0:
+            raise ValueError(f"need --steps >= 1 and --level-index >= 0, got {steps}, {level_index}")
+        mappings = load_mappings(lam_run)
+        if k not in mappings:
+            raise ValueError(f"{lam_run} has mappings for k in {sorted(mappings)}, not {k}")
+        policy = load_policy(Path(lam_run) / "policy")
+        engine, _ = load_engine(Path(world_dir or DEFAULT_WORLD))
+        path = write_showcase(policy, mappings[k], engine, out, level_index=level_index, steps=steps, seed=seed)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({"gif": str(path)}))
