@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -35,12 +35,13 @@ def committed_step(error: grpc.aio.AioRpcError) -> tuple[int, pb.StepResponse | 
 
 
 async def step_exactly_once(clients: Sequence[GatewayClient], session_id: str, action: int, last_step: int,
-                            attempts: int = 50, backoff_s: float = 0.05) -> tuple[pb.StepResponse | None, int]:
+                            attempts: int = 50, backoff_s: float = 0.05,
+                            on_retry: Callable[[grpc.StatusCode], None] | None = None) -> tuple[pb.StepResponse | None, int]:
     """Steps a session once, for its only writer, over gateways `clients` (tried in turn on retryable codes).
 
     `last_step` is the session's step as this writer last saw it. Returns (response, step): the response is
     None when the step is known to have happened but its response was lost with a dying gateway. Raises the
-    last error when a non-retryable code comes or `attempts` run out.
+    last error when a non-retryable code comes or `attempts` run out. `on_retry(code)` sees each retried failure.
     """
     uncertain, pending, k = False, None, random.randrange(len(clients))
     for attempt in range(attempts):
@@ -56,6 +57,8 @@ async def step_exactly_once(clients: Sequence[GatewayClient], session_id: str, a
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in RETRYABLE or attempt == attempts - 1:
                 raise
+            if on_retry is not None:
+                on_retry(exc.code())
             uncertain = uncertain or exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             committed = committed_step(exc)
             if committed is not None:
