@@ -95,8 +95,13 @@ class RedisTarget:
         The URL may itself name a Sentinel set: `redis+sentinel://[:password@]host:port,host:port/MASTER[/DB]`.
         Raises ValueError with the expected form on a malformed spec.
         """
-        if sentinels or master:
-            return cls(url=url, sentinels=_hostports(sentinels), master=master.strip())
+        if sentinels or master:  # the URL still names the DB and password (redis://[:pw@]host/DB)
+            parts = urlsplit(url)
+            db = parts.path.strip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"the Redis URL's path must be a DB number, got {url!r}")
+            return cls(url=url, sentinels=_hostports(sentinels), master=master.strip(), db=int(db or 0),
+                       password=unquote(parts.password) if parts.password else None)
         if not url.startswith(SENTINEL_SCHEME + "://"):
             return cls(url=url)
         parts = urlsplit(url)

@@ -43,7 +43,8 @@ def _gateway(world_dir, target, prefix, wait_replicas=1, wait_ms=500) -> Gateway
 def test_sentinel_targets_parse():
     t = RedisTarget.parse("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26380/genie/3")
     assert (t.sentinels, t.master, t.db, t.password) == ((("10.0.0.1", 26379), ("10.0.0.2", 26380)), "genie", 3, "pw")
-    assert RedisTarget.parse("redis://h:1/0", "a:1,b:2", "m").sentinels == (("a", 1), ("b", 2))
+    t = RedisTarget.parse("redis://:secret@h:1/5", "a:1,b:2", "m")
+    assert (t.sentinels, t.master, t.db, t.password) == ((("a", 1), ("b", 2)), "m", 5, "secret")
     assert RedisTarget.parse("redis://h:1/0").sentinels == ()
     for bad in (("redis+sentinel://h:1",), ("redis+sentinel://h:x/m",), ("redis://h/0", "a:1", ""), ("redis://h/0", "a", "m")):
         with pytest.raises(ValueError):
