@@ -5,6 +5,7 @@ front of them, and a per-step deadline, so that past saturation a call is refuse
 
 A call that finds the queue full fails with Overloaded("RESOURCE_EXHAUSTED"); one that waited `queue_timeout_s`
 (or past the deadline of the step it belongs to, see `step_deadline`) fails with Overloaded("UNAVAILABLE").
+SessionService admits each step (and open, and InferActions) once with `admit()`, before any model work.
 Either way the call never reached the model and no session changed: the client may retry (with backoff, or
 on another gateway). The gateway maps Overloaded to its code in SessionService._model.
 """
@@ -26,6 +27,9 @@ from services.gateway.backend import BackendUnavailable, ModelBackend, WorldSpec
 
 # Monotonic time by which the current step must have been admitted to every model call it makes (None: none).
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("genie_step_deadline", default=None)
+# True inside `admit()`: the operation already holds a slot, so its model calls are not admitted one by one
+# (a step refused between its two model calls would have wasted the first).
+_held: contextvars.ContextVar[bool] = contextvars.ContextVar("genie_admission_held", default=False)
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,21 @@ class AdmissionBackend:
         return self.inner.spec
 
     @contextlib.asynccontextmanager
+    async def admit(self):
+        """Admits a whole operation (a step, an open) once: one slot for all the model calls made inside it, so
+        a refusal comes before any model work. Raises Overloaded like a single call."""
+        async with self._admitted():
+            token = _held.set(True)
+            try:
+                yield
+            finally:
+                _held.reset(token)
+
+    @contextlib.asynccontextmanager
     async def _admitted(self):
+        if _held.get():  # inside admit(): the slot is already ours
+            yield
+            return
         if self._slots.locked():  # every slot busy: queue, within bounds
             if self.waiting >= self.cfg.max_queue:
                 raise self._refuse("RESOURCE_EXHAUSTED", f"model queue full ({self.cfg.max_queue} calls waiting); retry later")

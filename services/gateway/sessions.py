@@ -112,9 +112,10 @@ class SessionService:
             raise GatewayError("INVALID_ARGUMENT", f"seed must be in [0, 2^63), got {seed}")
         if await self._store(self.store.count(client)) >= self.limits.max_sessions_per_client:
             raise GatewayError("RESOURCE_EXHAUSTED", f"at most {self.limits.max_sessions_per_client} open sessions per client")
-        tokens = await self._model(self.backend.encode(prompt))
-        state = new_state(uuid.uuid4().hex, torch.from_numpy(tokens), seed)
-        frame = await self._model(self.backend.decode_last(state))
+        async with self._admit():
+            tokens = await self._model(self.backend.encode(prompt))
+            state = new_state(uuid.uuid4().hex, torch.from_numpy(tokens), seed)
+            frame = await self._model(self.backend.decode_last(state))
         now = time.time()
         record = SessionRecord(state.session_id, client, state, sampling, now, now + self.limits.session_ttl_s)
         try:
@@ -134,7 +135,8 @@ class SessionService:
         if not 0 <= action < spec.num_actions:
             raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions 0..{spec.num_actions - 1}")
         with step_deadline(self.limits.step_deadline_s):
-            return await self._step(client, session_id, action, spec)
+            async with self._admit():
+                return await self._step(client, session_id, action, spec)
 
     async def _step(self, client: str, session_id: str, action: int, spec: WorldSpec) -> Outcome:
         started = time.perf_counter()
@@ -248,6 +250,19 @@ class SessionService:
         return SamplingConfig(steps=steps or default.steps, temperature=default.temperature if temperature is None else temperature,
                               schedule=default.schedule, choice_temperature=default.choice_temperature,
                               keep_frames=default.keep_frames)
+
+    @contextlib.asynccontextmanager
+    async def _admit(self):
+        """One admission for a whole operation when the backend sheds load (AdmissionBackend), else nothing."""
+        admit = getattr(self.backend, "admit", None)
+        if admit is None:
+            yield
+            return
+        try:
+            async with admit():
+                yield
+        except Overloaded as exc:
+            raise GatewayError(exc.code, f"overloaded: {exc}") from exc
 
     @staticmethod
     async def _store(op):

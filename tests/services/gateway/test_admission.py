@@ -106,3 +106,20 @@ def test_serve_rejects_bad_admission_bounds_with_one_error_line(tmp_path):
     result = CliRunner().invoke(genie_cli, ["serve", "--max-queue", "-1", "--http-port", "-1", "--metrics-port", "-1"])
     assert result.exit_code == 2
     assert result.output.strip().startswith("error:") and "max_queue" in result.output
+
+
+async def test_an_admitted_operation_holds_one_slot_for_all_its_model_calls(models):
+    adm = AdmissionBackend(models, AdmissionConfig(max_in_flight=1, max_queue=0, queue_timeout_s=0.05))
+    state = await _state(models)
+    async with adm.admit():  # the only slot: the calls inside must not queue for it again (that would deadlock)
+        tokens = await asyncio.wait_for(adm.next_tokens(state, 1, SamplingConfig(steps=2)), 30)
+        await asyncio.wait_for(adm.decode_last(state), 30)
+        assert await _outcome(asyncio.create_task(_other(adm, state))) == "RESOURCE_EXHAUSTED"  # others are refused
+    assert tokens.shape == (models.spec.tokens_per_frame,)
+
+
+async def _other(adm, state):
+    import contextvars
+
+    # A separate context, as another request's handler has: it does not share this one's slot.
+    return await asyncio.create_task(adm.decode_last(state), context=contextvars.Context())
