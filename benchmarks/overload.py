@@ -90,7 +90,7 @@ async def open_loop(client: GatewayClient, sids: list[str], rate: float, seconds
             served.append(time.perf_counter() - t0)
         except grpc.aio.AioRpcError as exc:
             refused.append(time.perf_counter() - t0)
-            codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+            codes.setdefault(exc.code().name, []).append(refused[-1])
         finally:
             free.append(sid)
 
@@ -106,7 +106,8 @@ async def open_loop(client: GatewayClient, sids: list[str], rate: float, seconds
         tasks.append(asyncio.create_task(one(free.pop(rng.randrange(len(free))))))
     await asyncio.gather(*tasks)
     return {"offered_per_s": round(rate, 2), "sent": len(tasks), "served": len(served), "refused": len(refused),
-            "codes": codes, "client_backlog": backlog, "served_p50_ms": pct(served, 50), "served_p99_ms": pct(served, 99),
+            "codes": {c: len(v) for c, v in codes.items()}, "refused_p99_ms_by_code": {c: pct(v, 99) for c, v in codes.items()},
+            "client_backlog": backlog, "served_p50_ms": pct(served, 50), "served_p99_ms": pct(served, 99),
             "refused_p99_ms": pct(refused, 99), "refused_max_ms": round(max(refused) * 1000, 1) if refused else None,
             "served_per_s": round(len(served) / seconds, 2)}
 

@@ -87,11 +87,23 @@ class Cluster:
         self.ha.start()
         repository = assemble_repository(self.cfg.world, self.cfg.root / "triton", threads=1)
         self.triton = TritonServer(repository, *free_ports(3), log_path=self.cfg.root / "triton.log")
-        self.triton.start()
-        self.triton.wait_ready(timeout=180)
+        self.start_triton()
         self.ports = free_ports(2)
         for i in range(2):
             self.start_gateway(i)
+
+    def start_triton(self, tries: int = 3) -> None:
+        """(Re)starts tritonserver; on a loaded machine a model stub occasionally fails to come up, so retry."""
+        for attempt in range(tries):
+            self.triton.start()
+            try:
+                self.triton.wait_ready(timeout=180)
+                return
+            except RuntimeError:
+                self.triton.kill()
+                if attempt == tries - 1:
+                    raise
+                time.sleep(1.0)
 
     def addresses(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in self.ports]
@@ -130,8 +142,7 @@ class Cluster:
         else:
             self.triton.kill()
             time.sleep(self.cfg.restart_delay_s)
-            self.triton.start()
-            self.triton.wait_ready(timeout=180)
+            self.start_triton()
 
     def stop(self) -> None:
         for i in range(2):

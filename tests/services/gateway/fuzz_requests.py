@@ -75,12 +75,12 @@ def options() -> st.SearchStrategy[pb.SamplingOptions]:
 
 
 @st.composite
-def requests(draw, height: int, width: int, window: int, known: list[str]) -> tuple[str, object]:
+def requests(draw, height: int, width: int, window: int, known: list[str], num_actions: int = 8) -> tuple[str, object]:
     """(method, request): a well-formed message for one of the Gateway's RPCs (Play: a list of StepRequests)."""
     method = draw(st.sampled_from(["OpenSession", "Step", "Play", "GetSession", "CloseSession", "ListActions",
                                    "InferActions"]))
     step = st.builds(lambda sid, a, f: pb.StepRequest(session_id=sid, action=a, frame_format=f), session_ids(known),
-                     st.one_of(st.integers(0, 8), st.integers(0, 8), u32), frame_format)
+                     st.one_of(st.integers(0, num_actions - 1), st.integers(0, num_actions), u32), frame_format)
     if method == "OpenSession":
         opts, fmt = draw(options()), draw(frame_format)
         if draw(st.booleans()):
