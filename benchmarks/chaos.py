@@ -8,6 +8,7 @@ The harness is services/gateway/chaos.py; tests/services/gateway/test_chaos.py r
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def main() -> None:
     p.add_argument("--sampling-steps", type=int, default=2)
     args = p.parse_args()
     machine = setup_run(args)
+    # Every process of the cluster runs from the repository root: the Triton stubs find this checkout's `genie`
+    # through the working directory (from benchmarks/ they would import whichever copy the venv has installed).
+    os.chdir(ROOT)
     with tempfile.TemporaryDirectory(prefix="genie-chaos-") as root:
         cfg = ChaosConfig(world=args.world, root=Path(root), sessions=args.sessions, duration_s=args.duration,
                           kills=args.kills, think_s=args.think, sampling_steps=args.sampling_steps)

@@ -28,8 +28,6 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, SessionStore, StoreUnavailable
 
 COMMITTED_VERSION_TRAILER = "genie-committed-version"  # on UNAVAILABLE: the step did commit, as this version
-
-
 PROMPT_FORMATS = ("PNG", "JPEG")
 
 
@@ -54,7 +52,7 @@ class Limits:
     max_sampling_steps: int = 64
     max_temperature: float = 10.0
     commit_retries: int = 8  # optimistic-concurrency retries when another replica stepped the session first
-    step_deadline_s: float = 0.0  # a step not admitted to a model call this long after it arrived fails (0 = none)
+    step_deadline_s: float = 0.0  # a step not admitted to the models this long after it arrived: UNAVAILABLE (0 = none)
 
     def __post_init__(self) -> None:
         if self.session_ttl_s <= 0 or self.max_sessions_per_client < 1 or self.requests_per_second < 1:
