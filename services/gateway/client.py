@@ -18,10 +18,13 @@ from genie_api.v1 import gateway_pb2_grpc as pb_grpc
 # failed with one of them changed nothing, except an UNAVAILABLE carrying COMMITTED_VERSION: that step committed
 # as that version, and only a failover could still lose it (GetSession says which; the trailer
 # STEP_RESPONSE holds its StepResponse). A call cut off by a dying gateway cannot say either, so before
-# retrying a Step, a client compares the session's step with the last one it saw (`step_exactly_once`).
+# retrying a Step, a client compares the session's step with the last one it saw, and sends the retry with
+# EXPECT_STEP metadata so that an earlier attempt still running on a slow gateway and the retry cannot both
+# apply (`step_exactly_once`).
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
                        grpc.StatusCode.DEADLINE_EXCEEDED})
 COMMITTED_VERSION = "genie-committed-version"
+EXPECT_STEP = "genie-expect-step"
 STEP_RESPONSE = "genie-step-response-bin"
 
 
@@ -52,14 +55,16 @@ async def step_exactly_once(clients: Sequence[GatewayClient], session_id: str, a
                 if session.step > last_step:
                     return (pending if pending is not None and pending.step == session.step else None), session.step
                 uncertain = False
-            response = await client.step(session_id, action)
+            # expect_step: if an earlier attempt is still running on a gateway we gave up on, at most one applies.
+            response = await client.step(session_id, action, expect_step=last_step)
             return response, response.step
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in RETRYABLE or attempt == attempts - 1:
                 raise
             if on_retry is not None:
                 on_retry(exc.code())
-            uncertain = uncertain or exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            uncertain = uncertain or exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                    grpc.StatusCode.ABORTED)
             committed = committed_step(exc)
             if committed is not None:
                 pending = committed[1]
@@ -112,8 +117,13 @@ class GatewayClient:
             request = pb.OpenSessionRequest(image=image or b"", options=options, frame_format=frame_format)
         return await self.stub.OpenSession(request, **self._kw())
 
-    async def step(self, session_id: str, action: int, frame_format: int = pb.FRAME_FORMAT_PNG) -> pb.StepResponse:
-        return await self.stub.Step(pb.StepRequest(session_id=session_id, action=action, frame_format=frame_format), **self._kw())
+    async def step(self, session_id: str, action: int, frame_format: int = pb.FRAME_FORMAT_PNG,
+                   expect_step: int | None = None) -> pb.StepResponse:
+        """One step; with `expect_step`, only if the session is at that step (else ABORTED)."""
+        kw = self._kw()
+        if expect_step is not None:
+            kw["metadata"] = (*self._metadata, (EXPECT_STEP, str(expect_step)))
+        return await self.stub.Step(pb.StepRequest(session_id=session_id, action=action, frame_format=frame_format), **kw)
 
     async def play(self, session_id: str, actions: Iterable[int],
                    frame_format: int = pb.FRAME_FORMAT_PNG) -> AsyncIterator[pb.StepResponse]:

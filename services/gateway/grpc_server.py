@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"]
 SERVICE_NAME = SERVICE.full_name  # genie.v1.Gateway
+EXPECT_STEP_METADATA = "genie-expect-step"  # request metadata: step only a session at this step (idempotent retries)
 STEP_RESPONSE_TRAILER = "genie-step-response-bin"  # a StepResponse committed but not confirmed durable
 FRAME_FORMATS = frozenset(pb.FrameFormat.values())
 MAX_RAW_DIM = 1 << 16  # any one of count, height, width, channels; the byte limit bounds their product
@@ -64,6 +65,16 @@ def _raw(frames: pb.RawFrames) -> np.ndarray:
     if math.prod(shape) != len(frames.data):
         raise GatewayError("INVALID_ARGUMENT", f"raw frames: {len(frames.data)} bytes do not make uint8 {shape}")
     return np.frombuffer(frames.data, dtype=np.uint8).reshape(shape)
+
+
+def _expect_step(context: grpc.aio.ServicerContext) -> int | None:
+    """The `genie-expect-step` request metadata: apply this Step only to the session at that step."""
+    value = dict(context.invocation_metadata() or ()).get(EXPECT_STEP_METADATA)
+    if value is None:
+        return None
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20):
+        raise GatewayError("INVALID_ARGUMENT", f"{EXPECT_STEP_METADATA} must be a step number, got {value!r:.40}")
+    return int(value)
 
 
 def _format(fmt: int) -> int:
@@ -134,16 +145,16 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return await self._serve("OpenSession", request, context, run)
 
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
-        return await self._serve("Step", request, context, lambda client: self._step(client, request))
+        return await self._serve("Step", request, context, lambda client: self._step(client, request, _expect_step(context)))
 
     async def Play(self, request_iterator: AsyncIterator[pb.StepRequest], context) -> AsyncIterator[pb.StepResponse]:
         async for request in request_iterator:
             yield await self._serve("Play", request, context, lambda client, request=request: self._step(client, request))
 
-    async def _step(self, client: str, request: pb.StepRequest) -> pb.StepResponse:
+    async def _step(self, client: str, request: pb.StepRequest, expect_step: int | None = None) -> pb.StepResponse:
         fmt = _format(request.frame_format)
         try:
-            outcome = await self.service.step(client, request.session_id, request.action)
+            outcome = await self.service.step(client, request.session_id, request.action, expect_step)
         except GatewayError as exc:
             if exc.outcome is not None:  # committed but not confirmed durable: the response rides in the trailers
                 exc.trailers = (*exc.trailers, (STEP_RESPONSE_TRAILER, self._step_response(exc.outcome, fmt).SerializeToString()))

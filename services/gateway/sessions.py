@@ -127,20 +127,27 @@ class SessionService:
         self.metrics.sessions_opened.inc()
         return Outcome(record, frame)
 
-    async def step(self, client: str, session_id: str, action: int) -> Outcome:
-        """Advances a session by one frame; retried on a concurrent commit, so steps are applied one at a time."""
+    async def step(self, client: str, session_id: str, action: int, expect_step: int | None = None) -> Outcome:
+        """Advances a session by one frame; retried on a concurrent commit, so steps are applied one at a time.
+
+        With `expect_step`, the step applies only to the session at that step (else ABORTED): a client retrying
+        a step whose first attempt may still be running elsewhere cannot have both applied.
+        """
         spec = await self.world()
         if not 0 <= action < spec.num_actions:
             raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions 0..{spec.num_actions - 1}")
         with step_deadline(self.limits.step_deadline_s):
             async with self._admit():
-                return await self._step(client, session_id, action, spec)
+                return await self._step(client, session_id, action, spec, expect_step)
 
-    async def _step(self, client: str, session_id: str, action: int, spec: WorldSpec) -> Outcome:
+    async def _step(self, client: str, session_id: str, action: int, spec: WorldSpec, expect_step: int | None) -> Outcome:
         started = time.perf_counter()
         for _ in range(self.limits.commit_retries):
             t0 = time.perf_counter()
             record = await self._owned(client, session_id)
+            if expect_step is not None and record.state.step != expect_step:
+                raise GatewayError("ABORTED", f"session {session_id} is at step {record.state.step}, not the expected "
+                                              f"{expect_step}: it moved on (an earlier attempt of this step may have landed)")
             t1 = time.perf_counter()
             tokens = await self._model(self.backend.next_tokens(record.state, action, record.sampling))
             new = advance(record.state, torch.from_numpy(tokens), action, spec.window, spec.keep)

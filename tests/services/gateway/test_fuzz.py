@@ -210,3 +210,15 @@ async def test_a_stream_of_garbage_logs_one_line_per_cause(trained_world_dir, ca
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await gw.stop()
+
+
+async def test_raw_frame_dimensions_whose_product_wraps_to_the_data_size_are_invalid(fuzz_gateway):
+    # 65536^4 = 2^64 wraps to 0 in int64, which once matched 0 bytes of data and failed later as INTERNAL.
+    wrap = pb.RawFrames(count=65536, height=65536, width=65536, channels=65536, data=b"")
+    async with grpc.aio.insecure_channel(fuzz_gateway.grpc_address) as ch:
+        stub, meta = pb_grpc.GatewayStub(ch), (("authorization", f"Bearer {ALICE}"),)
+        for call, request in ((stub.InferActions, pb.InferActionsRequest(frames=wrap)),
+                              (stub.OpenSession, pb.OpenSessionRequest(frames=wrap))):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(request, metadata=meta, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
