@@ -188,24 +188,44 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
 @_gateway_options
 @_backend_options
 @click.option("--store", type=click.Choice(["memory", "redis"]), default="memory", show_default=True, envvar="GENIE_STORE")
-@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, envvar="GENIE_REDIS_URL")
+@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, envvar="GENIE_REDIS_URL",
+              help="redis://... or redis+sentinel://host:port,host:port/MASTER[/DB].")
+@click.option("--redis-sentinels", default="", envvar="GENIE_REDIS_SENTINELS", help="host:port,...: find the master via Sentinel.")
+@click.option("--redis-master", default="", envvar="GENIE_REDIS_MASTER", help="The master name the sentinels monitor.")
+@click.option("--redis-wait-replicas", type=int, default=0, show_default=True, envvar="GENIE_REDIS_WAIT_REPLICAS",
+              help="Acknowledge a step only once this many replicas have it (Redis WAIT).")
+@click.option("--redis-wait-ms", type=int, default=100, show_default=True, envvar="GENIE_REDIS_WAIT_MS",
+              help="How long WAIT may take before the step answers UNAVAILABLE with its version.")
+@click.option("--max-in-flight", type=int, default=32, show_default=True,
+              help="Model calls running at once; 0 = no admission control (never shed load).")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Model calls waiting for a slot; past it a call is refused with RESOURCE_EXHAUSTED.")
+@click.option("--queue-timeout", type=float, default=2.0, show_default=True,
+              help="Seconds a model call may wait for a slot before UNAVAILABLE.")
+@click.option("--step-deadline", type=float, default=0.0, show_default=True,
+              help="Seconds from a step's arrival by which its model calls must be admitted (0 = none).")
 @click.option("--tokens", envvar="GENIE_TOKENS", default="", help="client:token,... or @tokens.json (env GENIE_TOKENS).")
 @click.option("--session-ttl", type=float, default=600.0, show_default=True, help="Idle seconds before a session expires.")
 @click.option("--max-sessions", type=int, default=16, show_default=True, help="Open sessions per client.")
 @click.option("--rate", type=int, default=100, show_default=True, help="Requests per second per client.")
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
 @_device_options
-def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, store, redis_url, tokens,
-          session_ttl, max_sessions, rate, threads, device, precision) -> None:
+def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, store, redis_url,
+          redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, max_in_flight, max_queue, queue_timeout,
+          step_deadline, tokens, session_ttl, max_sessions, rate, threads, device, precision) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
     in-memory session store. Replicas sharing one Redis serve any session."""
+    from services.gateway.admission import AdmissionConfig
     from services.gateway.app import GatewayConfig
     from services.gateway.sessions import Limits
 
     try:
-        limits = Limits(session_ttl_s=session_ttl, max_sessions_per_client=max_sessions, requests_per_second=rate)
+        limits = Limits(session_ttl_s=session_ttl, max_sessions_per_client=max_sessions, requests_per_second=rate,
+                        step_deadline_s=step_deadline)
+        admission = AdmissionConfig(max_in_flight, max_queue, queue_timeout) if max_in_flight else None
         cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, triton_model_urls=triton_model_urls,
-                            store=store, redis_url=redis_url,
+                            store=store, redis_url=redis_url, redis_sentinels=redis_sentinels, redis_master=redis_master,
+                            redis_wait_replicas=redis_wait_replicas, redis_wait_ms=redis_wait_ms, admission=admission,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
                             threads=threads, device=device, precision=precision, limits=limits)
     except ValueError as exc:

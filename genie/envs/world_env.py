@@ -68,10 +68,9 @@ class InProcessEngine:
 def load_engine(world_dir: Path) -> tuple[InProcessEngine, np.ndarray]:
     """The in-process engine of a world directory and its shipped prompts (P, H, W, C) uint8."""
     from genie.media import load_image
-    from genie.state import KVCacheStore
     from genie.worlds import load_prompts, load_world
 
-    world, _ = load_world(Path(world_dir), cache=KVCacheStore())  # the history cache, as the gateway keeps it
+    world, _ = load_world(Path(world_dir))  # with the history caches (a K/V pool), as the gateway keeps them
     engine = InProcessEngine(world)
     h, w, _ = engine.frame_shape
     paths = load_prompts(Path(world_dir))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genie.device import resolve_inference_device, resolve_precision
+from services.gateway.admission import AdmissionBackend, AdmissionConfig
 from services.gateway.auth import Authenticator, new_token
 from services.gateway.backend import BackendUnavailable, ModelBackend
 from services.gateway.grpc_server import GrpcServer
@@ -30,7 +31,11 @@ class GatewayConfig:
     triton_url: str = "127.0.0.1:8001"
     triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=a:port,b:port,lam=...": endpoints per model
     store: str = "memory"  # "memory" (embedded default, one gateway only) or "redis"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # or redis+sentinel://host:port,.../MASTER[/DB]
+    redis_sentinels: str = ""  # "host:port,host:port,...": find the master through Sentinel (with redis_master)
+    redis_master: str = ""  # the name the sentinels monitor
+    redis_wait_replicas: int = 0  # a step is acknowledged only after this many replicas have it (Redis WAIT)
+    redis_wait_ms: int = 100  # how long WAIT may take; past it the step answers UNAVAILABLE + its version
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8080  # web play page + JSON API; 0 = a free port, -1 = off
@@ -40,6 +45,7 @@ class GatewayConfig:
     device: str = "auto"  # in-process backend: auto (a GPU when torch sees one) | cpu | cuda | cuda:N
     precision: str = "auto"  # in-process backend: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16
     limits: Limits = field(default_factory=Limits)
+    admission: AdmissionConfig | None = field(default_factory=AdmissionConfig)  # None = model calls never shed
 
     def __post_init__(self) -> None:
         if self.backend not in ("inprocess", "triton"):
@@ -48,6 +54,12 @@ class GatewayConfig:
             raise ValueError(f"store must be memory or redis, got {self.store!r}")
         if self.backend == "inprocess":  # a GPU that is absent, or bf16 on a CPU without it: refused before serving
             resolve_precision(self.precision, resolve_inference_device(self.device))
+        if self.redis_wait_replicas < 0 or self.redis_wait_ms < 0:
+            raise ValueError(f"redis wait replicas/ms must be >= 0, got {self.redis_wait_replicas}, {self.redis_wait_ms}")
+        if self.store == "redis":
+            from services.gateway.redis_store import RedisTarget
+
+            RedisTarget.parse(self.redis_url, self.redis_sentinels, self.redis_master)  # a bad spec fails at startup
 
 
 def make_backend(cfg: GatewayConfig, registry=None) -> ModelBackend:
@@ -82,9 +94,10 @@ def parse_model_urls(spec: str) -> dict[str, str]:
 
 def make_store(cfg: GatewayConfig) -> SessionStore:
     if cfg.store == "redis":
-        from services.gateway.redis_store import RedisStore
+        from services.gateway.redis_store import RedisStore, RedisTarget
 
-        return RedisStore(cfg.redis_url)
+        target = RedisTarget.parse(cfg.redis_url, cfg.redis_sentinels, cfg.redis_master)
+        return RedisStore(target, wait_replicas=cfg.redis_wait_replicas, wait_ms=cfg.redis_wait_ms)
     from services.gateway.memory_store import MemoryStore
 
     return MemoryStore()
@@ -104,6 +117,8 @@ class Gateway:
             auth = Authenticator({self.token: "local"})
         metrics = metrics or GatewayMetrics()
         self.backend = backend or make_backend(cfg, metrics.registry)
+        if cfg.admission is not None:
+            self.backend = AdmissionBackend(self.backend, cfg.admission)
         self.store = store or make_store(cfg)
         self.service = SessionService(self.backend, self.store, auth, cfg.limits, metrics)
         self.grpc: GrpcServer | None = None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
-from collections.abc import AsyncIterator, Iterable
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -11,6 +13,63 @@ from PIL import Image
 
 from genie_api.v1 import gateway_pb2 as pb
 from genie_api.v1 import gateway_pb2_grpc as pb_grpc
+
+# The retry contract: these codes mean "not done, or done and not confirmed: look before you retry". A Step that
+# failed with one of them changed nothing, except an UNAVAILABLE carrying COMMITTED_VERSION: that step committed
+# as that version, and only a failover could still lose it (GetSession says which; the trailer
+# STEP_RESPONSE holds its StepResponse). A call cut off by a dying gateway cannot say either, so before
+# retrying a Step, a client compares the session's step with the last one it saw, and sends the retry with
+# EXPECT_STEP metadata so that an earlier attempt still running on a slow gateway and the retry cannot both
+# apply (`step_exactly_once`).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                       grpc.StatusCode.DEADLINE_EXCEEDED})
+COMMITTED_VERSION = "genie-committed-version"
+EXPECT_STEP = "genie-expect-step"
+STEP_RESPONSE = "genie-step-response-bin"
+
+
+def committed_step(error: grpc.aio.AioRpcError) -> tuple[int, pb.StepResponse | None] | None:
+    """For a Step that failed although it committed (not confirmed durable): (version, its StepResponse)."""
+    trailers = dict(error.trailing_metadata() or ())
+    if COMMITTED_VERSION not in trailers:
+        return None
+    raw = trailers.get(STEP_RESPONSE)
+    return int(trailers[COMMITTED_VERSION]), (pb.StepResponse.FromString(raw) if raw else None)
+
+
+async def step_exactly_once(clients: Sequence[GatewayClient], session_id: str, action: int, last_step: int,
+                            attempts: int = 50, backoff_s: float = 0.05,
+                            on_retry: Callable[[grpc.StatusCode], None] | None = None) -> tuple[pb.StepResponse | None, int]:
+    """Steps a session once, for its only writer, over gateways `clients` (tried in turn on retryable codes).
+
+    `last_step` is the session's step as this writer last saw it. Returns (response, step): the response is
+    None when the step is known to have happened but its response was lost with a dying gateway. Raises the
+    last error when a non-retryable code comes or `attempts` run out. `on_retry(code)` sees each retried failure.
+    """
+    uncertain, pending, k = False, None, random.randrange(len(clients))
+    for attempt in range(attempts):
+        client = clients[(k + attempt) % len(clients)]
+        try:
+            if uncertain:  # the last try may have committed: look before stepping again
+                session = await client.get(session_id)
+                if session.step > last_step:
+                    return (pending if pending is not None and pending.step == session.step else None), session.step
+                uncertain = False
+            # expect_step: if an earlier attempt is still running on a gateway we gave up on, at most one applies.
+            response = await client.step(session_id, action, expect_step=last_step)
+            return response, response.step
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE or attempt == attempts - 1:
+                raise
+            if on_retry is not None:
+                on_retry(exc.code())
+            uncertain = uncertain or exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                    grpc.StatusCode.ABORTED)
+            committed = committed_step(exc)
+            if committed is not None:
+                pending = committed[1]
+            await asyncio.sleep(backoff_s * random.uniform(0.5, 1.5) * min(2 ** attempt, 20))
+    raise AssertionError("unreachable")
 
 
 def frame_array(frame: pb.Frame) -> np.ndarray:
@@ -58,8 +117,13 @@ class GatewayClient:
             request = pb.OpenSessionRequest(image=image or b"", options=options, frame_format=frame_format)
         return await self.stub.OpenSession(request, **self._kw())
 
-    async def step(self, session_id: str, action: int, frame_format: int = pb.FRAME_FORMAT_PNG) -> pb.StepResponse:
-        return await self.stub.Step(pb.StepRequest(session_id=session_id, action=action, frame_format=frame_format), **self._kw())
+    async def step(self, session_id: str, action: int, frame_format: int = pb.FRAME_FORMAT_PNG,
+                   expect_step: int | None = None) -> pb.StepResponse:
+        """One step; with `expect_step`, only if the session is at that step (else ABORTED)."""
+        kw = self._kw()
+        if expect_step is not None:
+            kw["metadata"] = (*self._metadata, (EXPECT_STEP, str(expect_step)))
+        return await self.stub.Step(pb.StepRequest(session_id=session_id, action=action, frame_format=frame_format), **kw)
 
     async def play(self, session_id: str, actions: Iterable[int],
                    frame_format: int = pb.FRAME_FORMAT_PNG) -> AsyncIterator[pb.StepResponse]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -16,12 +17,36 @@ from grpc_reflection.v1alpha import reflection
 from genie_api.v1 import gateway_pb2 as pb
 from genie_api.v1 import gateway_pb2_grpc as pb_grpc
 from services.gateway.auth import bearer
+from services.gateway.ratelog import RateLimitedLog
 from services.gateway.sessions import GatewayError, Outcome, SessionService, encode_png
 from services.gateway.store import SessionRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name  # genie.v1.Gateway
+SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"]
+SERVICE_NAME = SERVICE.full_name  # genie.v1.Gateway
+EXPECT_STEP_METADATA = "genie-expect-step"  # request metadata: step only a session at this step (idempotent retries)
+STEP_RESPONSE_TRAILER = "genie-step-response-bin"  # a StepResponse committed but not confirmed durable
+FRAME_FORMATS = frozenset(pb.FrameFormat.values())
+MAX_RAW_DIM = 1 << 16  # any one of count, height, width, channels; the byte limit bounds their product
+
+
+class Malformed:
+    """What a request deserialises to when its bytes are not a valid message: the handler answers
+    INVALID_ARGUMENT (grpc would answer UNKNOWN and log a traceback per request)."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.type_name, self.error = type_name, error
+
+
+def _parser(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError, or RuntimeWarning-like errors from the C++ parser
+            return Malformed(message_type.DESCRIPTOR.full_name, exc)
+
+    return parse
 
 
 def _frame(frame: np.ndarray, fmt: int) -> pb.Frame:
@@ -32,10 +57,31 @@ def _frame(frame: np.ndarray, fmt: int) -> pb.Frame:
 
 
 def _raw(frames: pb.RawFrames) -> np.ndarray:
+    """RawFrames as (count, H, W, C) uint8. Each dimension is bounded before the product is taken, and the
+    product is a Python int (never a wrapping numpy int64), so no shape can pass the size check by overflow."""
     shape = (frames.count, frames.height, frames.width, frames.channels)
-    if int(np.prod(shape)) != len(frames.data) or frames.count == 0:
+    if not all(1 <= d <= MAX_RAW_DIM for d in shape):
+        raise GatewayError("INVALID_ARGUMENT", f"raw frames: every dimension of {shape} must be in 1..{MAX_RAW_DIM}")
+    if math.prod(shape) != len(frames.data):
         raise GatewayError("INVALID_ARGUMENT", f"raw frames: {len(frames.data)} bytes do not make uint8 {shape}")
     return np.frombuffer(frames.data, dtype=np.uint8).reshape(shape)
+
+
+def _expect_step(context: grpc.aio.ServicerContext) -> int | None:
+    """The `genie-expect-step` request metadata: apply this Step only to the session at that step."""
+    value = dict(context.invocation_metadata() or ()).get(EXPECT_STEP_METADATA)
+    if value is None:
+        return None
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20):
+        raise GatewayError("INVALID_ARGUMENT", f"{EXPECT_STEP_METADATA} must be a step number, got {value!r:.40}")
+    return int(value)
+
+
+def _format(fmt: int) -> int:
+    """The requested frame format, checked before anything runs: an unknown one must fail before a step commits."""
+    if fmt not in FRAME_FORMATS:
+        raise GatewayError("INVALID_ARGUMENT", f"unknown frame_format {fmt}: expected one of {sorted(FRAME_FORMATS)}")
+    return fmt
 
 
 def session_message(record: SessionRecord) -> pb.Session:
@@ -53,30 +99,38 @@ def session_message(record: SessionRecord) -> pb.Session:
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, service: SessionService) -> None:
+    def __init__(self, service: SessionService, log_period_s: float = 10.0) -> None:
         self.service = service
+        self.ratelog = RateLimitedLog(log, log_period_s)  # one line per cause per period: garbage cannot flood the log
 
-    async def _serve(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[str], Awaitable[T]]) -> T:
+    async def _serve(self, method: str, request, context: grpc.aio.ServicerContext, fn: Callable[[str], Awaitable[T]]) -> T:
         """Authenticates, runs `fn(client)`, maps GatewayError to its status, and counts the outcome."""
         metrics = self.service.metrics
         metrics.in_flight.inc()
-        code, message = "OK", ""
+        code, message, trailers = "OK", "", ()
         try:
+            if isinstance(request, Malformed):
+                self.ratelog.log(f"malformed {method}", logging.WARNING, "%s: request bytes are not a valid %s: %s",
+                                 method, request.type_name, request.error)
+                raise GatewayError("INVALID_ARGUMENT", f"request bytes are not a valid {request.type_name}")
             token = bearer(dict(context.invocation_metadata() or ()).get("authorization"))
             return await fn(await self.service.authorize(token))
         except GatewayError as exc:
-            code, message = exc.code, exc.message
-        except Exception:  # a bug, not bad input: log it, tell the client no more than that
-            log.exception("%s failed", method)
+            code, message, trailers = exc.code, exc.message, exc.trailers
+        except Exception as exc:  # a bug, not bad input: log it, tell the client no more than that
+            self.ratelog.log(f"internal {method} {type(exc).__name__}", logging.ERROR, "%s failed", method, exc_info=True)
             code, message = "INTERNAL", f"internal error in {method}; see the gateway log"
         finally:
             metrics.in_flight.dec()
             metrics.record(method, code)
+        if trailers:
+            context.set_trailing_metadata(trailers)
         await context.abort(grpc.StatusCode[code], message)
         raise AssertionError("unreachable: abort raises")
 
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
         async def run(client: str) -> pb.OpenSessionResponse:
+            fmt = _format(request.frame_format)
             which = request.WhichOneof("prompt")
             image = request.image if which == "image" else None
             frames = _raw(request.frames) if which == "frames" else None
@@ -86,24 +140,26 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 temperature=o.temperature if o.HasField("temperature") else None,
                 seed=o.seed if o.HasField("seed") else None,
             )
-            frame = _frame(outcome.frame, request.frame_format)
-            return pb.OpenSessionResponse(session=session_message(outcome.record), frame=frame)
+            return pb.OpenSessionResponse(session=session_message(outcome.record), frame=_frame(outcome.frame, fmt))
 
-        return await self._serve("OpenSession", context, run)
+        return await self._serve("OpenSession", request, context, run)
 
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
-        async def run(client: str) -> pb.StepResponse:
-            return self._step_response(await self.service.step(client, request.session_id, request.action), request.frame_format)
-
-        return await self._serve("Step", context, run)
+        return await self._serve("Step", request, context, lambda client: self._step(client, request, _expect_step(context)))
 
     async def Play(self, request_iterator: AsyncIterator[pb.StepRequest], context) -> AsyncIterator[pb.StepResponse]:
         async for request in request_iterator:
-            async def run(client: str, request=request) -> pb.StepResponse:
-                outcome = await self.service.step(client, request.session_id, request.action)
-                return self._step_response(outcome, request.frame_format)
+            yield await self._serve("Play", request, context, lambda client, request=request: self._step(client, request))
 
-            yield await self._serve("Play", context, run)
+    async def _step(self, client: str, request: pb.StepRequest, expect_step: int | None = None) -> pb.StepResponse:
+        fmt = _format(request.frame_format)
+        try:
+            outcome = await self.service.step(client, request.session_id, request.action, expect_step)
+        except GatewayError as exc:
+            if exc.outcome is not None:  # committed but not confirmed durable: the response rides in the trailers
+                exc.trailers = (*exc.trailers, (STEP_RESPONSE_TRAILER, self._step_response(exc.outcome, fmt).SerializeToString()))
+            raise
+        return self._step_response(outcome, fmt)
 
     @staticmethod
     def _step_response(outcome: Outcome, fmt: int) -> pb.StepResponse:
@@ -114,14 +170,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         async def run(client: str) -> pb.Session:
             return session_message(await self.service.get(client, request.session_id))
 
-        return await self._serve("GetSession", context, run)
+        return await self._serve("GetSession", request, context, run)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
         async def run(client: str) -> pb.CloseSessionResponse:
             await self.service.close(client, request.session_id)
             return pb.CloseSessionResponse()
 
-        return await self._serve("CloseSession", context, run)
+        return await self._serve("CloseSession", request, context, run)
 
     async def ListActions(self, request: pb.ListActionsRequest, context) -> pb.ListActionsResponse:
         async def run(client: str) -> pb.ListActionsResponse:
@@ -131,13 +187,27 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             return pb.ListActionsResponse(actions=actions, height=spec.height, width=spec.width, channels=spec.channels,
                                           window=spec.window, keys=keys)
 
-        return await self._serve("ListActions", context, run)
+        return await self._serve("ListActions", request, context, run)
 
     async def InferActions(self, request: pb.InferActionsRequest, context) -> pb.InferActionsResponse:
         async def run(client: str) -> pb.InferActionsResponse:
             return pb.InferActionsResponse(actions=(await self.service.infer_actions(_raw(request.frames))).tolist())
 
-        return await self._serve("InferActions", context, run)
+        return await self._serve("InferActions", request, context, run)
+
+
+def _handlers(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
+    """The Gateway's method handlers, as the generated add_GatewayServicer_to_server builds them, but with
+    parsers that turn undecodable bytes into Malformed instead of raising inside grpc."""
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler}
+    handlers = {}
+    for method in SERVICE.methods:
+        make = kinds[(method.client_streaming, method.server_streaming)]
+        parse = _parser(getattr(pb, method.input_type.name))
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=parse,
+                                     response_serializer=lambda m: m.SerializeToString())
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 class GrpcServer:
@@ -150,7 +220,7 @@ class GrpcServer:
             ("grpc.max_receive_message_length", service.limits.max_prompt_bytes + margin),
             ("grpc.max_send_message_length", 64 << 20),
         ])
-        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(service), self.server)
+        self.server.add_generic_rpc_handlers((_handlers(GatewayServicer(service)),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

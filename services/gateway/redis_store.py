@@ -6,6 +6,18 @@ Layout (prefix `genie:` by default):
     <p>r:<owner>:<second>   request counter for the rate limit, expires after 2 s
 Each mutation is one Lua script, so it is atomic: a commit checks the stored version and writes only if it
 is the one the step started from (compare-and-set), and a create checks the owner's count in the same step.
+
+Failover: `RedisTarget` names either one Redis (a URL) or a Sentinel set and the master's name; with Sentinel,
+the client asks the sentinels for the current master and follows a failover (calls in flight when the master
+dies fail as StoreUnavailable: retryable, nothing changed that a client saw). With `wait_replicas > 0` each
+create and commit is followed, on the same connection, by `WAIT wait_replicas wait_ms`; fewer acknowledgements
+raise NotReplicated (the write is on the master, but a failover could lose it).
+
+What Redis still cannot promise: replication is asynchronous and WAIT does not make it synchronous. A write
+that WAIT confirmed on a replica survives the master's death only if Sentinel promotes a replica that has it
+(with one replica it does; with several, Sentinel prefers the most up-to-date). A write that WAIT could not
+confirm may or may not survive. During a network partition the old master may keep accepting writes that
+are discarded when it rejoins as a replica (bound that window with the server's `min-replicas-to-write`).
 """
 
 from __future__ import annotations
@@ -13,13 +25,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.gateway.store import LimitExceeded, SessionRecord, StoreUnavailable
+from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, StoreUnavailable
+
+SENTINEL_SCHEME = "redis+sentinel"
+# A master that died mid-call, one demoted to replica (READONLY), or no master known to the sentinels yet.
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
 T = TypeVar("T")
 
@@ -54,11 +74,78 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class RedisTarget:
+    """One Redis (`url`), or a Sentinel set: `sentinels` [(host, port)...] and the `master` name they watch."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    db: int = 0
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.sentinels) != bool(self.master):
+            raise ValueError("a Sentinel target needs both sentinels (host:port,...) and the master's name")
+
+    @classmethod
+    def parse(cls, url: str, sentinels: str = "", master: str = "") -> RedisTarget:
+        """From `--redis-url` and, optionally, `--redis-sentinels host:port,...` + `--redis-master NAME`.
+
+        The URL may itself name a Sentinel set: `redis+sentinel://[:password@]host:port,host:port/MASTER[/DB]`.
+        Raises ValueError with the expected form on a malformed spec.
+        """
+        if sentinels or master:  # the URL still names the DB and password (redis://[:pw@]host/DB)
+            parts = urlsplit(url)
+            db = parts.path.strip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"the Redis URL's path must be a DB number, got {url!r}")
+            return cls(url=url, sentinels=_hostports(sentinels), master=master.strip(), db=int(db or 0),
+                       password=unquote(parts.password) if parts.password else None)
+        if not url.startswith(SENTINEL_SCHEME + "://"):
+            return cls(url=url)
+        parts = urlsplit(url)
+        path = [p for p in parts.path.split("/") if p]
+        hosts = parts.netloc.rpartition("@")[2]
+        if not 1 <= len(path) <= 2 or not hosts or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError(f"expected {SENTINEL_SCHEME}://[:password@]host:port[,host:port...]/MASTER[/DB], got {url!r}")
+        password = unquote(parts.password) if parts.password else None
+        return cls(url=url, sentinels=_hostports(hosts), master=path[0], db=int(path[1]) if len(path) == 2 else 0,
+                   password=password)
+
+    def describe(self) -> str:
+        if not self.sentinels:
+            return f"Redis at {self.url}"
+        return f"Redis master {self.master!r} via Sentinel {','.join(f'{h}:{p}' for h, p in self.sentinels)}"
+
+
+def _hostports(spec: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in (p.strip() for p in spec.split(",")):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"sentinels must be host:port[,host:port...], got {spec!r}")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError("no sentinels given")
+    return tuple(out)
+
+
 class RedisStore:
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "genie:", timeout_s: float = 2.0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.url, self.prefix, self._clock = url, prefix, clock
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    def __init__(self, url: str | RedisTarget = "redis://127.0.0.1:6379/0", prefix: str = "genie:", timeout_s: float = 2.0,
+                 clock: Callable[[], float] = time.time, wait_replicas: int = 0, wait_ms: int = 100) -> None:
+        if wait_replicas < 0 or wait_ms < 0:
+            raise ValueError(f"wait_replicas and wait_ms must be >= 0, got {wait_replicas}, {wait_ms}")
+        self.target = url if isinstance(url, RedisTarget) else RedisTarget.parse(url)
+        self.url, self.prefix, self._clock = self.target.describe(), prefix, clock
+        self.wait_replicas, self.wait_ms = wait_replicas, wait_ms
+        kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        if self.target.sentinels:
+            self._sentinel = Sentinel(list(self.target.sentinels), sentinel_kwargs=kw, **kw)
+            self._redis = self._sentinel.master_for(self.target.master, db=self.target.db, password=self.target.password)
+        else:
+            self._sentinel = None
+            self._redis = aioredis.Redis.from_url(self.target.url, **kw)
         self._create = self._redis.register_script(_CREATE)
         self._commit = self._redis.register_script(_COMMIT)
         self._delete = self._redis.register_script(_DELETE)
@@ -72,15 +159,32 @@ class RedisStore:
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"session store (Redis at {self.url}) unavailable during {what}: {exc}") from exc
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {exc}") from exc
+
+    async def _write(self, what: str, script, keys: list, args: list, version: int) -> int:
+        """Runs a write script and, when asked, WAITs for replicas on the same connection (WAIT counts the
+        acknowledgements of this connection's writes); raises NotReplicated when too few came."""
+        if not self.wait_replicas:
+            return await self._call(what, lambda: script(keys=keys, args=args))
+
+        async def op() -> tuple[int, int]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
+                return tuple(await pipe.execute())
+
+        result, acked = await self._call(what, op)
+        if result and acked < self.wait_replicas:
+            raise NotReplicated(f"{acked} of {self.wait_replicas} replicas acknowledged within {self.wait_ms} ms", version)
+        return result
 
     async def create(self, record: SessionRecord, max_per_owner: int) -> None:
         now_ms, exp_ms = int(self._clock() * 1000), int(record.expires * 1000)
         args = [record.session_id, record.state.to_bytes(), record.meta_json(), record.version, record.owner, exp_ms,
                 now_ms, max_per_owner]
         keys = [self._skey(record.session_id), self._okey(record.owner)]
-        ok = await self._call("create", lambda: self._create(keys=keys, args=args))
+        ok = await self._write("create", self._create, keys, args, record.version)
         if not ok:
             raise LimitExceeded(f"client {record.owner!r} already has {max_per_owner} open sessions")
 
@@ -94,7 +198,7 @@ class RedisStore:
         keys = [self._skey(record.session_id), self._okey(record.owner)]
         args = [str(expected_version), record.state.to_bytes(), record.meta_json(), record.version,
                 int(record.expires * 1000), record.session_id]
-        return bool(await self._call("commit", lambda: self._commit(keys=keys, args=args)))
+        return bool(await self._write("commit", self._commit, keys, args, record.version))
 
     async def delete(self, session_id: str) -> bool:
         args = [f"{self.prefix}o:", session_id]
@@ -123,7 +227,7 @@ class RedisStore:
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except Exception:  # health must answer, whatever the store says
             return False
 
     async def memory_usage(self, session_id: str) -> int:
@@ -132,3 +236,6 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._sentinel is not None:
+            for s in self._sentinel.sentinels:
+                await s.aclose()

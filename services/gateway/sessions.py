@@ -8,6 +8,7 @@ call changes no session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import random
 import time
@@ -20,18 +21,25 @@ from PIL import Image
 
 from genie.media import load_image
 from genie.sampling import SamplingConfig, advance, new_state
+from services.gateway.admission import Overloaded, step_deadline
 from services.gateway.auth import Authenticator
 from services.gateway.backend import BackendError, BackendUnavailable, ModelBackend, WorldSpec
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.store import LimitExceeded, SessionRecord, SessionStore, StoreUnavailable
+from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, SessionStore, StoreUnavailable
+
+COMMITTED_VERSION_TRAILER = "genie-committed-version"  # on UNAVAILABLE: the step did commit, as this version
+PROMPT_FORMATS = ("PNG", "JPEG")
 
 
 class GatewayError(Exception):
     """A failed call: `code` is a gRPC status code name (NOT_FOUND, INVALID_ARGUMENT, ...)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, trailers: tuple[tuple[str, str | bytes], ...] = (),
+                 outcome: Outcome | None = None) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+        self.trailers = trailers  # extra gRPC trailing metadata
+        self.outcome = outcome  # a step that committed although the call failed (see NotReplicated in step())
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,13 @@ class Limits:
     max_sampling_steps: int = 64
     max_temperature: float = 10.0
     commit_retries: int = 8  # optimistic-concurrency retries when another replica stepped the session first
+    step_deadline_s: float = 0.0  # a step not admitted to the models this long after it arrived: UNAVAILABLE (0 = none)
 
     def __post_init__(self) -> None:
         if self.session_ttl_s <= 0 or self.max_sessions_per_client < 1 or self.requests_per_second < 1:
             raise ValueError("ttl, max sessions and rate limit must be positive")
+        if self.step_deadline_s < 0:
+            raise ValueError(f"step_deadline_s must be >= 0, got {self.step_deadline_s}")
 
 
 @dataclass(frozen=True)
@@ -99,34 +110,63 @@ class SessionService:
             raise GatewayError("INVALID_ARGUMENT", f"seed must be in [0, 2^63), got {seed}")
         if await self._store(self.store.count(client)) >= self.limits.max_sessions_per_client:
             raise GatewayError("RESOURCE_EXHAUSTED", f"at most {self.limits.max_sessions_per_client} open sessions per client")
-        tokens = await self._model(self.backend.encode(prompt))
-        state = new_state(uuid.uuid4().hex, torch.from_numpy(tokens), seed)
-        frame = await self._model(self.backend.decode_last(state))
+        async with self._admit():
+            tokens = await self._model(self.backend.encode(prompt))
+            state = new_state(uuid.uuid4().hex, torch.from_numpy(tokens), seed)
+            frame = await self._model(self.backend.decode_last(state))
         now = time.time()
         record = SessionRecord(state.session_id, client, state, sampling, now, now + self.limits.session_ttl_s)
         try:
             await self._store(self.store.create(record, self.limits.max_sessions_per_client))
         except LimitExceeded as exc:
             raise GatewayError("RESOURCE_EXHAUSTED", str(exc)) from exc
+        except NotReplicated as exc:  # nobody saw this session yet: drop it, and a retry opens a fresh one
+            with contextlib.suppress(Exception):
+                await self.store.delete(record.session_id)
+            raise GatewayError("UNAVAILABLE", f"session store could not confirm the new session: {exc}; retry") from exc
         self.metrics.sessions_opened.inc()
         return Outcome(record, frame)
 
-    async def step(self, client: str, session_id: str, action: int) -> Outcome:
-        """Advances a session by one frame; retried on a concurrent commit, so steps are applied one at a time."""
+    async def step(self, client: str, session_id: str, action: int, expect_step: int | None = None) -> Outcome:
+        """Advances a session by one frame; retried on a concurrent commit, so steps are applied one at a time.
+
+        With `expect_step`, the step applies only to the session at that step (else ABORTED): a client retrying
+        a step whose first attempt may still be running elsewhere cannot have both applied.
+        """
         spec = await self.world()
         if not 0 <= action < spec.num_actions:
             raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions 0..{spec.num_actions - 1}")
+        with step_deadline(self.limits.step_deadline_s):
+            async with self._admit():
+                return await self._step(client, session_id, action, spec, expect_step)
+
+    async def _step(self, client: str, session_id: str, action: int, spec: WorldSpec, expect_step: int | None) -> Outcome:
         started = time.perf_counter()
         for _ in range(self.limits.commit_retries):
             t0 = time.perf_counter()
             record = await self._owned(client, session_id)
+            if expect_step is not None and record.state.step != expect_step:
+                raise GatewayError("ABORTED", f"session {session_id} is at step {record.state.step}, not the expected "
+                                              f"{expect_step}: it moved on (an earlier attempt of this step may have landed)")
             t1 = time.perf_counter()
             tokens = await self._model(self.backend.next_tokens(record.state, action, record.sampling))
             new = advance(record.state, torch.from_numpy(tokens), action, spec.window, spec.keep)
             frame = await self._model(self.backend.decode_last(new))
             updated = record.advanced(new, time.time(), self.limits.session_ttl_s)
             t2 = time.perf_counter()
-            committed = await self._store(self.store.commit(updated, record.version))
+            try:
+                committed = await self._store(self.store.commit(updated, record.version))
+            except NotReplicated as exc:
+                # The step is on the primary but not confirmed on a replica: acknowledging it could show the
+                # client a frame a failover then loses; a plain retryable error would make a retry step twice.
+                # So: UNAVAILABLE, naming the version it committed as (and carrying the response). GetSession
+                # tells the client whether it survived (version >= that one) before it retries.
+                self.metrics.steps.inc()
+                raise GatewayError(
+                    "UNAVAILABLE", f"step committed as version {exc.version} but not confirmed durable ({exc}); "
+                    f"GetSession: if the version is >= {exc.version} the step holds, else retry it",
+                    trailers=((COMMITTED_VERSION_TRAILER, str(exc.version)),), outcome=Outcome(updated, frame, action),
+                ) from exc
             t3 = time.perf_counter()
             self.metrics.model_seconds.observe(t2 - t1)
             self.metrics.store_seconds.observe((t1 - t0) + (t3 - t2))
@@ -181,16 +221,16 @@ class SessionService:
             if len(image) > self.limits.max_prompt_bytes:
                 raise GatewayError("INVALID_ARGUMENT", f"prompt image is {len(image)} bytes, over {self.limits.max_prompt_bytes}")
             try:
-                with Image.open(io.BytesIO(image)) as im:  # reads the header only: size before pixels
+                with Image.open(io.BytesIO(image), formats=PROMPT_FORMATS) as im:  # the header only: size before pixels
                     w, h = im.size
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            except Exception as exc:  # a decoder fed untrusted bytes may raise anything (SyntaxError, struct.error...)
                 raise GatewayError("INVALID_ARGUMENT", f"cannot read the prompt image (PNG or JPEG expected): {exc}") from exc
-            if w * h > self.limits.max_prompt_pixels:
-                raise GatewayError("INVALID_ARGUMENT", f"prompt image is {w}x{h}, more than {self.limits.max_prompt_pixels} pixels")
+            if min(w, h) < 1 or w * h > self.limits.max_prompt_pixels:
+                raise GatewayError("INVALID_ARGUMENT", f"prompt image is {w}x{h}: need 1 to {self.limits.max_prompt_pixels} pixels")
             try:
                 return load_image(image, spec.height, spec.width)[None]  # (1, H, W, C)
-            except ValueError as exc:
-                raise GatewayError("INVALID_ARGUMENT", str(exc)) from exc
+            except Exception as exc:  # corrupt pixel data behind a valid header, truncated streams, odd modes
+                raise GatewayError("INVALID_ARGUMENT", f"cannot decode the prompt image: {exc}") from exc
         assert frames is not None
         if frames.nbytes > self.limits.max_prompt_bytes:
             raise GatewayError("INVALID_ARGUMENT", f"prompt frames are {frames.nbytes} bytes, over {self.limits.max_prompt_bytes}")
@@ -216,6 +256,19 @@ class SessionService:
                               schedule=default.schedule, choice_temperature=default.choice_temperature,
                               keep_frames=default.keep_frames)
 
+    @contextlib.asynccontextmanager
+    async def _admit(self):
+        """One admission for a whole operation when the backend sheds load (AdmissionBackend), else nothing."""
+        admit = getattr(self.backend, "admit", None)
+        if admit is None:
+            yield
+            return
+        try:
+            async with admit():
+                yield
+        except Overloaded as exc:
+            raise GatewayError(exc.code, f"overloaded: {exc}") from exc
+
     @staticmethod
     async def _store(op):
         try:
@@ -227,6 +280,8 @@ class SessionService:
     async def _model(op):
         try:
             return await op
+        except Overloaded as exc:
+            raise GatewayError(exc.code, f"overloaded: {exc}") from exc
         except BackendUnavailable as exc:
             raise GatewayError("UNAVAILABLE", f"model service unavailable: {exc}") from exc
         except ValueError as exc:

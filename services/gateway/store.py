@@ -80,3 +80,12 @@ class SessionStore(Protocol):
 
 class StoreUnavailable(Exception):
     """The session store cannot be reached; nothing was changed."""
+
+
+class NotReplicated(Exception):
+    """The write is on the primary, but fewer replicas than asked acknowledged it in time (Redis WAIT): a
+    failover now could lose it. `version` is the version the write stored."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version

@@ -185,3 +185,22 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 {{- define "genie.jobsClaim" -}}
 {{- default (printf "%s-jobs" (include "genie.fullname" .)) .Values.worker.jobs.existingClaim }}
 {{- end }}
+
+{{/* The Sentinels the gateway asks for the master, host:port,...: the bundled ones (one per Redis pod, by its
+     stable DNS name) or redis.external.sentinels; empty without Sentinel. */}}
+{{- define "genie.redisSentinels" -}}
+{{- if and .Values.redis.enabled .Values.redis.sentinel.enabled }}
+{{- $name := include "genie.componentName" (dict "ctx" . "component" "redis") }}
+{{- $hosts := list }}
+{{- range $i := until (int .Values.redis.sentinel.replicas) }}
+{{- $hosts = append $hosts (printf "%s-%d.%s-headless:26379" $name $i $name) }}
+{{- end }}
+{{- join "," $hosts }}
+{{- else if not .Values.redis.enabled }}
+{{- .Values.redis.external.sentinels }}
+{{- end }}
+{{- end }}
+
+{{- define "genie.redisSentinelMaster" -}}
+{{- if .Values.redis.enabled }}{{ .Values.redis.sentinel.masterName }}{{ else }}{{ .Values.redis.external.sentinelMaster }}{{ end }}
+{{- end }}

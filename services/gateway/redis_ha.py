@@ -1,0 +1,171 @@
+"""A Redis set with failover on loopback: one master, replicas and Sentinels, each its own `redis-server`
+process in a directory of its own. For the failover tests, the chaos soak, and trying failover on a laptop:
+
+    with RedisHA(tmp_dir) as ha:            # 1 master, 1 replica, 3 sentinels on free 127.0.0.1 ports
+        store = RedisStore(ha.target(), wait_replicas=1)
+        ha.kill_master()                    # kill -9; the sentinels promote the replica
+        ha.wait_failover(old)               # ... and ha.restart(old) brings the dead one back as a replica
+
+Sentinels are `redis-server CONF --sentinel`; short `down-after-milliseconds` and `failover-timeout` make a
+failover take a few seconds instead of the production defaults' 30 s and 3 min.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from services.gateway.redis_store import RedisTarget
+
+LOCALHOST = "127.0.0.1"
+
+
+class RedisHA:
+    def __init__(self, root: Path, replicas: int = 1, sentinels: int = 3, master_name: str = "genie",
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 2000, binary: str = "redis-server") -> None:
+        if replicas < 1 or sentinels < 1:
+            raise ValueError(f"need >= 1 replica and >= 1 sentinel, got {replicas}, {sentinels}")
+        self.root, self.replicas, self.n_sentinels, self.master_name = Path(root), replicas, sentinels, master_name
+        self.down_after_ms, self.failover_timeout_ms, self.binary = down_after_ms, failover_timeout_ms, binary
+        self.data_ports: list[int] = []
+        self.sentinel_ports: list[int] = []
+        self._procs: dict[int, subprocess.Popen] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 30.0) -> RedisHA:
+        from services.triton import free_ports
+
+        ports = free_ports(1 + self.replicas + self.n_sentinels)
+        self.data_ports, self.sentinel_ports = ports[: 1 + self.replicas], ports[1 + self.replicas:]
+        master = self.data_ports[0]
+        self._start_data(master, None)
+        for port in self.data_ports[1:]:
+            self._start_data(port, master)
+        for port in self.sentinel_ports:
+            conf = self.root / f"sentinel-{port}.conf"  # a sentinel rewrites its config: one file each
+            conf.write_text(
+                f"port {port}\nbind {LOCALHOST}\ndir {self.root}\nprotected-mode no\n"
+                f"sentinel monitor {self.master_name} {LOCALHOST} {master} {self.n_sentinels // 2 + 1}\n"
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.master_name} 1\n")
+            self._spawn(port, [str(conf), "--sentinel"], f"sentinel-{port}.log")
+        deadline = time.monotonic() + timeout_s
+        for port in self.data_ports + self.sentinel_ports:
+            self._wait(lambda p=port: self._client(p).ping(), deadline, f"redis on port {port}")
+        for port in self.data_ports[1:]:
+            self._wait(lambda p=port: self._client(p).info("replication").get("master_link_status") == "up", deadline,
+                       f"replica {port} linked to its master")
+        self._wait(self._sentinels_see_all, deadline, "the sentinels to see every replica and each other")
+        return self
+
+    def stop(self) -> None:
+        for port in list(self._procs):
+            self.kill(port)
+
+    def __enter__(self) -> RedisHA:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- faults ------------------------------------------------------------------------------------------
+
+    def master_port(self) -> int:
+        """The master's port as a majority of the sentinels report it (the sentinels' view is the truth)."""
+        seen: dict[int, int] = {}
+        for port in self.sentinel_ports:
+            with contextlib.suppress(redis.RedisError):
+                addr = self._client(port).execute_command("SENTINEL", "get-master-addr-by-name", self.master_name)
+                if addr:
+                    seen[int(addr[1])] = seen.get(int(addr[1]), 0) + 1
+        if not seen:
+            raise RuntimeError("no sentinel answers")
+        return max(seen, key=seen.__getitem__)
+
+    def kill(self, port: int) -> None:
+        """kill -9 the process on `port` (master, replica or sentinel) and reap it."""
+        proc = self._procs.pop(port, None)
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            proc.wait(timeout=10)
+
+    def kill_master(self) -> int:
+        """kill -9 the current master; returns its port (for wait_failover and restart)."""
+        port = self.master_port()
+        self.kill(port)
+        return port
+
+    def wait_failover(self, old_master: int, timeout_s: float = 30.0) -> int:
+        """Waits until the sentinels name a new master that accepts writes; returns its port."""
+        def promoted() -> int | None:
+            port = self.master_port()
+            if port != old_master and self._client(port).info("replication").get("role") == "master":
+                return port
+            return None
+
+        return self._wait(promoted, time.monotonic() + timeout_s, f"a replica to replace master {old_master}")
+
+    def restart(self, port: int, timeout_s: float = 30.0) -> None:
+        """Starts a killed data node again, as a replica of the current master (the way an operator rejoins it)."""
+        self._start_data(port, self.master_port())
+        deadline = time.monotonic() + timeout_s
+        self._wait(lambda: self._client(port).info("replication").get("master_link_status") == "up", deadline,
+                   f"restarted node {port} to sync")
+
+    def target(self) -> RedisTarget:
+        return RedisTarget(sentinels=tuple((LOCALHOST, p) for p in self.sentinel_ports), master=self.master_name)
+
+    def sentinel_url(self, db: int = 0) -> str:
+        hosts = ",".join(f"{LOCALHOST}:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.master_name}/{db}"
+
+    # --- helpers -----------------------------------------------------------------------------------------
+
+    def _start_data(self, port: int, master: int | None) -> None:
+        node = self.root / f"redis-{port}"
+        node.mkdir(parents=True, exist_ok=True)
+        args = ["--port", str(port), "--bind", LOCALHOST, "--dir", str(node), "--save", "", "--appendonly", "no",
+                "--protected-mode", "no"]
+        if master is not None:
+            args += ["--replicaof", LOCALHOST, str(master)]
+        self._spawn(port, args, f"redis-{port}.log")
+
+    def _spawn(self, port: int, args: list[str], log_name: str) -> None:
+        with open(self.root / log_name, "ab") as log:
+            self._procs[port] = subprocess.Popen([self.binary, *args], stdout=log, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _client(self, port: int) -> redis.Redis:
+        return redis.Redis(host=LOCALHOST, port=port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+
+    def _sentinels_see_all(self) -> bool:
+        for port in self.sentinel_ports:
+            info = self._client(port).execute_command("SENTINEL", "master", self.master_name)
+            fields = dict(zip(info[::2], info[1::2], strict=True)) if isinstance(info, list) else info
+            if int(fields["num-slaves"]) < self.replicas or int(fields["num-other-sentinels"]) < self.n_sentinels - 1:
+                return False
+        return True
+
+    def _wait(self, probe, deadline: float, what: str):
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            for port, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {port} exited ({proc.returncode}); see {self.root}")
+            try:
+                result = probe()
+                if result:
+                    return result
+            except (redis.RedisError, OSError, KeyError) as exc:
+                last = exc
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out waiting for {what} (last error: {last}); logs in {self.root}")
