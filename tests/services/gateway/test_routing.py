@@ -117,7 +117,8 @@ def test_the_gateway_exports_the_routing_counters_on_its_registry():
     from services.triton import protocol as P
 
     gw = Gateway(GatewayConfig(backend="triton", triton_url="127.0.0.1:1",
-                               triton_model_urls="dynamics=127.0.0.1:2,127.0.0.1:3", http_port=-1, metrics_port=-1))
+                               triton_model_urls="dynamics=127.0.0.1:2,127.0.0.1:3", http_port=-1, metrics_port=-1,
+                               admission=None))  # the TritonBackend itself, not wrapped by admission control
     assert gw.backend.metrics.registry is gw.service.metrics.registry
     assert [e.specs for e in (gw.backend.endpoints[m] for m in P.MODELS)] == [["127.0.0.1:1"], ["127.0.0.1:1"],
                                                                              ["127.0.0.1:2", "127.0.0.1:3"]]
