@@ -29,7 +29,7 @@ from genie.sampling import World
 
 # jasmine on this machine, "peer-small", B=1, no cache: ms per frame by MaskGIT steps (../shared/DESIGN.md).
 JASMINE_MS_PER_FRAME = {8: 5977.0, 25: 18858.0}
-FPS_TARGET, JASMINE_SPEEDUP_TARGET, PEAK_TARGET = 10.0, 20.0, 0.5
+FPS_TARGET, JASMINE_SPEEDUP_TARGET, PEAK_TARGET = 12.0, 20.0, 0.35  # issue 15, for the 2-core AVX2 EPYC
 
 
 class Bench:
