@@ -115,12 +115,12 @@ class KVPool:
         A contiguous ascending run is a view of the pool (writes land in the slots); anything else is a gather of
         the frames in use, with commits written through to the slots.
         """
-        index = torch.tensor(slots, dtype=torch.long, device=self.device)
         host = None if fixed_shapes else list(lengths)
         device_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
         first = slots[0]
         if slots == list(range(first, first + len(slots))):
             return KVCache(self.k[:, first : first + len(slots)], self.v[:, first : first + len(slots)], device_lengths, host)
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.gathers += 1
         return KVCache(self.k.index_select(1, index), self.v.index_select(1, index), device_lengths, host,
                        sink=(self.k, self.v, index))

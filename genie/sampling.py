@@ -113,9 +113,6 @@ class _Engine:
     def _release(self, slots: list[int], keys: list[CacheKey] | None) -> None:
         self.pool.release(slots, keys if self.caching and keys is not None else [None] * len(slots))
 
-    def drop_session(self, session_id: str) -> None:
-        self.pool.drop_session(session_id)
-
 
 def _misses(items: list, slots: list[int], hits: list[bool]) -> tuple[list, list[int]]:
     """The items whose slot missed, and those slots: what a step must recompute."""

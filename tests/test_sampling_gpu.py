@@ -60,23 +60,26 @@ def _one_steps(world, trajectory):
     return torch.stack(tokens), torch.stack(frames)  # (S, B, N), (S, B, H, W, C)
 
 
+def _side_by_side(reference: dict, other: dict):
+    """One step from each state of the reference world's trajectory, in the reference and in the other world:
+    ((tokens, frames), (tokens, frames)), each (S, B, N) and (S, B, H, W, C)."""
+    ref, _ = load_world(DEMO, **reference)
+    oth, _ = load_world(DEMO, **other)
+    trajectory = _trajectory(ref, _prompts())
+    return _one_steps(ref, trajectory), _one_steps(oth, trajectory)
+
+
 def test_strict_fp32_gpu_tokens_equal_cpu_tokens():
-    cpu, _ = load_world(DEMO, device="cpu", precision="fp32")
-    gpu, _ = load_world(DEMO, device="cuda", precision="fp32")
-    trajectory = _trajectory(cpu, _prompts())
-    cpu_tokens, _ = _one_steps(cpu, trajectory)
-    gpu_tokens, _ = _one_steps(gpu, trajectory)
+    (cpu_tokens, _), (gpu_tokens, _) = _side_by_side({"device": "cpu", "precision": "fp32"},
+                                                     {"device": "cuda", "precision": "fp32"})
     agree = (cpu_tokens == gpu_tokens).float().mean().item()
     print(f"fp32 GPU vs CPU: {agree:.5f} of {cpu_tokens.numel()} tokens identical")
     assert agree >= 0.999
 
 
 def test_bf16_frames_within_psnr_of_fp32():
-    fp32, _ = load_world(DEMO, device="cuda", precision="fp32")
-    bf16, _ = load_world(DEMO, device="cuda", precision="bf16")
-    trajectory = _trajectory(fp32, _prompts())
-    _, frames32 = _one_steps(fp32, trajectory)
-    _, frames16 = _one_steps(bf16, trajectory)
+    (_, frames32), (_, frames16) = _side_by_side({"device": "cuda", "precision": "fp32"},
+                                                 {"device": "cuda", "precision": "bf16"})
     value = psnr(frames16, frames32).mean().item()
     print(f"bf16 vs fp32 frames: {value:.2f} dB PSNR (mean over {frames32.shape[0] * frames32.shape[1]} frames)")
     assert value >= 25.0

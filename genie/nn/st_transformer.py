@@ -66,18 +66,6 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[4]
 
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
-    @staticmethod
-    def stack(caches: list[KVCache]) -> KVCache:
-        """Joins per-session caches into one batch cache (copies)."""
-        if len(caches) == 1:
-            return caches[0]
-        host = None if any(c.host_lengths is None for c in caches) else [n for c in caches for n in c.host_lengths]
-        return KVCache(torch.cat([c.k for c in caches], dim=1), torch.cat([c.v for c in caches], dim=1),
-                       torch.cat([c.lengths for c in caches]), host)
-
     def frame_layout(self) -> FrameLayout:
         """How a pass over one new frame reads and writes this cache (computed once per pass, not per layer)."""
         b = self.k.shape[1]

@@ -62,8 +62,9 @@ def test_ragged_batch_matches_rows_alone():
             for t in range(h.shape[1]):
                 model.forward_frame(h[:, t], c, commit=True)
             caches.append(c)
-        alone = [model.forward_frame(new[i : i + 1], KVCache.stack([caches[i]]), commit=False) for i in range(2)]
-        batch = KVCache.stack(caches)
+        alone = [model.forward_frame(new[i : i + 1], caches[i], commit=False) for i in range(2)]
+        batch = KVCache(torch.cat([c.k for c in caches], dim=1), torch.cat([c.v for c in caches], dim=1),
+                        torch.cat([c.lengths for c in caches]), [n for c in caches for n in c.host_lengths])
         together = model.forward_frame(new, batch, commit=True)
     assert torch.allclose(together, torch.cat(alone), atol=1e-5)
     assert batch.lengths.tolist() == batch.host_lengths == [2, 5]
