@@ -8,6 +8,9 @@ would); all clients run concurrently, so the backend batches across them. Latenc
 Step call (gRPC + gateway + store + models + PNG encode). `gateway_overhead` is 1 - model time / step time
 inside the gateway (store reads/commits, state (de)serialisation, bookkeeping); `e2e_over_bare` compares the
 client's median step with the median of the same concurrent steps made on the backend directly.
+
+`--tls` measures what TLS costs instead: one gateway serving a TLS port and its opt-in plaintext port, the same
+runs alternating between the two (p50 and aggregate frames/s each), plus a model-free RPC's latency on each.
 """
 
 from __future__ import annotations
@@ -278,6 +281,18 @@ def self_signed(folder: Path) -> Path:
     return folder
 
 
+async def rpc_latencies(gw: GatewayProcess, plaintext: bool, calls: int) -> list[float]:
+    address, tls = (gw.plaintext_address, None) if plaintext else (gw.address, gw.tls)
+    async with GatewayClient(address, gw.token, tls=tls) as client:
+        await client.list_actions()  # connect (and handshake) outside the timing
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            await client.list_actions()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def tls_cost(args) -> None:
     """Step p50 and aggregate frames/s over TLS and plaintext against the same gateway process, alternating the
     two (plaintext first, then TLS, `--tls-rounds` times) so that load drifting on the machine hits both alike."""
@@ -292,6 +307,15 @@ def tls_cost(args) -> None:
             actions = len(asyncio.run(list_actions(gw)).actions)
             for plaintext in (True, False):  # warm-up on both paths: model load, first slide, TLS session setup
                 asyncio.run(through_gateway(gw, image, 1, 3, actions, plaintext=plaintext))
+            # The TLS cost without the model's noise: a model-free RPC (ListActions) on one channel per path.
+            lat = {True: [], False: []}
+            for _ in range(args.tls_rounds):
+                for plaintext in (True, False):
+                    lat[plaintext] += asyncio.run(rpc_latencies(gw, plaintext, 100))
+            plain_ms, tls_ms = (1e3 * statistics.median(lat[k]) for k in (True, False))
+            emit(rounded({"bench": "gateway_tls_rpc", "rpc": "ListActions", "calls_per_path": len(lat[True]),
+                          "plain_p50_ms": plain_ms, "tls_p50_ms": tls_ms, "tls_added_ms": tls_ms - plain_ms}),
+                 machine, args.out)
             for n in args.sessions:
                 runs: dict[bool, list[dict]] = {True: [], False: []}
                 for _ in range(args.tls_rounds):
