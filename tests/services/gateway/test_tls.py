@@ -3,6 +3,8 @@ gRPC, mutual TLS, the opt-in plaintext port, the page over HTTPS, and bad certif
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import ssl
 import subprocess
@@ -187,3 +189,25 @@ def test_bad_certificate_files_exit_2_with_one_line(pki, trained_world_dir, flag
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+async def test_genie_serve_over_tls_from_env_vars(pki, trained_world_dir):
+    """`genie serve` as a pod runs it: certificate, key and client CA from GENIE_TLS_*, no plaintext port."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GENIE_TLS_CERT": str(pki / "server.pem"),
+           "GENIE_TLS_KEY": str(pki / "server.key"), "GENIE_TLS_CLIENT_CA": str(pki / "ca.pem")}
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--world", str(trained_world_dir), "--grpc-port",
+                             "0", "--http-port", "0", "--metrics-port", "-1", "--device", "cpu", "--threads", "1",
+                             "--tokens", f"alice:{TOKEN}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+        info = json.loads(line)
+        assert info["tls"] is True and info["page"].startswith("https://") and "grpc_plaintext" not in info
+        good = ClientTLS(ca=str(pki / "ca.pem"), cert=str(pki / "client.pem"), key=str(pki / "client.key"))
+        async with GatewayClient(info["grpc"], TOKEN, tls=good) as c:
+            assert (await c.list_actions()).window > 0
+        await _refused(info["grpc"], ClientTLS(ca=str(pki / "ca.pem")))  # mutual: no client certificate, no call
+        status, _ = await _get(info["page"], ssl.create_default_context(cafile=str(pki / "ca.pem")))
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
