@@ -177,18 +177,20 @@ def test_server_tls_rejects_a_mismatched_key(pki):
     (["--tls-cert", "{d}/server.pem", "--tls-key", "{d}/server.key", "--tls-client-ca", "{d}/server.ext"], "not a PEM"),
     (["--tls-cert", "{d}/server.pem"], "both a certificate and a key"),
     (["--tls-client-ca", "{d}/ca.pem"], "needs the server's certificate"),
+    (["--plaintext-grpc-port", "0"], "only for beside a TLS one"),
 ])
-def test_bad_certificate_files_exit_2_with_one_line(pki, trained_world_dir, flags, needle):
-    args = [f.format(d=pki) for f in flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in ("GENIE_TLS_CERT", "GENIE_TLS_KEY", "GENIE_TLS_CLIENT_CA"):
-        env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "serve", "--world", str(trained_world_dir), "--grpc-port", "0",
-                           "--http-port", "-1", "--metrics-port", "-1", "--device", "cpu", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+@pytest.mark.parametrize("command", ["serve", "play"])
+def test_bad_certificate_files_exit_2_with_one_line(pki, trained_world_dir, flags, needle, command):
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    args = [command, "--world", str(trained_world_dir), "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1",
+            "--device", "cpu", *(f.format(d=pki) for f in flags), *(["--no-browser"] if command == "play" else [])]
+    result = CliRunner().invoke(main, args, env={"GENIE_TLS_CERT": None, "GENIE_TLS_KEY": None, "GENIE_TLS_CLIENT_CA": None})
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
 
 
 async def test_genie_serve_over_tls_from_env_vars(pki, trained_world_dir):
