@@ -8,6 +8,9 @@ would); all clients run concurrently, so the backend batches across them. Latenc
 Step call (gRPC + gateway + store + models + PNG encode). `gateway_overhead` is 1 - model time / step time
 inside the gateway (store reads/commits, state (de)serialisation, bookkeeping); `e2e_over_bare` compares the
 client's median step with the median of the same concurrent steps made on the backend directly.
+
+`--tls` measures what TLS costs instead: one gateway serving a TLS port and its opt-in plaintext port, the same
+runs alternating between the two (p50 and aggregate frames/s each), plus a model-free RPC's latency on each.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from genie.sampling import advance, new_state
 from genie.worlds import load_prompts
 from services.gateway.auth import new_token
 from services.gateway.client import GatewayClient
+from services.gateway.tls import ClientTLS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,19 +56,26 @@ def scrape(port: int) -> dict[str, float]:
 class GatewayProcess:
     """`genie serve` in a subprocess, as deployed: its own Python, its own cores."""
 
-    def __init__(self, world: Path, backend: str, store: str, triton_url: str, threads: int) -> None:
+    def __init__(self, world: Path, backend: str, store: str, triton_url: str, threads: int, tls_dir: Path | None = None,
+                 redis_url: str = "redis://127.0.0.1:6379/0") -> None:
         self.token = new_token()
         args = [sys.executable, "-m", "services.cli", "serve", "--world", str(world), "--backend", backend, "--store", store,
                 "--triton-url", triton_url, "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "0",
                 "--tokens", f"bench:{self.token}", "--max-sessions", "100000", "--rate", "1000000", "--session-ttl", "3600"]
+        if store == "redis":
+            args += ["--redis-url", redis_url]
         if threads:
             args += ["--threads", str(threads)]
+        if tls_dir is not None:  # TLS on the main port, a plaintext port beside it: both paths in one process
+            args += ["--tls-cert", str(tls_dir / "cert.pem"), "--tls-key", str(tls_dir / "key.pem"), "--plaintext-grpc-port", "0"]
+        self.tls = ClientTLS(ca=str(tls_dir / "cert.pem")) if tls_dir is not None else None
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"genie serve exited with {self.proc.wait()}")
         info = json.loads(line)
         self.address, self.metrics_port = info["grpc"], info["metrics_port"]
+        self.plaintext_address = info.get("grpc_plaintext")
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -77,10 +88,13 @@ class GatewayProcess:
         self.proc.wait(timeout=30)
 
 
-async def through_gateway(gw: GatewayProcess, image: bytes, sessions: int, steps: int, num_actions: int) -> dict:
+async def through_gateway(gw: GatewayProcess, image: bytes, sessions: int, steps: int, num_actions: int,
+                          plaintext: bool = False) -> dict:
+    """One run; `plaintext`: over a TLS gateway's opt-in plaintext port instead of its TLS port."""
     before = scrape(gw.metrics_port)
     latencies: list[float] = []
-    async with GatewayClient(gw.address, gw.token, timeout_s=600) as client:
+    address, tls = (gw.plaintext_address, None) if plaintext else (gw.address, gw.tls)
+    async with GatewayClient(address, gw.token, timeout_s=600, tls=tls) as client:
         opened = await asyncio.gather(*[client.open(image=image, seed=i) for i in range(sessions)])
         ids = [o.session.session_id for o in opened]
 
@@ -183,7 +197,7 @@ async def redis_idle_memory(gw: GatewayProcess, image: bytes, redis_url: str, co
 
     r = aioredis.Redis.from_url(redis_url)
     used0 = (await r.info("memory"))["used_memory"]
-    async with GatewayClient(gw.address, gw.token) as client:
+    async with GatewayClient(gw.address, gw.token, tls=gw.tls) as client:
         ids = [o.session.session_id for o in await asyncio.gather(*[client.open(image=image, seed=i) for i in range(count)])]
         await asyncio.gather(*[client.step(sid, 0) for sid in ids])
         used1 = (await r.info("memory"))["used_memory"]
@@ -215,7 +229,13 @@ def main() -> None:
     parser.add_argument("--soak-sessions", type=int, default=64)
     parser.add_argument("--soak-seconds", type=float, default=0, help="0 = no soak")
     parser.add_argument("--triton-threads", type=int, default=0, help="torch threads per Triton model instance")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS cost: one gateway with a TLS port and a plaintext one, runs alternating between them")
+    parser.add_argument("--tls-rounds", type=int, default=2, help="with --tls: plaintext/TLS run pairs per session count")
     args = parser.parse_args()
+    if args.tls:
+        tls_cost(args)
+        return
     machine = setup_run(args)
     base = {"bench": "gateway", "world": args.world.name, "backend": args.backend, "store": args.store}
     if args.backend == "triton":
@@ -253,6 +273,66 @@ def main() -> None:
             triton.stop()
 
 
+def self_signed(folder: Path) -> Path:
+    """A throwaway self-signed certificate for 127.0.0.1 (P-256, as the openssl CLI makes it)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=genie-bench", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")], check=True, capture_output=True)
+    return folder
+
+
+async def rpc_latencies(gw: GatewayProcess, plaintext: bool, calls: int) -> list[float]:
+    address, tls = (gw.plaintext_address, None) if plaintext else (gw.address, gw.tls)
+    async with GatewayClient(address, gw.token, tls=tls) as client:
+        await client.list_actions()  # connect (and handshake) outside the timing
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            await client.list_actions()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def tls_cost(args) -> None:
+    """Step p50 and aggregate frames/s over TLS and plaintext against the same gateway process, alternating the
+    two (plaintext first, then TLS, `--tls-rounds` times) so that load drifting on the machine hits both alike."""
+    import tempfile
+
+    machine = setup_run(args)
+    image = load_prompts(args.world)[0].read_bytes()
+    with tempfile.TemporaryDirectory(prefix="genie-bench-tls-") as tmp:
+        gw = GatewayProcess(args.world, args.backend, args.store, "127.0.0.1:8001", args.threads, self_signed(Path(tmp)),
+                            redis_url=args.redis_url)
+        try:
+            actions = len(asyncio.run(list_actions(gw)).actions)
+            for plaintext in (True, False):  # warm-up on both paths: model load, first slide, TLS session setup
+                asyncio.run(through_gateway(gw, image, 1, 3, actions, plaintext=plaintext))
+            # The TLS cost without the model's noise: a model-free RPC (ListActions) on one channel per path.
+            lat = {True: [], False: []}
+            for _ in range(args.tls_rounds):
+                for plaintext in (True, False):
+                    lat[plaintext] += asyncio.run(rpc_latencies(gw, plaintext, 100))
+            plain_ms, tls_ms = (1e3 * statistics.median(lat[k]) for k in (True, False))
+            emit(rounded({"bench": "gateway_tls_rpc", "rpc": "ListActions", "calls_per_path": len(lat[True]),
+                          "plain_p50_ms": plain_ms, "tls_p50_ms": tls_ms, "tls_added_ms": tls_ms - plain_ms}),
+                 machine, args.out)
+            for n in args.sessions:
+                runs: dict[bool, list[dict]] = {True: [], False: []}
+                for _ in range(args.tls_rounds):
+                    for plaintext in (True, False):
+                        runs[plaintext].append(asyncio.run(through_gateway(gw, image, n, args.steps, actions, plaintext)))
+                med = {k: {m: statistics.median(r[m] for r in v) for m in ("p50_ms", "p99_ms", "fps_aggregate")}
+                       for k, v in runs.items()}
+                plain, tls = med[True], med[False]
+                emit(rounded({"bench": "gateway_tls", "world": args.world.name, "backend": args.backend, "store": args.store,
+                              "sessions": n, "steps_per_session": args.steps, "rounds": args.tls_rounds,
+                              **{f"plain_{m}": x for m, x in plain.items()}, **{f"tls_{m}": x for m, x in tls.items()},
+                              "tls_cost_p50": tls["p50_ms"] / plain["p50_ms"] - 1,
+                              "tls_cost_fps": 1 - tls["fps_aggregate"] / plain["fps_aggregate"]}), machine, args.out)
+        finally:
+            gw.stop()
+
+
 def bare_hw(world: Path) -> tuple[int, int]:
     from genie.worlds import load_world_config_of
 
@@ -271,7 +351,7 @@ async def bare_run(kind: str, world: Path, triton_url: str, frame: np.ndarray, s
 
 
 async def list_actions(gw: GatewayProcess):
-    async with GatewayClient(gw.address, gw.token) as client:
+    async with GatewayClient(gw.address, gw.token, tls=gw.tls) as client:
         return await client.list_actions()
 
 

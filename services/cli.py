@@ -151,13 +151,35 @@ def _gateway_options(f):
     return f
 
 
+def _tls_options(f):
+    opts = [
+        click.option("--plaintext-grpc-port", type=int, default=-1, show_default=True,
+                     help="With TLS: also serve gRPC in plaintext on this port (0 = any free port; -1 = no plaintext)."),
+        click.option("--tls-client-ca", default="", envvar="GENIE_TLS_CLIENT_CA",
+                     help="PEM CA file: gRPC clients must present a certificate it signed (mutual TLS; not the page)."),
+        click.option("--tls-key", default="", envvar="GENIE_TLS_KEY", help="PEM private key of --tls-cert."),
+        click.option("--tls-cert", default="", envvar="GENIE_TLS_CERT",
+                     help="PEM certificate (chain): serve gRPC and the page over TLS (HTTPS) with it."),
+    ]
+    for opt in opts:
+        f = opt(f)
+    return f
+
+
+def _tls_config(tls_cert: str, tls_key: str, tls_client_ca: str, plaintext_grpc_port: int) -> dict:
+    return {"tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca,
+            "plaintext_grpc_port": plaintext_grpc_port}
+
+
 @main.command()
 @_gateway_options
+@_tls_options
 @click.option("--token", envvar="GENIE_PLAY_TOKEN", help="API token for the page (default: a fresh random one).")
 @click.option("--open-browser/--no-browser", default=True, show_default=True, help="Open the page in a browser, if there is one.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
 @_device_options
-def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browser, threads, device, precision) -> None:
+def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, token,
+         open_browser, threads, device, precision) -> None:
     """Play a world interactively: starts a gateway on the embedded defaults (models in process, sessions in
     memory) and serves the web play page; number keys send latent actions, arrow keys the ones the world binds to
     them (`genie world names`). Ctrl-C stops it."""
@@ -167,14 +189,17 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
         _fail(f"{world_dir} is not a world directory (no world.json)")
     try:
         cfg = GatewayConfig(world=str(world_dir), host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-                            tokens=f"local:{token}" if token else "", threads=threads, device=device, precision=precision)
+                            tokens=f"local:{token}" if token else "", threads=threads, device=device, precision=precision,
+                            **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port))
     except ValueError as exc:
         _fail(str(exc))
 
     def ready(gw) -> None:
         url = gw.page_url() or ""
-        click.echo(json.dumps({"page": url, "grpc": gw.grpc_address, "metrics_port": gw.metrics_port,
-                               "token": token or gw.token}), nl=True)
+        info = {"page": url, "grpc": gw.grpc_address, "metrics_port": gw.metrics_port, "token": token or gw.token}
+        if gw.grpc.plaintext_address:
+            info["grpc_plaintext"] = gw.grpc.plaintext_address
+        click.echo(json.dumps(info), nl=True)
         click.echo(f"Play at {url}  (Ctrl-C to stop)", err=True)
         if open_browser and url:
             import webbrowser
@@ -186,6 +211,7 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
 
 @main.command()
 @_gateway_options
+@_tls_options
 @_backend_options
 @click.option("--store", type=click.Choice(["memory", "redis"]), default="memory", show_default=True, envvar="GENIE_STORE")
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, envvar="GENIE_REDIS_URL",
@@ -210,7 +236,8 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
 @click.option("--rate", type=int, default=100, show_default=True, help="Requests per second per client.")
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
 @_device_options
-def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, store, redis_url,
+def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, backend,
+          triton_url, triton_model_urls, store, redis_url,
           redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, max_in_flight, max_queue, queue_timeout,
           step_deadline, tokens, session_ttl, max_sessions, rate, threads, device, precision) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
@@ -227,12 +254,15 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_u
                             store=store, redis_url=redis_url, redis_sentinels=redis_sentinels, redis_master=redis_master,
                             redis_wait_replicas=redis_wait_replicas, redis_wait_ms=redis_wait_ms, admission=admission,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
-                            threads=threads, device=device, precision=precision, limits=limits)
+                            threads=threads, device=device, precision=precision, limits=limits,
+                            **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port))
     except ValueError as exc:
         _fail(str(exc))
 
     def ready(gw) -> None:
-        info = {"grpc": gw.grpc_address, "page": gw.page_url(), "metrics_port": gw.metrics_port}
+        info = {"grpc": gw.grpc_address, "page": gw.page_url(), "metrics_port": gw.metrics_port, "tls": gw.tls is not None}
+        if gw.grpc.plaintext_address:
+            info["grpc_plaintext"] = gw.grpc.plaintext_address
         if gw.token:
             info["token"] = gw.token
         click.echo(json.dumps(info))

@@ -18,6 +18,7 @@ from services.gateway.grpc_server import GrpcServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.sessions import Limits, SessionService
 from services.gateway.store import SessionStore
+from services.gateway.tls import server_tls_from
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ class GatewayConfig:
     threads: int = 0  # torch threads of the in-process backend (0 = torch's default)
     device: str = "auto"  # in-process backend: auto (a GPU when torch sees one) | cpu | cuda | cuda:N
     precision: str = "auto"  # in-process backend: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16
+    # TLS on the client-facing ports (PEM paths; "" = GENIE_TLS_CERT/KEY/CLIENT_CA, and none of them = plaintext).
+    # The gRPC port and the web page share the certificate; a client CA makes gRPC mutual (the page never is).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    plaintext_grpc_port: int = -1  # with TLS: a plaintext gRPC port as well (0 = a free one); -1 = none
     limits: Limits = field(default_factory=Limits)
     admission: AdmissionConfig | None = field(default_factory=AdmissionConfig)  # None = model calls never shed
 
@@ -109,6 +116,10 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, backend: ModelBackend | None = None, store: SessionStore | None = None,
                  metrics: GatewayMetrics | None = None) -> None:
         self.cfg = cfg
+        # First, before any model loads: bad certificate files are a ValueError here (the CLI's one-line exit 2).
+        self.tls = server_tls_from(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)  # bad files: ValueError, here
+        if self.tls is None and cfg.plaintext_grpc_port >= 0:
+            raise ValueError("a plaintext gRPC port is only for beside a TLS one: the gRPC port is plaintext already")
         self.token = None
         if cfg.tokens:
             auth = Authenticator.from_spec(cfg.tokens)
@@ -132,7 +143,9 @@ class Gateway:
             await self.backend.start()
         except BackendUnavailable as exc:  # serve anyway: health says NOT_SERVING and calls retry the backend
             log.warning("model backend not available yet, serving UNAVAILABLE until it is: %s", exc)
-        self.grpc = GrpcServer(self.service, self.cfg.host, self.cfg.grpc_port)
+        plaintext = self.cfg.plaintext_grpc_port if self.cfg.plaintext_grpc_port >= 0 else None
+        self.grpc = GrpcServer(self.service, self.cfg.host, self.cfg.grpc_port, plaintext_port=plaintext,
+                               credentials=self.tls.grpc_credentials() if self.tls else None)
         await self.grpc.start()
         if self.cfg.http_port >= 0:
             from aiohttp import web
@@ -141,7 +154,8 @@ class Gateway:
 
             self._web_runner = web.AppRunner(create_web_app(self.service, Path(self.cfg.world)), access_log=None)
             await self._web_runner.setup()
-            site = web.TCPSite(self._web_runner, self.cfg.host, self.cfg.http_port)
+            site = web.TCPSite(self._web_runner, self.cfg.host, self.cfg.http_port,
+                               ssl_context=self.tls.ssl_context() if self.tls else None)
             await site.start()
             self.http_port = self._web_runner.addresses[0][1]  # the bound port (a free one when asked for 0)
         if self.cfg.metrics_port >= 0:
@@ -157,7 +171,8 @@ class Gateway:
         if self.http_port is None:
             return None
         fragment = f"#token={self.token}" if self.token else ""
-        return f"http://{self.cfg.host}:{self.http_port}/{fragment}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.cfg.host}:{self.http_port}/{fragment}"
 
     async def stop(self) -> None:
         if self.grpc is not None:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from genie_api.v1 import gateway_pb2 as pb
 from genie_api.v1 import gateway_pb2_grpc as pb_grpc
+from services.gateway.tls import ClientTLS
 
 # The retry contract: these codes mean "not done, or done and not confirmed: look before you retry". A Step that
 # failed with one of them changed nothing, except an UNAVAILABLE carrying COMMITTED_VERSION: that step committed
@@ -89,10 +90,16 @@ def raw_frames(frames: np.ndarray) -> pb.RawFrames:
 class GatewayClient:
     """`async with GatewayClient("127.0.0.1:50051", token) as c: s = await c.open(image=png); f = await c.step(s, 3)`."""
 
-    def __init__(self, address: str, token: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, token: str, timeout_s: float = 30.0, tls: ClientTLS | None = None) -> None:
+        """`tls`: dial a TLS gateway, verifying its certificate against `tls.ca` (and presenting `tls.cert` for
+        mutual TLS); None dials plaintext."""
         self.address, self.timeout_s = address, timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options=options + tls.channel_options())
         self.stub = pb_grpc.GatewayStub(self.channel)
 
     async def __aenter__(self) -> GatewayClient:

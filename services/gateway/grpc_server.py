@@ -213,7 +213,10 @@ def _handlers(servicer: GatewayServicer) -> grpc.GenericRpcHandler:
 class GrpcServer:
     """grpc.aio server with the Gateway service, standard health checking (tracks backend + store) and reflection."""
 
-    def __init__(self, service: SessionService, host: str = "127.0.0.1", port: int = 0, health_period_s: float = 2.0) -> None:
+    def __init__(self, service: SessionService, host: str = "127.0.0.1", port: int = 0, health_period_s: float = 2.0,
+                 credentials: grpc.ServerCredentials | None = None, plaintext_port: int | None = None) -> None:
+        """With `credentials`, `port` is a TLS port and there is no plaintext one unless `plaintext_port` asks
+        for it (0 = a free port); health checking and reflection answer on every port."""
         self.service, self.health_period_s = service, health_period_s
         margin = 64 << 10  # protobuf framing around the prompt bytes
         self.server = grpc.aio.server(options=[
@@ -224,10 +227,20 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC port {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self.tls = credentials is not None
+        self.plaintext_address: str | None = None  # the opt-in plaintext port beside a TLS one
+        if credentials is not None and plaintext_port is not None:
+            bound = self.server.add_insecure_port(f"{host}:{plaintext_port}")
+            if bound == 0:
+                raise OSError(f"cannot bind the plaintext gRPC port {host}:{plaintext_port}")
+            self.plaintext_address = f"{host}:{bound}"
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> None:
