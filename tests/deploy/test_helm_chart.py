@@ -212,10 +212,10 @@ def test_service_monitors(default, production):
         assert all(e["port"] in names and e["path"] == "/metrics" for e in sm["spec"]["endpoints"]), sm["metadata"]["name"]
 
 
-def test_network_policies_select_existing_pods(default, production):
-    assert not of_kind(default, "NetworkPolicy")
-    policies = of_kind(production, "NetworkPolicy")
-    workloads = [d for d in production if d["kind"] in WORKLOADS]
+def test_network_policies_select_existing_pods(rendered):
+    name, docs = rendered
+    policies = of_kind(docs, "NetworkPolicy")  # on by default (issue 19)
+    workloads = [d for d in docs if d["kind"] in WORKLOADS]
     components = set()
     for policy in policies:
         sel = policy["spec"]["podSelector"]
@@ -224,7 +224,8 @@ def test_network_policies_select_existing_pods(default, production):
                and all(pod_labels(w).get(k) in v for k, v in exprs.items())]
         assert hit, policy["metadata"]["name"]
         components |= {pod_labels(w)["app.kubernetes.io/component"] for w in hit}
-    assert components == {"gateway", *TRITON, "worker-train", "worker-rollout"}  # no bundled Redis in production
+    expected = {"gateway", *TRITON, "worker-train", "worker-rollout"}
+    assert components == (expected if name == "production-gpu" else expected | {"redis"})  # production: managed Redis
 
 
 # --- what each component runs ------------------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ def test_bundled_redis(default):
     assert named(default, "Service", "t-genie-redis")["spec"]["ports"][0]["port"] == 6379
     c = pod_spec(sts)["containers"][0]
     assert c["image"].startswith("docker.io/library/redis:7")
-    assert c["args"][c["args"].index("--appendonly") + 1] == "yes"
+    assert c["command"] == ["sh", "-c"] and "--appendonly yes" in c["args"][0]
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     url = named(default, "Secret", "t-genie-redis-url")["data"]["redis-url"]
     assert base64.b64decode(url).decode() == "redis://t-genie-redis:6379"

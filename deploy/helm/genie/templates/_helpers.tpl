@@ -172,13 +172,31 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 {{- end }}
 {{- end }}
 
-{{/* GENIE_REDIS_BASE_URL from the Secret, then the full URLs built from it (Kubernetes expands $(VAR) in env). */}}
+{{/* The Secret and key of the bundled Redis's password (its own, generated, or redis.auth.existingSecret). */}}
+{{- define "genie.redisPasswordSecretName" -}}
+{{- default (printf "%s-redis-password" (include "genie.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{- define "genie.redisPasswordSecretKey" -}}
+{{- ternary .Values.redis.auth.existingSecretKey "redis-password" (ne .Values.redis.auth.existingSecret "") }}
+{{- end }}
+
+{{/* GENIE_REDIS_BASE_URL from the Secret, then the full URLs built from it (Kubernetes expands $(VAR) in env).
+     With the bundled Redis the URL carries no password: the clients read it from GENIE_REDIS_PASSWORD (the
+     contract with services/, deploy/README.md), so no password ends up in a URL, an argument or a ConfigMap. */}}
 {{- define "genie.redisEnv" -}}
 - name: GENIE_REDIS_BASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "genie.redisSecretName" . }}
       key: {{ include "genie.redisSecretKey" . }}
+{{- if .Values.redis.enabled }}
+- name: GENIE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "genie.redisPasswordSecretName" . }}
+      key: {{ include "genie.redisPasswordSecretKey" . }}
+{{- end }}
 {{- end }}
 
 {{/* The PVC the chart mounts at /data/jobs (its own, or worker.jobs.existingClaim): training pods mount it too. */}}
@@ -203,4 +221,21 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 
 {{- define "genie.redisSentinelMaster" -}}
 {{- if .Values.redis.enabled }}{{ .Values.redis.sentinel.masterName }}{{ else }}{{ .Values.redis.external.sentinelMaster }}{{ end }}
+{{- end }}
+
+{{/* NetworkPolicy peers: this release's pods of some components, (dict "ctx" $ "components" (list ...)); and a
+     configured namespace + pod selector pair (networkPolicy.ingressController / .prometheus). */}}
+{{- define "genie.releasePods" -}}
+- podSelector:
+    matchLabels:
+      app.kubernetes.io/name: {{ include "genie.name" .ctx }}
+      app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+    matchExpressions:
+      - {key: app.kubernetes.io/component, operator: In, values: {{ toJson .components }}}
+{{- end }}
+{{- define "genie.peer" -}}
+- namespaceSelector:
+    {{- toYaml .namespaceSelector | nindent 4 }}
+  podSelector:
+    {{- toYaml .podSelector | nindent 4 }}
 {{- end }}
