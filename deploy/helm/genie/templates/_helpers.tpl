@@ -239,3 +239,35 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
   podSelector:
     {{- toYaml .podSelector | nindent 4 }}
 {{- end }}
+
+{{/* The gateway's serving TLS Secret: gateway.tls.existingSecret, else the one its cert-manager Certificate fills. */}}
+{{- define "genie.gatewayTlsSecret" -}}
+{{- with .Values.gateway.tls }}
+{{- if .existingSecret }}{{ .existingSecret }}
+{{- else if .certManager.issuerName }}{{ include "genie.componentName" (dict "ctx" $ "component" "gateway-tls") }}
+{{- else }}{{ fail "gateway.tls.enabled: set gateway.tls.existingSecret or gateway.tls.certManager.issuerName" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* GENIE_TRITON_CA and its mount for pods that call Triton when triton.tls.enabled: (dict "ctx" $ "part" "env"|"mount"|"volume"). */}}
+{{- define "genie.tritonCa" -}}
+{{- if .ctx.Values.triton.tls.enabled }}
+{{- if not .ctx.Values.triton.tls.existingSecret }}{{ fail "triton.tls.enabled: set triton.tls.existingSecret" }}{{ end }}
+{{- if eq .part "env" }}
+- name: GENIE_TRITON_CA
+  value: /etc/genie/triton-ca/ca.crt
+{{- else if eq .part "mount" }}
+- name: triton-ca
+  mountPath: /etc/genie/triton-ca
+  readOnly: true
+{{- else }}
+- name: triton-ca
+  secret:
+    secretName: {{ .ctx.Values.triton.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- end }}
+{{- end }}
