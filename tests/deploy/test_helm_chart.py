@@ -376,7 +376,7 @@ def test_tokens_secret(helm, default, production):
 
 
 def test_helm_test_hook_checks_gateway_grpc_health(rendered):
-    _, docs = rendered
+    name, docs = rendered
     (pod,) = of_kind(docs, "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     c = pod["spec"]["containers"][0]
@@ -386,4 +386,4 @@ def test_helm_test_hook_checks_gateway_grpc_health(rendered):
     host, port = target.split(":")
     gateway = named(docs, "Service", host)
     assert int(port) in [p["port"] for p in gateway["spec"]["ports"] if p["name"] == "grpc"]
-    assert page == f"http://{host}:8080"
+    assert page == f"{'https' if name == 'production-gpu' else 'http'}://{host}:8080"  # production: gateway TLS

@@ -156,3 +156,23 @@ def test_tls_secrets_are_mounted_not_inlined(production):
         assert "BEGIN" not in str(doc), doc["metadata"]["name"]
         if doc["kind"] == "Secret":
             assert not any("BEGIN" in base64.b64decode(v).decode() for v in doc.get("data", {}).values())
+
+
+@pytest.mark.parametrize("client_ca", [False, True])
+def test_helm_test_hook_speaks_tls_to_a_tls_gateway(helm, client_ca):
+    docs = helm.render(*PRODUCTION, "--set", f"gateway.tls.clientCA={str(client_ca).lower()}")
+    (pod,) = of_kind(docs, "Pod")
+    (c,) = pod["spec"]["containers"]
+    script, target, page = c["args"]
+    compile(script, "helm-test", "exec")
+    assert target == "t-genie-gateway:50051" and page == "https://t-genie-gateway:8080"
+    assert "ssl_channel_credentials" in script and "insecure_channel" in script  # plaintext only without a CA
+    env = env_of(c)
+    secret = named(docs, "Certificate", "t-genie-gateway-tls")["spec"]["secretName"]
+    assert file_source(pod["spec"], c, env["GENIE_TEST_CA"]) == (secret, "ca.crt")
+    if client_ca:
+        assert file_source(pod["spec"], c, env["GENIE_TEST_CERT"]) == (secret, "tls.crt")
+        assert file_source(pod["spec"], c, env["GENIE_TEST_KEY"]) == (secret, "tls.key")
+    else:
+        assert "GENIE_TEST_CERT" not in env
+    kubernetes_validate.validate(pod, "1.27.0", strict=True)
