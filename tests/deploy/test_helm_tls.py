@@ -176,3 +176,29 @@ def test_helm_test_hook_speaks_tls_to_a_tls_gateway(helm, client_ca):
     else:
         assert "GENIE_TEST_CERT" not in env
     kubernetes_validate.validate(pod, "1.27.0", strict=True)
+
+
+def test_bundled_redis_tls_reaches_every_client(helm):
+    docs = helm.render("--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=redis-tls")
+    url = base64.b64decode(named(docs, "Secret", "t-genie-redis-url")["data"]["redis-url"]).decode()
+    assert url == "rediss://t-genie-redis:6379"
+    for name in ("t-genie-gateway", "t-genie-worker-train", "t-genie-worker-rollout"):
+        spec, c = main_container(docs, name)
+        assert file_source(spec, c, env_of(c)["GENIE_REDIS_CA"]) == ("redis-tls", "ca.crt"), name
+    redis = named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]
+    (server,) = redis["containers"]
+    assert "--port 0 --tls-port 6379" in server["args"][0]  # no plaintext port at all
+    assert file_source(redis, server, "/etc/genie/tls/tls.key") == ("redis-tls", "tls.key")
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.27.0", strict=True)
+    _, gateway = main_container(helm.render(), "t-genie-gateway")
+    assert "GENIE_REDIS_CA" not in env_of(gateway)
+
+
+@pytest.mark.parametrize("values, message", [
+    (["redis.tls.enabled=true"], "set redis.tls.existingSecret"),
+    (["redis.tls.enabled=true", "redis.tls.existingSecret=r", "redis.sentinel.enabled=true"], "not supported yet"),
+])
+def test_bad_redis_tls_values_fail(helm, values, message):
+    out = helm.template(*[a for v in values for a in ("--set", v)])
+    assert out.returncode != 0 and message in out.stderr, out.stderr

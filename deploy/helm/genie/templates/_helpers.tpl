@@ -164,7 +164,7 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 {{/* The Redis base URL (no DB) the chart writes into its Secret. */}}
 {{- define "genie.redisBaseUrl" -}}
 {{- if .Values.redis.enabled }}
-{{- printf "redis://%s:6379" (include "genie.componentName" (dict "ctx" . "component" "redis")) }}
+{{- printf "%s://%s:6379" (ternary "rediss" "redis" .Values.redis.tls.enabled) (include "genie.componentName" (dict "ctx" . "component" "redis")) }}
 {{- else if .Values.redis.external.url }}
 {{- .Values.redis.external.url | trimSuffix "/" }}
 {{- else if not .Values.redis.external.existingSecret }}
@@ -265,6 +265,27 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 - name: triton-ca
   secret:
     secretName: {{ .ctx.Values.triton.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* GENIE_REDIS_CA and its mount for the bundled Redis's clients when redis.tls.enabled: (dict "ctx" $ "part" "env"|"mount"|"volume"). */}}
+{{- define "genie.redisCa" -}}
+{{- if and .ctx.Values.redis.enabled .ctx.Values.redis.tls.enabled }}
+{{- if eq .part "env" }}
+- name: GENIE_REDIS_CA
+  value: /etc/genie/redis-ca/ca.crt
+{{- else if eq .part "mount" }}
+- name: redis-ca
+  mountPath: /etc/genie/redis-ca
+  readOnly: true
+{{- else }}
+- name: redis-ca
+  secret:
+    secretName: {{ required "redis.tls.enabled: set redis.tls.existingSecret" .ctx.Values.redis.tls.existingSecret }}
     defaultMode: 0440
     items:
       - {key: ca.crt, path: ca.crt}
