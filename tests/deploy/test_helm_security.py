@@ -121,6 +121,8 @@ def test_the_bundled_redis_password_is_generated_and_only_referenced(helm):
         (c,) = pod_spec(named(docs, "Deployment", workload))["containers"]
         env = {e["name"]: e for e in c["env"]}
         assert env["GENIE_REDIS_PASSWORD"] == {"name": "GENIE_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": ref}}
+        if "worker" in workload:  # the Celery settings' own name for it (services/worker/settings.py)
+            assert env["GENIE_BROKER_PASSWORD"] == {"name": "GENIE_BROKER_PASSWORD", "valueFrom": {"secretKeyRef": ref}}
         assert all(":@" not in e.get("value", "") for e in c["env"]), workload
 
 

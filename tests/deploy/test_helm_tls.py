@@ -185,6 +185,8 @@ def test_bundled_redis_tls_reaches_every_client(helm):
     for name in ("t-genie-gateway", "t-genie-worker-train", "t-genie-worker-rollout"):
         spec, c = main_container(docs, name)
         assert file_source(spec, c, env_of(c)["GENIE_REDIS_CA"]) == ("redis-tls", "ca.crt"), name
+        if "worker" in name:
+            assert env_of(c)["GENIE_BROKER_CA"] == env_of(c)["GENIE_REDIS_CA"]
     redis = named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]
     (server,) = redis["containers"]
     assert "--port 0 --tls-port 6379" in server["args"][0]  # no plaintext port at all

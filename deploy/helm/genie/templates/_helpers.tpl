@@ -199,6 +199,18 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 {{- end }}
 {{- end }}
 
+{{/* The Celery side's names for the same password (services/worker/settings.py: GENIE_BROKER_PASSWORD, put into
+     the broker and result-backend URLs that carry none). */}}
+{{- define "genie.brokerEnv" -}}
+{{- if .Values.redis.enabled }}
+- name: GENIE_BROKER_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "genie.redisPasswordSecretName" . }}
+      key: {{ include "genie.redisPasswordSecretKey" . }}
+{{- end }}
+{{- end }}
+
 {{/* The PVC the chart mounts at /data/jobs (its own, or worker.jobs.existingClaim): training pods mount it too. */}}
 {{- define "genie.jobsClaim" -}}
 {{- default (printf "%s-jobs" (include "genie.fullname" .)) .Values.worker.jobs.existingClaim }}
@@ -272,12 +284,17 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 {{- end }}
 {{- end }}
 
-{{/* GENIE_REDIS_CA and its mount for the bundled Redis's clients when redis.tls.enabled: (dict "ctx" $ "part" "env"|"mount"|"volume"). */}}
+{{/* GENIE_REDIS_CA and its mount for the bundled Redis's clients when redis.tls.enabled: (dict "ctx" $ "part" "env"|"mount"|"volume"
+     ["broker" true]: the workers' Celery settings also get it as GENIE_BROKER_CA). */}}
 {{- define "genie.redisCa" -}}
 {{- if and .ctx.Values.redis.enabled .ctx.Values.redis.tls.enabled }}
 {{- if eq .part "env" }}
 - name: GENIE_REDIS_CA
   value: /etc/genie/redis-ca/ca.crt
+{{- if .broker }}
+- name: GENIE_BROKER_CA
+  value: /etc/genie/redis-ca/ca.crt
+{{- end }}
 {{- else if eq .part "mount" }}
 - name: redis-ca
   mountPath: /etc/genie/redis-ca
