@@ -15,9 +15,9 @@ PRODUCTION = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "values-p
 VALUES = {"default": [], "production-gpu": ["-f", str(PRODUCTION)]}
 # The chart's kubeVersion floor (native gRPC probes went GA in 1.27) and the newest schemas kubernetes-validate ships.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
-# Prometheus Operator CRDs: kubernetes-validate knows only built-in kinds. ServiceMonitors are checked structurally
-# in test_service_monitors instead (selector matches one Service, endpoint ports exist on it).
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# Prometheus Operator and cert-manager CRDs: kubernetes-validate knows only built-in kinds. ServiceMonitors are checked
+# structurally in test_service_monitors instead, Certificates in test_helm_tls.py.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Certificate")}
 WORKLOADS = ("Deployment", "StatefulSet")
 TRITON = ("tokenizer", "lam", "dynamics")
 
@@ -80,7 +80,7 @@ def test_kubernetes_validate_strict(rendered, version):
             skipped.add(doc["kind"])
             continue
         kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError / SchemaNotFoundError
-    assert skipped == ({"ServiceMonitor"} if name == "production-gpu" else set())
+    assert skipped == ({"ServiceMonitor", "Certificate"} if name == "production-gpu" else set())
 
 
 def test_validator_rejects_a_misspelt_field(default):
@@ -212,10 +212,10 @@ def test_service_monitors(default, production):
         assert all(e["port"] in names and e["path"] == "/metrics" for e in sm["spec"]["endpoints"]), sm["metadata"]["name"]
 
 
-def test_network_policies_select_existing_pods(default, production):
-    assert not of_kind(default, "NetworkPolicy")
-    policies = of_kind(production, "NetworkPolicy")
-    workloads = [d for d in production if d["kind"] in WORKLOADS]
+def test_network_policies_select_existing_pods(rendered):
+    name, docs = rendered
+    policies = of_kind(docs, "NetworkPolicy")  # on by default (issue 19)
+    workloads = [d for d in docs if d["kind"] in WORKLOADS]
     components = set()
     for policy in policies:
         sel = policy["spec"]["podSelector"]
@@ -224,7 +224,8 @@ def test_network_policies_select_existing_pods(default, production):
                and all(pod_labels(w).get(k) in v for k, v in exprs.items())]
         assert hit, policy["metadata"]["name"]
         components |= {pod_labels(w)["app.kubernetes.io/component"] for w in hit}
-    assert components == {"gateway", *TRITON, "worker-train", "worker-rollout"}  # no bundled Redis in production
+    expected = {"gateway", *TRITON, "worker-train", "worker-rollout"}
+    assert components == (expected if name == "production-gpu" else expected | {"redis"})  # production: managed Redis
 
 
 # --- what each component runs ------------------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ def test_bundled_redis(default):
     assert named(default, "Service", "t-genie-redis")["spec"]["ports"][0]["port"] == 6379
     c = pod_spec(sts)["containers"][0]
     assert c["image"].startswith("docker.io/library/redis:7")
-    assert c["args"][c["args"].index("--appendonly") + 1] == "yes"
+    assert c["command"] == ["sh", "-c"] and "--appendonly yes" in c["args"][0]
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     url = named(default, "Secret", "t-genie-redis-url")["data"]["redis-url"]
     assert base64.b64decode(url).decode() == "redis://t-genie-redis:6379"
@@ -375,7 +376,7 @@ def test_tokens_secret(helm, default, production):
 
 
 def test_helm_test_hook_checks_gateway_grpc_health(rendered):
-    _, docs = rendered
+    name, docs = rendered
     (pod,) = of_kind(docs, "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     c = pod["spec"]["containers"][0]
@@ -385,4 +386,4 @@ def test_helm_test_hook_checks_gateway_grpc_health(rendered):
     host, port = target.split(":")
     gateway = named(docs, "Service", host)
     assert int(port) in [p["port"] for p in gateway["spec"]["ports"] if p["name"] == "grpc"]
-    assert page == f"http://{host}:8080"
+    assert page == f"{'https' if name == 'production-gpu' else 'http'}://{host}:8080"  # production: gateway TLS

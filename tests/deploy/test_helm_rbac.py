@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PRODUCTION = ["-f", str(ROOT / "deploy" / "helm" / "values-production-gpu.yaml")]
 ENABLED = ["--set", "worker.kubernetes.enabled=true"]
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Certificate")}
 RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 LAUNCHER = "t-genie-train-launcher"
 # (apiGroup, resource, verb): what the launcher does, and all the Role may allow.

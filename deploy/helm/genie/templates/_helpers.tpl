@@ -164,7 +164,7 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 {{/* The Redis base URL (no DB) the chart writes into its Secret. */}}
 {{- define "genie.redisBaseUrl" -}}
 {{- if .Values.redis.enabled }}
-{{- printf "redis://%s:6379" (include "genie.componentName" (dict "ctx" . "component" "redis")) }}
+{{- printf "%s://%s:6379" (ternary "rediss" "redis" .Values.redis.tls.enabled) (include "genie.componentName" (dict "ctx" . "component" "redis")) }}
 {{- else if .Values.redis.external.url }}
 {{- .Values.redis.external.url | trimSuffix "/" }}
 {{- else if not .Values.redis.external.existingSecret }}
@@ -172,13 +172,43 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 {{- end }}
 {{- end }}
 
-{{/* GENIE_REDIS_BASE_URL from the Secret, then the full URLs built from it (Kubernetes expands $(VAR) in env). */}}
+{{/* The Secret and key of the bundled Redis's password (its own, generated, or redis.auth.existingSecret). */}}
+{{- define "genie.redisPasswordSecretName" -}}
+{{- default (printf "%s-redis-password" (include "genie.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{- define "genie.redisPasswordSecretKey" -}}
+{{- ternary .Values.redis.auth.existingSecretKey "redis-password" (ne .Values.redis.auth.existingSecret "") }}
+{{- end }}
+
+{{/* GENIE_REDIS_BASE_URL from the Secret, then the full URLs built from it (Kubernetes expands $(VAR) in env).
+     With the bundled Redis the URL carries no password: the clients read it from GENIE_REDIS_PASSWORD (the
+     contract with services/, deploy/README.md), so no password ends up in a URL, an argument or a ConfigMap. */}}
 {{- define "genie.redisEnv" -}}
 - name: GENIE_REDIS_BASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "genie.redisSecretName" . }}
       key: {{ include "genie.redisSecretKey" . }}
+{{- if .Values.redis.enabled }}
+- name: GENIE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "genie.redisPasswordSecretName" . }}
+      key: {{ include "genie.redisPasswordSecretKey" . }}
+{{- end }}
+{{- end }}
+
+{{/* The Celery side's names for the same password (services/worker/settings.py: GENIE_BROKER_PASSWORD, put into
+     the broker and result-backend URLs that carry none). */}}
+{{- define "genie.brokerEnv" -}}
+{{- if .Values.redis.enabled }}
+- name: GENIE_BROKER_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "genie.redisPasswordSecretName" . }}
+      key: {{ include "genie.redisPasswordSecretKey" . }}
+{{- end }}
 {{- end }}
 
 {{/* The PVC the chart mounts at /data/jobs (its own, or worker.jobs.existingClaim): training pods mount it too. */}}
@@ -203,4 +233,79 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 
 {{- define "genie.redisSentinelMaster" -}}
 {{- if .Values.redis.enabled }}{{ .Values.redis.sentinel.masterName }}{{ else }}{{ .Values.redis.external.sentinelMaster }}{{ end }}
+{{- end }}
+
+{{/* NetworkPolicy peers: this release's pods of some components, (dict "ctx" $ "components" (list ...)); and a
+     configured namespace + pod selector pair (networkPolicy.ingressController / .prometheus). */}}
+{{- define "genie.releasePods" -}}
+- podSelector:
+    matchLabels:
+      app.kubernetes.io/name: {{ include "genie.name" .ctx }}
+      app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+    matchExpressions:
+      - {key: app.kubernetes.io/component, operator: In, values: {{ toJson .components }}}
+{{- end }}
+{{- define "genie.peer" -}}
+- namespaceSelector:
+    {{- toYaml .namespaceSelector | nindent 4 }}
+  podSelector:
+    {{- toYaml .podSelector | nindent 4 }}
+{{- end }}
+
+{{/* The gateway's serving TLS Secret: gateway.tls.existingSecret, else the one its cert-manager Certificate fills. */}}
+{{- define "genie.gatewayTlsSecret" -}}
+{{- with .Values.gateway.tls }}
+{{- if .existingSecret }}{{ .existingSecret }}
+{{- else if .certManager.issuerName }}{{ include "genie.componentName" (dict "ctx" $ "component" "gateway-tls") }}
+{{- else }}{{ fail "gateway.tls.enabled: set gateway.tls.existingSecret or gateway.tls.certManager.issuerName" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* GENIE_TRITON_CA and its mount for pods that call Triton when triton.tls.enabled: (dict "ctx" $ "part" "env"|"mount"|"volume"). */}}
+{{- define "genie.tritonCa" -}}
+{{- if .ctx.Values.triton.tls.enabled }}
+{{- if not .ctx.Values.triton.tls.existingSecret }}{{ fail "triton.tls.enabled: set triton.tls.existingSecret" }}{{ end }}
+{{- if eq .part "env" }}
+- name: GENIE_TRITON_CA
+  value: /etc/genie/triton-ca/ca.crt
+{{- else if eq .part "mount" }}
+- name: triton-ca
+  mountPath: /etc/genie/triton-ca
+  readOnly: true
+{{- else }}
+- name: triton-ca
+  secret:
+    secretName: {{ .ctx.Values.triton.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* GENIE_REDIS_CA and its mount for the bundled Redis's clients when redis.tls.enabled: (dict "ctx" $ "part" "env"|"mount"|"volume"
+     ["broker" true]: the workers' Celery settings also get it as GENIE_BROKER_CA). */}}
+{{- define "genie.redisCa" -}}
+{{- if and .ctx.Values.redis.enabled .ctx.Values.redis.tls.enabled }}
+{{- if eq .part "env" }}
+- name: GENIE_REDIS_CA
+  value: /etc/genie/redis-ca/ca.crt
+{{- if .broker }}
+- name: GENIE_BROKER_CA
+  value: /etc/genie/redis-ca/ca.crt
+{{- end }}
+{{- else if eq .part "mount" }}
+- name: redis-ca
+  mountPath: /etc/genie/redis-ca
+  readOnly: true
+{{- else }}
+- name: redis-ca
+  secret:
+    secretName: {{ required "redis.tls.enabled: set redis.tls.existingSecret" .ctx.Values.redis.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- end }}
 {{- end }}
