@@ -196,6 +196,11 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
               help="Acknowledge a step only once this many replicas have it (Redis WAIT).")
 @click.option("--redis-wait-ms", type=int, default=100, show_default=True, envvar="GENIE_REDIS_WAIT_MS",
               help="How long WAIT may take before the step answers UNAVAILABLE with its version.")
+@click.option("--redis-password", default="", envvar="GENIE_REDIS_PASSWORD", show_default=False,
+              help="Redis AUTH password when the URL has none; prefer env GENIE_REDIS_PASSWORD (from a Secret).")
+@click.option("--redis-ca", default="", envvar="GENIE_REDIS_CA", help="PEM CA of the Redis server (rediss:// URLs).")
+@click.option("--redis-cert", default="", envvar="GENIE_REDIS_CERT", help="Client certificate (PEM) for mutual TLS to Redis.")
+@click.option("--redis-key", default="", envvar="GENIE_REDIS_KEY", help="Client key (PEM) for --redis-cert.")
 @click.option("--max-in-flight", type=int, default=32, show_default=True,
               help="Model calls running at once; 0 = no admission control (never shed load).")
 @click.option("--max-queue", type=int, default=64, show_default=True,
@@ -211,7 +216,8 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
 @_device_options
 def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, store, redis_url,
-          redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, max_in_flight, max_queue, queue_timeout,
+          redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, redis_password, redis_ca, redis_cert,
+          redis_key, max_in_flight, max_queue, queue_timeout,
           step_deadline, tokens, session_ttl, max_sessions, rate, threads, device, precision) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
     in-memory session store. Replicas sharing one Redis serve any session."""
@@ -225,7 +231,9 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_u
         admission = AdmissionConfig(max_in_flight, max_queue, queue_timeout) if max_in_flight else None
         cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, triton_model_urls=triton_model_urls,
                             store=store, redis_url=redis_url, redis_sentinels=redis_sentinels, redis_master=redis_master,
-                            redis_wait_replicas=redis_wait_replicas, redis_wait_ms=redis_wait_ms, admission=admission,
+                            redis_wait_replicas=redis_wait_replicas, redis_wait_ms=redis_wait_ms,
+                            redis_password=redis_password, redis_ca=redis_ca, redis_cert=redis_cert, redis_key=redis_key,
+                            admission=admission,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
                             threads=threads, device=device, precision=precision, limits=limits)
     except ValueError as exc:

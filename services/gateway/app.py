@@ -17,7 +17,7 @@ from services.gateway.backend import BackendUnavailable, ModelBackend
 from services.gateway.grpc_server import GrpcServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.sessions import Limits, SessionService
-from services.gateway.store import SessionStore
+from services.gateway.store import SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ class GatewayConfig:
     redis_master: str = ""  # the name the sentinels monitor
     redis_wait_replicas: int = 0  # a step is acknowledged only after this many replicas have it (Redis WAIT)
     redis_wait_ms: int = 100  # how long WAIT may take; past it the step answers UNAVAILABLE + its version
+    redis_password: str = ""  # used when the URL has none; the CLI reads it from env GENIE_REDIS_PASSWORD
+    redis_ca: str = ""  # PEM CA that signed the Redis server's certificate (rediss:// only; empty = system CAs)
+    redis_cert: str = ""  # client certificate + key, for a Redis with tls-auth-clients yes
+    redis_key: str = ""
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8080  # web play page + JSON API; 0 = a free port, -1 = off
@@ -57,9 +61,7 @@ class GatewayConfig:
         if self.redis_wait_replicas < 0 or self.redis_wait_ms < 0:
             raise ValueError(f"redis wait replicas/ms must be >= 0, got {self.redis_wait_replicas}, {self.redis_wait_ms}")
         if self.store == "redis":
-            from services.gateway.redis_store import RedisTarget
-
-            RedisTarget.parse(self.redis_url, self.redis_sentinels, self.redis_master)  # a bad spec fails at startup
+            redis_target(self)  # a bad spec fails at startup
 
 
 def make_backend(cfg: GatewayConfig, registry=None) -> ModelBackend:
@@ -92,12 +94,20 @@ def parse_model_urls(spec: str) -> dict[str, str]:
     return {name: ",".join(u) for name, u in urls.items()}
 
 
+def redis_target(cfg: GatewayConfig):
+    """The RedisTarget the config names: URL or Sentinel set, plus password and TLS files."""
+    from services.gateway.redis_store import RedisTarget, RedisTLS
+
+    target = RedisTarget.parse(cfg.redis_url, cfg.redis_sentinels, cfg.redis_master)
+    tls = RedisTLS(cfg.redis_ca, cfg.redis_cert, cfg.redis_key) if (cfg.redis_ca or cfg.redis_cert) else None
+    return target.with_credentials(cfg.redis_password, tls)
+
+
 def make_store(cfg: GatewayConfig) -> SessionStore:
     if cfg.store == "redis":
-        from services.gateway.redis_store import RedisStore, RedisTarget
+        from services.gateway.redis_store import RedisStore
 
-        target = RedisTarget.parse(cfg.redis_url, cfg.redis_sentinels, cfg.redis_master)
-        return RedisStore(target, wait_replicas=cfg.redis_wait_replicas, wait_ms=cfg.redis_wait_ms)
+        return RedisStore(redis_target(cfg), wait_replicas=cfg.redis_wait_replicas, wait_ms=cfg.redis_wait_ms)
     from services.gateway.memory_store import MemoryStore
 
     return MemoryStore()
@@ -128,6 +138,12 @@ class Gateway:
         self._metrics_server = None
 
     async def start(self) -> None:
+        verify = getattr(self.store, "verify", None)
+        if verify is not None:  # a refused password or certificate raises StoreMisconfigured: exit at startup
+            try:
+                await verify()
+            except StoreUnavailable as exc:  # down is not misconfigured: health says NOT_SERVING until it is up
+                log.warning("session store not available yet, serving UNAVAILABLE until it is: %s", exc)
         try:
             await self.backend.start()
         except BackendUnavailable as exc:  # serve anyway: health says NOT_SERVING and calls retry the backend

@@ -1,0 +1,181 @@
+"""The session store over Redis AUTH + TLS: a real `redis-server` with `requirepass` listening only on a TLS
+port (plaintext port 0) and `tls-auth-clients yes`, certificates made by the openssl CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from services.gateway.redis_store import RedisStore, RedisTarget, RedisTLS, StoreMisconfigured
+from services.gateway.store import StoreUnavailable
+from services.triton import free_ports
+from tests.services.gateway.test_store_contract import _record
+from tests.tls_certs import make_certs
+
+PASSWORD = "s3cret-for-tests"
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("redis-certs"))
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("other-certs"), name="stranger")
+
+
+@pytest.fixture(scope="module")
+def tls_redis(certs, tmp_path_factory):
+    """(port) of a redis-server with requirepass, TLS only, client certificates required; stopped after."""
+    (port,) = free_ports(1)
+    workdir = tmp_path_factory.mktemp("redis-tls")
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--requirepass", PASSWORD, "--tls-cert-file", str(certs.server_cert),
+         "--tls-key-file", str(certs.server_key), "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    admin = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, ssl=True, ssl_ca_certs=str(certs.ca),
+                        ssl_certfile=str(certs.client_cert), ssl_keyfile=str(certs.client_key), socket_timeout=2)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            admin.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"redis-server with TLS did not start: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+            time.sleep(0.1)
+    yield port, admin
+    admin.close()
+    proc.terminate()
+    proc.wait(10)
+
+
+def _tls(certs, ca=None) -> RedisTLS:
+    return RedisTLS(ca=str(ca or certs.ca), cert=str(certs.client_cert), key=str(certs.client_key))
+
+
+def _store(port, certs, password=PASSWORD, in_url=True, ca=None) -> RedisStore:
+    url = f"rediss://:{password}@127.0.0.1:{port}/0" if in_url else f"rediss://127.0.0.1:{port}/0"
+    target = RedisTarget.parse(url).with_credentials("" if in_url else password, _tls(certs, ca))
+    return RedisStore(target, prefix=f"tls-test-{time.monotonic_ns()}:", timeout_s=2)
+
+
+async def test_sessions_over_tls_with_the_password_in_the_url(tls_redis, certs):
+    port, _ = tls_redis
+    store = _store(port, certs)
+    record = _record()
+    try:
+        await store.verify()
+        await store.create(record, max_per_owner=4)
+        got = await store.get(record.session_id)
+        assert got is not None and got.owner == "alice"
+        assert torch.equal(got.state.tokens, record.state.tokens)
+        assert await store.count("alice") == 1
+        assert await store.delete(record.session_id) and await store.get(record.session_id) is None
+    finally:
+        await store.close()
+
+
+async def test_the_password_can_come_from_outside_the_url(tls_redis, certs):
+    port, _ = tls_redis
+    store = _store(port, certs, in_url=False)
+    try:
+        await store.verify()
+        assert await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_a_wrong_password_is_a_clear_startup_error_and_unavailable_afterwards(tls_redis, certs):
+    port, _ = tls_redis
+    store = _store(port, certs, password="wrong")
+    try:
+        with pytest.raises(StoreMisconfigured, match="authentication failed"):
+            await store.verify()
+        assert not await store.ping()
+        with pytest.raises(StoreUnavailable):
+            await store.get("anything")
+    finally:
+        await store.close()
+
+
+async def test_a_server_signed_by_another_ca_is_refused(tls_redis, certs, other_ca):
+    port, _ = tls_redis
+    store = _store(port, certs, ca=other_ca.ca)
+    try:
+        with pytest.raises(StoreMisconfigured, match="TLS handshake failed"):
+            await store.verify()
+        assert not await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_a_password_changed_later_makes_the_store_unavailable(tls_redis, certs):
+    port, admin = tls_redis
+    store = _store(port, certs)
+    try:
+        await store.verify()
+        assert await store.ping()
+        admin.config_set("requirepass", "rotated")  # the operator rotates the password ...
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # ... and drops old connections
+        assert not await store.ping()
+        with pytest.raises(StoreUnavailable):
+            await store.get("anything")
+    finally:
+        admin.config_set("requirepass", PASSWORD)
+        await store.close()
+
+
+def test_tls_options_need_a_rediss_url_and_readable_files(certs, tmp_path):
+    with pytest.raises(ValueError, match="rediss://"):
+        RedisTarget.parse("redis://127.0.0.1:6379/0").with_credentials("", RedisTLS(ca=str(certs.ca)))
+    with pytest.raises(ValueError, match="cannot read the Redis CA file"):
+        RedisTLS(ca=str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match="both --redis-cert and --redis-key"):
+        RedisTLS(cert=str(certs.client_cert))
+    with pytest.raises(ValueError, match="Sentinel"):
+        RedisTarget.parse("redis+sentinel://127.0.0.1:26379/genie").with_credentials("", RedisTLS())
+
+
+def _serve(port, certs, env_password, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GENIE_REDIS_PASSWORD": env_password, "GENIE_REDIS_CA": str(certs.ca),
+           "GENIE_REDIS_CERT": str(certs.client_cert), "GENIE_REDIS_KEY": str(certs.client_key)}
+    (triton_port,) = free_ports(1)  # nothing listens there: the gateway serves NOT_SERVING until Triton is up
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "--world", str(tmp_path), "--backend", "triton",
+         "--triton-url", f"127.0.0.1:{triton_port}", "--store", "redis", "--redis-url", f"rediss://127.0.0.1:{port}/0",
+         "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_with_a_wrong_password_exits_2_with_one_error_line(tls_redis, certs, tmp_path):
+    port, _ = tls_redis
+    proc = _serve(port, certs, "wrong", tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "authentication failed" in errors[0], err
+
+
+def test_serve_with_the_password_from_env_starts(tls_redis, certs, tmp_path):
+    port, _ = tls_redis
+    proc = _serve(port, certs, PASSWORD, tmp_path)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.poll() is not None else "no ready line"
+        assert json.loads(line)["grpc"].startswith("127.0.0.1:")
+    finally:
+        proc.terminate()
+        proc.wait(30)
