@@ -179,3 +179,26 @@ def test_serve_with_the_password_from_env_starts(tls_redis, certs, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+async def test_without_a_client_certificate_the_server_refuses(tls_redis, certs):
+    port, _ = tls_redis
+    target = RedisTarget.parse(f"rediss://:{PASSWORD}@127.0.0.1:{port}/0").with_credentials("", RedisTLS(ca=str(certs.ca)))
+    store = RedisStore(target, timeout_s=2)
+    try:
+        with pytest.raises(StoreMisconfigured, match="TLS handshake failed"):
+            await store.verify()
+        assert not await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_plaintext_to_the_tls_port_is_unavailable(tls_redis):
+    port, _ = tls_redis
+    store = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", timeout_s=1)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.verify()
+        assert not await store.ping()
+    finally:
+        await store.close()
