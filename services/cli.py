@@ -34,6 +34,13 @@ def _device_options(f):
 
 
 def _backend_options(f):
+    f = click.option("--triton-key", default="", envvar="GENIE_TRITON_KEY", help="Key (PEM) for --triton-cert.")(f)
+    f = click.option("--triton-cert", default="", envvar="GENIE_TRITON_CERT",
+                     help="Client certificate (PEM) for a Triton that requires one (mutual TLS).")(f)
+    f = click.option("--triton-ca", default="", envvar="GENIE_TRITON_CA",
+                     help="Talk TLS to Triton and verify it with this CA (PEM); see also --triton-tls.")(f)
+    f = click.option("--triton-tls", is_flag=True, envvar="GENIE_TRITON_TLS",
+                     help="Talk TLS to Triton, verified with the system CAs (implied by --triton-ca/--triton-cert).")(f)
     f = click.option("--triton-model-urls", default="", envvar="GENIE_TRITON_MODEL_URLS",
                      help="Per-model Triton addresses, e.g. tokenizer=tok:8001,dynamics=dyn-a:8001,dyn-b:8001,lam=lam:8001 "
                           "(an address without model= is another replica of the model before it; "
@@ -59,7 +66,8 @@ def _backend_options(f):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("rollout.gif"), show_default=True)
 @_backend_options
 @_device_options
-def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls, device,
+def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls, triton_tls,
+            triton_ca, triton_cert, triton_key, device,
             precision) -> None:
     """Generate frames for a prompt and an action sequence and write a GIF, through the same model backend
     interface the gateway uses (in process, or the Triton services). Each frame is captioned with its step and the
@@ -75,7 +83,9 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
 
     async def run(image: Path):
         models = make_backend(GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url,
-                                            triton_model_urls=triton_model_urls, device=device, precision=precision))
+                                            triton_model_urls=triton_model_urls, triton_tls=triton_tls, triton_ca=triton_ca,
+                                            triton_cert=triton_cert, triton_key=triton_key, device=device,
+                                            precision=precision))
         try:
             await models.start()
             spec = models.spec
@@ -215,7 +225,8 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, token, open_browse
 @click.option("--rate", type=int, default=100, show_default=True, help="Requests per second per client.")
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
 @_device_options
-def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, store, redis_url,
+def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_url, triton_model_urls, triton_tls, triton_ca,
+          triton_cert, triton_key, store, redis_url,
           redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, redis_password, redis_ca, redis_cert,
           redis_key, max_in_flight, max_queue, queue_timeout,
           step_deadline, tokens, session_ttl, max_sessions, rate, threads, device, precision) -> None:
@@ -230,6 +241,7 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, backend, triton_u
                         step_deadline_s=step_deadline)
         admission = AdmissionConfig(max_in_flight, max_queue, queue_timeout) if max_in_flight else None
         cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, triton_model_urls=triton_model_urls,
+                            triton_tls=triton_tls, triton_ca=triton_ca, triton_cert=triton_cert, triton_key=triton_key,
                             store=store, redis_url=redis_url, redis_sentinels=redis_sentinels, redis_master=redis_master,
                             redis_wait_replicas=redis_wait_replicas, redis_wait_ms=redis_wait_ms,
                             redis_password=redis_password, redis_ca=redis_ca, redis_cert=redis_cert, redis_key=redis_key,

@@ -30,6 +30,10 @@ class GatewayConfig:
     # headless Service); a session's calls stick to one replica (services/gateway/routing.py).
     triton_url: str = "127.0.0.1:8001"
     triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=a:port,b:port,lam=...": endpoints per model
+    triton_tls: bool = False  # gRPC over TLS to Triton (implied by triton_ca / triton_cert)
+    triton_ca: str = ""  # PEM CA that signed Triton's certificate (empty = the system CAs)
+    triton_cert: str = ""  # client certificate + key for a Triton with --grpc-use-ssl-mutual
+    triton_key: str = ""
     store: str = "memory"  # "memory" (embedded default, one gateway only) or "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"  # or redis+sentinel://host:port,.../MASTER[/DB]
     redis_sentinels: str = ""  # "host:port,host:port,...": find the master through Sentinel (with redis_master)
@@ -60,6 +64,8 @@ class GatewayConfig:
             resolve_precision(self.precision, resolve_inference_device(self.device))
         if self.redis_wait_replicas < 0 or self.redis_wait_ms < 0:
             raise ValueError(f"redis wait replicas/ms must be >= 0, got {self.redis_wait_replicas}, {self.redis_wait_ms}")
+        if self.backend == "triton":
+            triton_tls(self)  # unreadable certificate files fail at startup
         if self.store == "redis":
             redis_target(self)  # a bad spec fails at startup
 
@@ -69,7 +75,8 @@ def make_backend(cfg: GatewayConfig, registry=None) -> ModelBackend:
     if cfg.backend == "triton":
         from services.gateway.triton_backend import TritonBackend
 
-        return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls), registry=registry)
+        return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls), registry=registry,
+                             tls=triton_tls(cfg))
     from services.gateway.inprocess import InProcessBackend
 
     return InProcessBackend(Path(cfg.world), threads=cfg.threads, device=cfg.device, precision=cfg.precision)
@@ -92,6 +99,15 @@ def parse_model_urls(spec: str) -> dict[str, str]:
             raise ValueError(f"Triton model URLs must be model=host:port[,host:port...][,model=host:port...], got {spec!r}")
         urls[model].append(url)
     return {name: ",".join(u) for name, u in urls.items()}
+
+
+def triton_tls(cfg: GatewayConfig):
+    """The TritonClientTLS the config asks for, or None for plaintext gRPC."""
+    if not (cfg.triton_tls or cfg.triton_ca or cfg.triton_cert or cfg.triton_key):
+        return None
+    from services.gateway.triton_backend import TritonClientTLS
+
+    return TritonClientTLS(cfg.triton_ca, cfg.triton_cert, cfg.triton_key)
 
 
 def redis_target(cfg: GatewayConfig):

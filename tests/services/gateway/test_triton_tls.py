@@ -71,3 +71,40 @@ def test_tls_options_are_checked(certs, tmp_path):
         TritonTLS(cert=str(tmp_path / "missing.crt"), key=str(certs.server_key))
     flags = TritonTLS(cert=str(certs.server_cert), key=str(certs.server_key), client_ca=str(certs.ca)).flags()
     assert "--grpc-use-ssl=true" in flags and "--grpc-use-ssl-mutual=true" in flags
+
+
+def _rollout(tls_triton, tmp_path, *tls_args: str):
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    return CliRunner().invoke(main, ["rollout", "--backend", "triton", "--triton-url", tls_triton.grpc_url, "--steps", "2",
+                                     "--actions", "0,1", "--prompt", "0", "--out", str(tmp_path / "r.gif"), *tls_args])
+
+
+def test_genie_rollout_over_tls_and_without_it(tls_triton, certs, tmp_path, trained_world_dir):
+    ok = _rollout(tls_triton, tmp_path, "--world", str(trained_world_dir), "--triton-ca", str(certs.ca),
+                  "--triton-cert", str(certs.client_cert), "--triton-key", str(certs.client_key))
+    assert ok.exit_code == 0, (ok.output, ok.exception)
+    assert (tmp_path / "r.gif").is_file()
+    plain = _rollout(tls_triton, tmp_path, "--world", str(trained_world_dir))
+    lines = plain.output.strip().splitlines()
+    assert plain.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "unavailable" in lines[0], lines
+
+
+def test_triton_serve_passes_the_tls_flags(certs, trained_world_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from services.triton.cli import triton
+
+    args = ["serve", "--world", str(trained_world_dir), "--repository", str(tmp_path / "repo"), "--dry-run",
+            "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca)]
+    result = CliRunner().invoke(triton, args)
+    assert result.exit_code == 0, result.output
+    command = json.loads(result.output.strip().splitlines()[-1])["command"]
+    assert "--grpc-use-ssl=true" in command and f"--grpc-server-cert={certs.server_cert}" in command
+    assert "--grpc-use-ssl-mutual=true" in command
+    bad = CliRunner().invoke(triton, args[:-4] + ["--tls-key", str(tmp_path / "nope.key")])
+    assert bad.exit_code == 2 and bad.output.startswith("error:") and "not a file" in bad.output, bad.output
