@@ -3,6 +3,7 @@ port (plaintext port 0) and `tls-auth-clients yes`, certificates made by the ope
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -182,3 +183,41 @@ async def test_plaintext_to_the_tls_port_is_unavailable(tls_redis):
         assert not await store.ping()
     finally:
         await store.close()
+
+
+async def test_a_gateway_steps_over_tls_redis_and_turns_unavailable_when_the_password_changes(tls_redis, certs,
+                                                                                           trained_world_dir):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.gateway.app import Gateway, GatewayConfig
+    from services.gateway.client import GatewayClient
+    from services.gateway.inprocess import InProcessBackend
+    from tests.services.gateway.test_gateway_redis import ALICE, _png
+
+    port, admin = tls_redis
+    cfg = GatewayConfig(world=str(trained_world_dir), grpc_port=0, http_port=-1, metrics_port=-1, tokens=f"alice:{ALICE}",
+                        store="redis", redis_url=f"rediss://127.0.0.1:{port}/0", redis_password=PASSWORD,
+                        redis_ca=str(certs.ca), redis_cert=str(certs.client_cert), redis_key=str(certs.client_key))
+    gw = Gateway(cfg, backend=InProcessBackend(trained_world_dir))  # the store from the config: TLS + AUTH
+    await gw.start()
+    try:
+        async with GatewayClient(gw.grpc_address, ALICE) as client, grpc.aio.insecure_channel(gw.grpc_address) as ch:
+            sid = (await client.open(image=_png(trained_world_dir), seed=1)).session.session_id
+            assert (await client.step(sid, 1)).step == 1
+            admin.config_set("requirepass", "rotated")
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.step(sid, 2)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "session store" in err.value.details()
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 30
+            while (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status != \
+                    health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+                await asyncio.sleep(0.2)
+            admin.config_set("requirepass", PASSWORD)
+            assert (await client.step(sid, 2)).step == 2  # nothing was lost: the session continues where it was
+    finally:
+        admin.config_set("requirepass", PASSWORD)
+        await gw.stop()
