@@ -139,7 +139,12 @@ class RedisTarget:
                    password=password)
 
     def describe(self) -> str:
+        """For logs and error messages: never the password."""
         if not self.sentinels:
+            parts = urlsplit(self.url)
+            if parts.password is not None:
+                netloc = (parts.username or "") + ":***@" + parts.netloc.rpartition("@")[2]
+                return f"Redis at {parts._replace(netloc=netloc).geturl()}"
             return f"Redis at {self.url}"
         return f"Redis master {self.master!r} via Sentinel {','.join(f'{h}:{p}' for h, p in self.sentinels)}"
 

@@ -81,8 +81,9 @@ async def test_a_wrong_password_is_a_clear_startup_error_and_unavailable_afterwa
     port, _ = tls_redis
     store = _store(port, certs, password="wrong")
     try:
-        with pytest.raises(StoreMisconfigured, match="authentication failed"):
+        with pytest.raises(StoreMisconfigured, match="authentication failed") as err:
             await store.verify()
+        assert "wrong" not in str(err.value) and ":***@" in str(err.value)  # the password is never shown
         assert not await store.ping()
         with pytest.raises(StoreUnavailable):
             await store.get("anything")
