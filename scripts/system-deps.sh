@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite uses, only those missing: redis-server (the session store's
-# contract tests), chromium + chromium-driver (the play page's browser test), openssl (the TLS tests make their
-# certificates with it). Needs root or sudo.
+# contract tests; Debian's is built with TLS), openssl (the TLS tests' certificates), chromium + chromium-driver
+# (the play page's browser test). Needs root or sudo.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)

@@ -34,6 +34,13 @@ def _device_options(f):
 
 
 def _backend_options(f):
+    f = click.option("--triton-key", default="", envvar="GENIE_TRITON_KEY", help="Key (PEM) for --triton-cert.")(f)
+    f = click.option("--triton-cert", default="", envvar="GENIE_TRITON_CERT",
+                     help="Client certificate (PEM) for a Triton that requires one (mutual TLS).")(f)
+    f = click.option("--triton-ca", default="", envvar="GENIE_TRITON_CA",
+                     help="Talk TLS to Triton and verify it with this CA (PEM); see also --triton-tls.")(f)
+    f = click.option("--triton-tls", is_flag=True, envvar="GENIE_TRITON_TLS",
+                     help="Talk TLS to Triton, verified with the system CAs (implied by --triton-ca/--triton-cert).")(f)
     f = click.option("--triton-model-urls", default="", envvar="GENIE_TRITON_MODEL_URLS",
                      help="Per-model Triton addresses, e.g. tokenizer=tok:8001,dynamics=dyn-a:8001,dyn-b:8001,lam=lam:8001 "
                           "(an address without model= is another replica of the model before it; "
@@ -59,7 +66,8 @@ def _backend_options(f):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("rollout.gif"), show_default=True)
 @_backend_options
 @_device_options
-def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls, device,
+def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backend, triton_url, triton_model_urls, triton_tls,
+            triton_ca, triton_cert, triton_key, device,
             precision) -> None:
     """Generate frames for a prompt and an action sequence and write a GIF, through the same model backend
     interface the gateway uses (in process, or the Triton services). Each frame is captioned with its step and the
@@ -75,7 +83,9 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
 
     async def run(image: Path):
         models = make_backend(GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url,
-                                            triton_model_urls=triton_model_urls, device=device, precision=precision))
+                                            triton_model_urls=triton_model_urls, triton_tls=triton_tls, triton_ca=triton_ca,
+                                            triton_cert=triton_cert, triton_key=triton_key, device=device,
+                                            precision=precision))
         try:
             await models.start()
             spec = models.spec
@@ -222,6 +232,11 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
               help="Acknowledge a step only once this many replicas have it (Redis WAIT).")
 @click.option("--redis-wait-ms", type=int, default=100, show_default=True, envvar="GENIE_REDIS_WAIT_MS",
               help="How long WAIT may take before the step answers UNAVAILABLE with its version.")
+@click.option("--redis-password", default="", envvar="GENIE_REDIS_PASSWORD", show_default=False,
+              help="Redis AUTH password when the URL has none; prefer env GENIE_REDIS_PASSWORD (from a Secret).")
+@click.option("--redis-ca", default="", envvar="GENIE_REDIS_CA", help="PEM CA of the Redis server (rediss:// URLs).")
+@click.option("--redis-cert", default="", envvar="GENIE_REDIS_CERT", help="Client certificate (PEM) for mutual TLS to Redis.")
+@click.option("--redis-key", default="", envvar="GENIE_REDIS_KEY", help="Client key (PEM) for --redis-cert.")
 @click.option("--max-in-flight", type=int, default=32, show_default=True,
               help="Model calls running at once; 0 = no admission control (never shed load).")
 @click.option("--max-queue", type=int, default=64, show_default=True,
@@ -237,8 +252,9 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
 @_device_options
 def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, backend,
-          triton_url, triton_model_urls, store, redis_url,
-          redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, max_in_flight, max_queue, queue_timeout,
+          triton_url, triton_model_urls, triton_tls, triton_ca, triton_cert, triton_key, store, redis_url,
+          redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, redis_password, redis_ca, redis_cert,
+          redis_key, max_in_flight, max_queue, queue_timeout,
           step_deadline, tokens, session_ttl, max_sessions, rate, threads, device, precision) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
     in-memory session store. Replicas sharing one Redis serve any session."""
@@ -251,8 +267,11 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key
                         step_deadline_s=step_deadline)
         admission = AdmissionConfig(max_in_flight, max_queue, queue_timeout) if max_in_flight else None
         cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, triton_model_urls=triton_model_urls,
+                            triton_tls=triton_tls, triton_ca=triton_ca, triton_cert=triton_cert, triton_key=triton_key,
                             store=store, redis_url=redis_url, redis_sentinels=redis_sentinels, redis_master=redis_master,
-                            redis_wait_replicas=redis_wait_replicas, redis_wait_ms=redis_wait_ms, admission=admission,
+                            redis_wait_replicas=redis_wait_replicas, redis_wait_ms=redis_wait_ms,
+                            redis_password=redis_password, redis_ca=redis_ca, redis_cert=redis_cert, redis_key=redis_key,
+                            admission=admission,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
                             threads=threads, device=device, precision=precision, limits=limits,
                             **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port))

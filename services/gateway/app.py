@@ -17,7 +17,7 @@ from services.gateway.backend import BackendUnavailable, ModelBackend
 from services.gateway.grpc_server import GrpcServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.sessions import Limits, SessionService
-from services.gateway.store import SessionStore
+from services.gateway.store import SessionStore, StoreUnavailable
 from services.gateway.tls import server_tls_from
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,20 @@ class GatewayConfig:
     # headless Service); a session's calls stick to one replica (services/gateway/routing.py).
     triton_url: str = "127.0.0.1:8001"
     triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=a:port,b:port,lam=...": endpoints per model
+    triton_tls: bool = False  # gRPC over TLS to Triton (implied by triton_ca / triton_cert)
+    triton_ca: str = ""  # PEM CA that signed Triton's certificate (empty = the system CAs)
+    triton_cert: str = ""  # client certificate + key for a Triton with --grpc-use-ssl-mutual
+    triton_key: str = ""
     store: str = "memory"  # "memory" (embedded default, one gateway only) or "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"  # or redis+sentinel://host:port,.../MASTER[/DB]
     redis_sentinels: str = ""  # "host:port,host:port,...": find the master through Sentinel (with redis_master)
     redis_master: str = ""  # the name the sentinels monitor
     redis_wait_replicas: int = 0  # a step is acknowledged only after this many replicas have it (Redis WAIT)
     redis_wait_ms: int = 100  # how long WAIT may take; past it the step answers UNAVAILABLE + its version
+    redis_password: str = ""  # used when the URL has none; the CLI reads it from env GENIE_REDIS_PASSWORD
+    redis_ca: str = ""  # PEM CA that signed the Redis server's certificate (rediss:// only; empty = system CAs)
+    redis_cert: str = ""  # client certificate + key, for a Redis with tls-auth-clients yes
+    redis_key: str = ""
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8080  # web play page + JSON API; 0 = a free port, -1 = off
@@ -63,10 +71,10 @@ class GatewayConfig:
             resolve_precision(self.precision, resolve_inference_device(self.device))
         if self.redis_wait_replicas < 0 or self.redis_wait_ms < 0:
             raise ValueError(f"redis wait replicas/ms must be >= 0, got {self.redis_wait_replicas}, {self.redis_wait_ms}")
+        if self.backend == "triton":
+            triton_tls(self)  # unreadable certificate files fail at startup
         if self.store == "redis":
-            from services.gateway.redis_store import RedisTarget
-
-            RedisTarget.parse(self.redis_url, self.redis_sentinels, self.redis_master)  # a bad spec fails at startup
+            redis_target(self)  # a bad spec fails at startup
 
 
 def make_backend(cfg: GatewayConfig, registry=None) -> ModelBackend:
@@ -74,7 +82,8 @@ def make_backend(cfg: GatewayConfig, registry=None) -> ModelBackend:
     if cfg.backend == "triton":
         from services.gateway.triton_backend import TritonBackend
 
-        return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls), registry=registry)
+        return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls), registry=registry,
+                             tls=triton_tls(cfg))
     from services.gateway.inprocess import InProcessBackend
 
     return InProcessBackend(Path(cfg.world), threads=cfg.threads, device=cfg.device, precision=cfg.precision)
@@ -99,12 +108,29 @@ def parse_model_urls(spec: str) -> dict[str, str]:
     return {name: ",".join(u) for name, u in urls.items()}
 
 
+def triton_tls(cfg: GatewayConfig):
+    """The TritonClientTLS the config asks for, or None for plaintext gRPC."""
+    if not (cfg.triton_tls or cfg.triton_ca or cfg.triton_cert or cfg.triton_key):
+        return None
+    from services.gateway.triton_backend import TritonClientTLS
+
+    return TritonClientTLS(cfg.triton_ca, cfg.triton_cert, cfg.triton_key)
+
+
+def redis_target(cfg: GatewayConfig):
+    """The RedisTarget the config names: URL or Sentinel set, plus password and TLS files."""
+    from services.gateway.redis_store import RedisTarget, RedisTLS
+
+    target = RedisTarget.parse(cfg.redis_url, cfg.redis_sentinels, cfg.redis_master)
+    tls = RedisTLS(cfg.redis_ca, cfg.redis_cert, cfg.redis_key) if (cfg.redis_ca or cfg.redis_cert) else None
+    return target.with_credentials(cfg.redis_password, tls)
+
+
 def make_store(cfg: GatewayConfig) -> SessionStore:
     if cfg.store == "redis":
-        from services.gateway.redis_store import RedisStore, RedisTarget
+        from services.gateway.redis_store import RedisStore
 
-        target = RedisTarget.parse(cfg.redis_url, cfg.redis_sentinels, cfg.redis_master)
-        return RedisStore(target, wait_replicas=cfg.redis_wait_replicas, wait_ms=cfg.redis_wait_ms)
+        return RedisStore(redis_target(cfg), wait_replicas=cfg.redis_wait_replicas, wait_ms=cfg.redis_wait_ms)
     from services.gateway.memory_store import MemoryStore
 
     return MemoryStore()
@@ -139,6 +165,12 @@ class Gateway:
         self._metrics_server = None
 
     async def start(self) -> None:
+        verify = getattr(self.store, "verify", None)
+        if verify is not None:  # a refused password or certificate raises StoreMisconfigured: exit at startup
+            try:
+                await verify()
+            except StoreUnavailable as exc:  # down is not misconfigured: health says NOT_SERVING until it is up
+                log.warning("session store not available yet, serving UNAVAILABLE until it is: %s", exc)
         try:
             await self.backend.start()
         except BackendUnavailable as exc:  # serve anyway: health says NOT_SERVING and calls retry the backend

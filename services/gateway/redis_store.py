@@ -23,6 +23,7 @@ are discarded when it rejoins as a replica (bound that window with the server's 
 from __future__ import annotations
 
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,13 +32,14 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, StoreUnavailable
 
 SENTINEL_SCHEME = "redis+sentinel"
+TLS_SCHEME = "rediss"
 # A master that died mid-call, one demoted to replica (READONLY), or no master known to the sentinels yet.
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
@@ -83,10 +85,33 @@ class RedisTarget:
     master: str = ""
     db: int = 0
     password: str | None = None
+    tls: RedisTLS | None = None  # CA / client certificate files for a rediss:// URL
 
     def __post_init__(self) -> None:
         if bool(self.sentinels) != bool(self.master):
             raise ValueError("a Sentinel target needs both sentinels (host:port,...) and the master's name")
+        if self.tls is not None and self.sentinels:
+            raise ValueError("TLS to a Sentinel-managed Redis is not supported yet; use a rediss:// URL to one Redis")
+        if self.tls is not None and not self.url.startswith(TLS_SCHEME + "://"):
+            raise ValueError(f"Redis CA/client certificates need a {TLS_SCHEME}:// URL, got {self.url!r}")
+
+    def with_credentials(self, password: str = "", tls: RedisTLS | None = None) -> RedisTarget:
+        """This target with a password (used when the URL carries none, e.g. from env GENIE_REDIS_PASSWORD, so
+        a pod takes it from a Secret) and TLS files. A rediss:// URL uses TLS even without files (system CAs)."""
+        if tls is None and self.url.startswith(TLS_SCHEME + "://"):
+            tls = RedisTLS()
+        return RedisTarget(url=self.url, sentinels=self.sentinels, master=self.master, db=self.db,
+                           password=self.password or password or None, tls=tls)
+
+    def connection_kwargs(self) -> dict:
+        """redis-py keyword arguments for the data connections: the password (a password in the URL wins)
+        and, for rediss://, the certificate files with verification required."""
+        kw: dict = {}
+        if self.password:
+            kw["password"] = self.password
+        if self.tls is not None:
+            kw.update(self.tls.kwargs())
+        return kw
 
     @classmethod
     def parse(cls, url: str, sentinels: str = "", master: str = "") -> RedisTarget:
@@ -114,9 +139,62 @@ class RedisTarget:
                    password=password)
 
     def describe(self) -> str:
+        """For logs and error messages: never the password."""
         if not self.sentinels:
+            parts = urlsplit(self.url)
+            if parts.password is not None:
+                netloc = (parts.username or "") + ":***@" + parts.netloc.rpartition("@")[2]
+                return f"Redis at {parts._replace(netloc=netloc).geturl()}"
             return f"Redis at {self.url}"
         return f"Redis master {self.master!r} via Sentinel {','.join(f'{h}:{p}' for h, p in self.sentinels)}"
+
+
+@dataclass(frozen=True)
+class RedisTLS:
+    """Certificate files for TLS to Redis: `ca` verifies the server (empty = the system's CAs); `cert` + `key`
+    are the client's own certificate, for a server that sets `tls-auth-clients yes`."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a Redis client certificate needs both --redis-cert and --redis-key")
+        for name, path in (("CA", self.ca), ("client certificate", self.cert), ("client key", self.key)):
+            if path:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ValueError(f"cannot read the Redis {name} file {path}: {exc.strerror}") from exc
+
+    def kwargs(self) -> dict:
+        kw: dict = {"ssl_cert_reqs": "required", "ssl_check_hostname": self.check_hostname}
+        if self.ca:
+            kw["ssl_ca_certs"] = self.ca
+        if self.cert:
+            kw["ssl_certfile"], kw["ssl_keyfile"] = self.cert, self.key
+        return kw
+
+
+class StoreMisconfigured(ValueError):
+    """The store refused this gateway's credentials or certificates: a deployment error, not an outage."""
+
+
+def _misconfiguration(exc: BaseException) -> str | None:
+    """What is wrong when `exc` means the configuration (password, ACL, certificates) is, else None."""
+    if isinstance(exc, (AuthenticationError, NoPermissionError)):
+        return f"authentication failed ({exc}); check the password (GENIE_REDIS_PASSWORD) and the ACL user"
+    if isinstance(exc, ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        return f"authentication failed ({exc}); check the password (GENIE_REDIS_PASSWORD) and the ACL user"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake failed ({cause}); check the CA (--redis-ca) and client certificate"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _hostports(spec: str) -> tuple[tuple[str, int], ...]:
@@ -142,10 +220,11 @@ class RedisStore:
         kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         if self.target.sentinels:
             self._sentinel = Sentinel(list(self.target.sentinels), sentinel_kwargs=kw, **kw)
-            self._redis = self._sentinel.master_for(self.target.master, db=self.target.db, password=self.target.password)
+            self._redis = self._sentinel.master_for(self.target.master, db=self.target.db,
+                                                    **self.target.connection_kwargs())
         else:
             self._sentinel = None
-            self._redis = aioredis.Redis.from_url(self.target.url, **kw)
+            self._redis = aioredis.Redis.from_url(self.target.url, **kw, **self.target.connection_kwargs())
         self._create = self._redis.register_script(_CREATE)
         self._commit = self._redis.register_script(_COMMIT)
         self._delete = self._redis.register_script(_DELETE)
@@ -223,6 +302,17 @@ class RedisStore:
                 return (await pipe.execute())[0]
 
         return await self._call("rate limit", op) <= per_second
+
+    async def verify(self) -> None:
+        """Checks the credentials at startup: raises StoreMisconfigured on a refused password or a failed TLS
+        handshake (the gateway exits with that line); an unreachable store is left to health (NOT_SERVING)."""
+        try:
+            await self._redis.ping()
+        except Exception as exc:
+            problem = _misconfiguration(exc)
+            if problem is not None:
+                raise StoreMisconfigured(f"session store ({self.url}): {problem}") from exc
+            raise StoreUnavailable(f"session store ({self.url}) unavailable at startup: {exc}") from exc
 
     async def ping(self) -> bool:
         try:

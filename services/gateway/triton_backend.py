@@ -24,7 +24,9 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -66,6 +68,28 @@ class RoutingMetrics:
         return self.registry.get_sample_value(name, {"model": model, "endpoint": endpoint}) or 0.0
 
 
+@dataclass(frozen=True)
+class TritonClientTLS:
+    """TLS from the gateway to Triton's gRPC endpoints: `ca` (PEM) verifies the servers (empty = the system's
+    CAs); `cert` + `key` are the gateway's own certificate for a server that requires one (mutual TLS)."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate for Triton needs both --triton-cert and --triton-key")
+        for name, path in (("CA", self.ca), ("client certificate", self.cert), ("client key", self.key)):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"the Triton {name} file {path!r} does not exist")
+
+    def client_kwargs(self) -> dict:
+        """tritonclient's aio InferenceServerClient ssl arguments (it takes the file paths and reads them)."""
+        return {"ssl": True, "root_certificates": self.ca or None, "private_key": self.key or None,
+                "certificate_chain": self.cert or None}
+
+
 class TritonBackend:
     """Talks to the Triton servers holding the `tokenizer`, `lam` and `dynamics` models of one world.
 
@@ -79,11 +103,13 @@ class TritonBackend:
         model_urls: per-model endpoints in the same forms as `url` (a Deployment per model, as the Helm chart runs).
         health: how long a failed endpoint is skipped, and how often DNS names are looked up again.
         registry: where the routing counters go (the gateway passes its metrics registry).
+        tls: TLS to the servers (a server with --grpc-use-ssl); None = plaintext.
     """
 
     def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.05,
                  reconnect_s: float = 0.25, model_urls: dict[str, str] | None = None,
-                 health: HealthPolicy | None = None, registry: CollectorRegistry | None = None) -> None:
+                 health: HealthPolicy | None = None, registry: CollectorRegistry | None = None,
+                 tls: TritonClientTLS | None = None) -> None:
         unknown = set(model_urls or {}) - set(P.MODELS)
         if unknown:
             raise ValueError(f"unknown Triton models {sorted(unknown)}; expected some of {list(P.MODELS)}")
@@ -93,6 +119,7 @@ class TritonBackend:
         self.endpoints = {m: EndpointSet(parse_endpoints(self.urls[m]), health) for m in P.MODELS}
         self.metrics = RoutingMetrics(registry)
         self.reconnect_s = reconnect_s
+        self._tls_kwargs = tls.client_kwargs() if tls is not None else {}
         self.spec: WorldSpec | None = None
         self.lam_frames = 0  # the longest clip the LAM takes, published in its config
         self._clients: dict[str, triton_aio.InferenceServerClient] = {}  # by URL
@@ -108,7 +135,7 @@ class TritonBackend:
                 ("grpc.max_reconnect_backoff_ms", ms),
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
-            ])
+            ], **self._tls_kwargs)
         return self._clients[url]
 
     async def start(self) -> None:

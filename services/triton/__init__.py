@@ -6,7 +6,7 @@ and the CLI imports `services.triton.cli`, neither of which should pull in trito
 
 from __future__ import annotations
 
-__all__ = ["Batching", "GPU_BATCHING", "Placement", "Repository", "TritonServer", "assemble_repository", "free_ports",
+__all__ = ["Batching", "GPU_BATCHING", "Placement", "Repository", "TritonServer", "TritonTLS", "assemble_repository", "free_ports",
            "pytriton_dir", "resolve_placement", "visible_gpus"]
 
 

@@ -47,15 +47,22 @@ def triton() -> None:
               help="Comma-separated models to serve (one per server when each model is its own Deployment).")
 @click.option("--repository", type=click.Path(file_okay=False, path_type=Path),
               help="Where to assemble the model repository (default: a temporary directory, removed on exit).")
+@click.option("--tls-cert", default="", envvar="GENIE_TRITON_TLS_CERT",
+              help="Server certificate (PEM): serve gRPC over TLS (--grpc-use-ssl); HTTP and metrics stay plaintext.")
+@click.option("--tls-key", default="", envvar="GENIE_TRITON_TLS_KEY", help="The server certificate's key (PEM).")
+@click.option("--tls-client-ca", default="", envvar="GENIE_TRITON_TLS_CLIENT_CA",
+              help="Require client certificates signed by this CA (mutual TLS, --grpc-use-ssl-mutual).")
 def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_port: int, threads: int, instances: int,
           device: str, instances_per_gpu: int, gpus: str, precision: str, max_batch: str, queue_delay_us: str,
-          dry_run: bool, cache_bytes: int, models: str, repository: Path | None) -> None:
+          dry_run: bool, cache_bytes: int, models: str, repository: Path | None, tls_cert: str, tls_key: str,
+          tls_client_ca: str) -> None:
     """Assemble the repository for WORLD and run tritonserver until Ctrl-C (or SIGTERM)."""
-    from services.triton.launcher import TritonServer, assemble_repository
+    from services.triton.launcher import TritonServer, TritonTLS, assemble_repository
 
     with tempfile.TemporaryDirectory(prefix="genie-triton-") as tmp:
         names = [m.strip() for m in models.split(",") if m.strip()]
         try:
+            tls = TritonTLS(tls_cert, tls_key, tls_client_ca) if (tls_cert or tls_key or tls_client_ca) else None
             placement, batching = _placement_and_batching(device, instances, instances_per_gpu, gpus, precision,
                                                           max_batch, queue_delay_us, names)
             repo = assemble_repository(world_dir, repository or Path(tmp), threads=threads, cache_bytes=cache_bytes,
@@ -63,7 +70,7 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_po
         except ValueError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        server = TritonServer(repo, grpc_port, http_port, metrics_port, host=host)  # logs go to this terminal
+        server = TritonServer(repo, grpc_port, http_port, metrics_port, host=host, tls=tls)  # logs go to this terminal
         if dry_run:
             click.echo(json.dumps({"repository": str(repo.root), "device": repo.device, "command": server.command()}))
             return

@@ -250,6 +250,29 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+@dataclass(frozen=True)
+class TritonTLS:
+    """TLS on Triton's gRPC endpoint (its HTTP and metrics endpoints stay plaintext, for probes and Prometheus):
+    the server's certificate + key (PEM), and `client_ca` to require client certificates signed by it (mutual)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+    def __post_init__(self) -> None:
+        for name, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"Triton TLS {name} {path!r} is not a file")
+        if not self.cert or not self.key:
+            raise ValueError("Triton TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
+
+    def flags(self) -> list[str]:
+        out = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.client_ca:
+            out += [f"--grpc-root-cert={self.client_ca}", "--grpc-use-ssl-mutual=true"]
+        return out
+
+
 class TritonServer:
     """One tritonserver process serving a Repository; start()/stop() can repeat on the same ports.
 
@@ -258,8 +281,9 @@ class TritonServer:
     """
 
     def __init__(self, repository: Repository, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
-                 host: str = "127.0.0.1", log_path: Path | None = None, exit_timeout_s: int = 5) -> None:
-        self.repository, self.host = repository, host
+                 host: str = "127.0.0.1", log_path: Path | None = None, exit_timeout_s: int = 5,
+                 tls: TritonTLS | None = None) -> None:
+        self.repository, self.host, self.tls = repository, host, tls
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
         self.log_path = Path(log_path) if log_path else None  # None: inherit this process's stdout/stderr
         self.exit_timeout_s = exit_timeout_s
@@ -300,6 +324,7 @@ class TritonServer:
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *(self.tls.flags() if self.tls is not None else []),
         ]
 
     def environment(self) -> dict[str, str]:

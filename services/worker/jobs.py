@@ -162,7 +162,7 @@ class JobClient:
     def __init__(self, settings: WorkerSettings | None = None) -> None:
         self.settings = settings or WorkerSettings.from_env()
         self._app = None
-        self.store = JobStore(self.settings.store_url)
+        self.store = JobStore.from_settings(self.settings)
 
     @property
     def app(self):

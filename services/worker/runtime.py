@@ -44,7 +44,7 @@ class JobTask(Task):
     @property
     def store(self) -> JobStore:
         if JobTask._store is None:
-            JobTask._store = JobStore(self.settings.store_url)
+            JobTask._store = JobStore.from_settings(self.settings)
         return JobTask._store
 
     def stored_success(self) -> Any | None:

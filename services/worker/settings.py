@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -39,10 +41,23 @@ class WorkerSettings:
     rollout_device: str = "auto"  # the in-process backend's device: auto | cpu | cuda | cuda:N (GENIE_ROLLOUT_DEVICE)
     rollout_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 (GENIE_ROLLOUT_PRECISION)
     lease_ttl: int = 60  # seconds a killed worker's claim on a job outlives it (a live one renews it every ttl/4)
+    # Redis AUTH + TLS for the broker, the result backend and the job records (all of them Redis URLs):
+    redis_password: str = ""  # GENIE_BROKER_PASSWORD, used for each URL that carries none (from a Secret)
+    redis_ca: str = ""  # GENIE_BROKER_CA: PEM CA of the server for rediss:// URLs (empty = the system CAs)
+    redis_cert: str = ""  # GENIE_BROKER_CERT + GENIE_BROKER_KEY: client certificate for tls-auth-clients yes
+    redis_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.broker_url:
             raise ValueError("the broker URL is empty")
+        if bool(self.redis_cert) != bool(self.redis_key):
+            raise ValueError("a client certificate for the broker needs both GENIE_BROKER_CERT and GENIE_BROKER_KEY")
+        for name, path in (("GENIE_BROKER_CA", self.redis_ca), ("GENIE_BROKER_CERT", self.redis_cert),
+                           ("GENIE_BROKER_KEY", self.redis_key)):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file {path!r}")
+        if (self.redis_ca or self.redis_cert) and not any(u.startswith("rediss://") for u in (self.broker_url, self.backend_url)):
+            raise ValueError("GENIE_BROKER_CA/CERT need a rediss:// broker or result backend URL")
         if self.task_time_limit < 1:
             raise ValueError(f"GENIE_TASK_TIME_LIMIT must be >= 1 s, got {self.task_time_limit}")
         if self.visibility_timeout and self.visibility_timeout <= self.task_time_limit:
@@ -65,6 +80,28 @@ class WorkerSettings:
             if url.startswith(("redis://", "rediss://")):
                 return url
         raise ValueError(f"jobs keep their records in Redis: neither {self.broker_url!r} nor {self.backend_url!r} is one")
+
+    def with_auth(self, url: str) -> str:
+        """`url` with the password put in when it has none (Celery and kombu take credentials from the URL only)."""
+        parts = urlsplit(url)
+        if not self.redis_password or parts.password or not url.startswith(("redis://", "rediss://")):
+            return url
+        netloc = f"{parts.username or ''}:{quote(self.redis_password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def ssl_options(self, url: str, names: str = "ssl") -> dict | None:
+        """TLS options for a rediss:// `url` (None otherwise): `names="ssl"` gives redis-py's keyword arguments
+        (ssl_ca_certs...), `names="celery"` the same as Celery's broker_use_ssl / redis_backend_use_ssl expect."""
+        if not url.startswith("rediss://"):
+            return None
+        opts: dict = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        if self.redis_ca:
+            opts["ssl_ca_certs"] = self.redis_ca
+        if self.redis_cert:
+            opts["ssl_certfile"], opts["ssl_keyfile"] = self.redis_cert, self.redis_key
+        if names == "ssl":
+            opts["ssl_cert_reqs"] = "required"
+        return opts
 
     @property
     def visibility(self) -> int:
@@ -97,6 +134,10 @@ class WorkerSettings:
             "rollout_device": env.get("GENIE_ROLLOUT_DEVICE") or "auto",
             "rollout_precision": env.get("GENIE_ROLLOUT_PRECISION") or "auto",
             "lease_ttl": _int(env, "GENIE_JOB_LEASE_TTL", 60),
+            "redis_password": env.get("GENIE_BROKER_PASSWORD", ""),
+            "redis_ca": env.get("GENIE_BROKER_CA", ""),
+            "redis_cert": env.get("GENIE_BROKER_CERT", ""),
+            "redis_key": env.get("GENIE_BROKER_KEY", ""),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -116,9 +157,15 @@ def celery_config(s: WorkerSettings) -> dict:
     """Celery settings: JSON only, late acks with one message in hand, and a visibility timeout above the limit."""
     from kombu import Queue
 
+    tls = {}
+    if (broker_ssl := s.ssl_options(s.broker_url, "celery")) is not None:
+        tls["broker_use_ssl"] = broker_ssl
+    if (backend_ssl := s.ssl_options(s.backend_url, "celery")) is not None:
+        tls["redis_backend_use_ssl"] = backend_ssl
     return {
-        "broker_url": s.broker_url,
-        "result_backend": s.backend_url,
+        **tls,
+        "broker_url": s.with_auth(s.broker_url),
+        "result_backend": s.with_auth(s.backend_url),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

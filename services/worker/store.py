@@ -27,9 +27,19 @@ _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIR
 
 
 class JobStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **redis_kwargs) -> None:
+        """`redis_kwargs`: extra redis-py options, e.g. a password and ssl_ca_certs (see from_settings)."""
         self.url = url
-        self.redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+        self.redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, **redis_kwargs)
+
+    @classmethod
+    def from_settings(cls, settings) -> JobStore:
+        """The job store of WorkerSettings: its store URL with the broker's password and TLS files."""
+        url = settings.store_url
+        kw = settings.ssl_options(url) or {}
+        if settings.redis_password:
+            kw["password"] = settings.redis_password  # a password in the URL wins (redis-py's from_url)
+        return cls(url, **kw)
 
     def put_record(self, job_id: str, record: dict[str, Any]) -> None:
         self.redis.set(PREFIX + f"job:{job_id}", json.dumps(record), ex=RESULT_TTL_S)

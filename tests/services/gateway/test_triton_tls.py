@@ -1,0 +1,110 @@
+"""Gateway -> Triton over TLS: a real tritonserver with `--grpc-use-ssl` and client certificates required
+(`--grpc-use-ssl-mutual`), certificates from the openssl CLI; TritonBackend with and without the right ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gateway.backend import BackendUnavailable
+from services.gateway.triton_backend import TritonBackend, TritonClientTLS
+from services.triton import TritonServer, TritonTLS, assemble_repository, free_ports
+from tests.tls_certs import make_certs
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("triton-certs"))
+
+
+@pytest.fixture(scope="module")
+def tls_triton(trained_world_dir, tmp_path_factory, certs):
+    root = tmp_path_factory.mktemp("triton-tls")
+    repository = assemble_repository(trained_world_dir, root, threads=1)
+    tls = TritonTLS(cert=str(certs.server_cert), key=str(certs.server_key), client_ca=str(certs.ca))
+    server = TritonServer(repository, *free_ports(3), log_path=root / "triton.log", tls=tls)
+    server.start()
+    try:
+        server.wait_ready(timeout=180)  # readiness is HTTP, which stays plaintext
+        yield server
+    finally:
+        server.stop()
+
+
+async def _start(url: str, tls: TritonClientTLS | None) -> TritonBackend:
+    backend = TritonBackend(url, timeout_s=10.0, retries=1, tls=tls)
+    try:
+        await backend.start()
+    except BaseException:
+        await backend.close()
+        raise
+    return backend
+
+
+async def test_a_client_with_the_ca_and_its_certificate_works(tls_triton, certs):
+    backend = await _start(tls_triton.grpc_url, TritonClientTLS(str(certs.ca), str(certs.client_cert), str(certs.client_key)))
+    try:
+        assert backend.spec is not None and backend.lam_frames > 0  # read over TLS from the models' configs
+        assert await backend.ready()
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize("case", ["plaintext", "no client certificate", "another CA"])
+async def test_the_wrong_credentials_give_backend_unavailable(tls_triton, certs, case, tmp_path):
+    if case == "plaintext":
+        tls = None
+    elif case == "no client certificate":
+        tls = TritonClientTLS(str(certs.ca))
+    else:
+        stranger = make_certs(tmp_path / "stranger", name="stranger")
+        tls = TritonClientTLS(str(stranger.ca), str(certs.client_cert), str(certs.client_key))
+    with pytest.raises(BackendUnavailable):
+        await _start(tls_triton.grpc_url, tls)
+
+
+def test_tls_options_are_checked(certs, tmp_path):
+    with pytest.raises(ValueError, match="both --triton-cert and --triton-key"):
+        TritonClientTLS(cert=str(certs.client_cert))
+    with pytest.raises(ValueError, match="does not exist"):
+        TritonClientTLS(ca=str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match="not a file"):
+        TritonTLS(cert=str(tmp_path / "missing.crt"), key=str(certs.server_key))
+    flags = TritonTLS(cert=str(certs.server_cert), key=str(certs.server_key), client_ca=str(certs.ca)).flags()
+    assert "--grpc-use-ssl=true" in flags and "--grpc-use-ssl-mutual=true" in flags
+
+
+def _rollout(tls_triton, tmp_path, *tls_args: str):
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    return CliRunner().invoke(main, ["rollout", "--backend", "triton", "--triton-url", tls_triton.grpc_url, "--steps", "2",
+                                     "--actions", "0,1", "--prompt", "0", "--out", str(tmp_path / "r.gif"), *tls_args])
+
+
+def test_genie_rollout_over_tls_and_without_it(tls_triton, certs, tmp_path, trained_world_dir):
+    ok = _rollout(tls_triton, tmp_path, "--world", str(trained_world_dir), "--triton-ca", str(certs.ca),
+                  "--triton-cert", str(certs.client_cert), "--triton-key", str(certs.client_key))
+    assert ok.exit_code == 0, (ok.output, ok.exception)
+    assert (tmp_path / "r.gif").is_file()
+    plain = _rollout(tls_triton, tmp_path, "--world", str(trained_world_dir))
+    lines = plain.output.strip().splitlines()
+    assert plain.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "unavailable" in lines[0], lines
+
+
+def test_triton_serve_passes_the_tls_flags(certs, trained_world_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from services.triton.cli import triton
+
+    args = ["serve", "--world", str(trained_world_dir), "--repository", str(tmp_path / "repo"), "--dry-run",
+            "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca)]
+    result = CliRunner().invoke(triton, args)
+    assert result.exit_code == 0, result.output
+    command = json.loads(result.output.strip().splitlines()[-1])["command"]
+    assert "--grpc-use-ssl=true" in command and f"--grpc-server-cert={certs.server_cert}" in command
+    assert "--grpc-use-ssl-mutual=true" in command
+    bad = CliRunner().invoke(triton, args[:-4] + ["--tls-key", str(tmp_path / "nope.key")])
+    assert bad.exit_code == 2 and bad.output.startswith("error:") and "not a file" in bad.output, bad.output

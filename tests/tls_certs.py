@@ -1,0 +1,85 @@
+"""Throwaway certificates for TLS tests, made with the `openssl` CLI: a CA, a server certificate for
+127.0.0.1/localhost signed by it, and a client certificate signed by it (for mutual TLS); and a redis-server
+with AUTH + TLS on them."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _signed(root: Path, name: str, ca: Path, ca_key: Path, ext: str) -> tuple[Path, Path]:
+    key, csr, cert, extfile = (root / f"{name}.{s}" for s in ("key", "csr", "crt", "ext"))
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}", cwd=root)
+    extfile.write_text(ext)
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
+             "-out", str(cert), "-extfile", str(extfile), cwd=root)
+    return cert, key
+
+
+def make_certs(root: Path, name: str = "genie-test") -> Certs:
+    """A fresh CA and its server + client certificates under `root` (created)."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("the openssl CLI is needed for the TLS tests (apt-get install openssl)")
+    root.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = root / "ca.crt", root / "ca.key"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+             "-subj", f"/CN={name} CA", cwd=root)
+    server_cert, server_key = _signed(root, "server", ca, ca_key,
+                                      "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    client_cert, client_key = _signed(root, "client", ca, ca_key, "extendedKeyUsage=clientAuth\n")
+    return Certs(ca, server_cert, server_key, client_cert, client_key)
+
+
+@contextlib.contextmanager
+def tls_redis_server(certs: Certs, workdir: Path, password: str, client_certs: bool = True):
+    """A `redis-server` on a free 127.0.0.1 port, TLS only (plaintext port 0), `requirepass password`, and
+    client certificates required when `client_certs`; yields (port, an admin redis.Redis) and stops it after."""
+    import redis
+
+    from services.triton import free_ports
+
+    (port,) = free_ports(1)
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--requirepass", password, "--tls-cert-file", str(certs.server_cert),
+         "--tls-key-file", str(certs.server_key), "--tls-ca-cert-file", str(certs.ca),
+         "--tls-auth-clients", "yes" if client_certs else "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    admin = redis.Redis(host="127.0.0.1", port=port, password=password, ssl=True, ssl_ca_certs=str(certs.ca),
+                        ssl_certfile=str(certs.client_cert), ssl_keyfile=str(certs.client_key), socket_timeout=2)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                admin.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    err = proc.stderr.read().decode(errors="replace")[-2000:]
+                    raise RuntimeError(f"redis-server with TLS did not start: {err}") from None
+                time.sleep(0.1)
+        yield port, admin
+    finally:
+        admin.close()
+        proc.terminate()
+        proc.wait(10)
