@@ -40,6 +40,11 @@ class WorkerSettings:
     triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=host:port,lam=host:port", as `genie serve`
     rollout_device: str = "auto"  # the in-process backend's device: auto | cpu | cuda | cuda:N (GENIE_ROLLOUT_DEVICE)
     rollout_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 (GENIE_ROLLOUT_PRECISION)
+    # gRPC over TLS to Triton for rollouts, as `genie serve --triton-tls/--triton-ca/--triton-cert/--triton-key`
+    triton_tls: bool = False  # GENIE_TRITON_TLS=1 (implied by a CA or client certificate)
+    triton_ca: str = ""  # GENIE_TRITON_CA: PEM CA that signed Triton's certificate
+    triton_cert: str = ""  # GENIE_TRITON_CERT / GENIE_TRITON_KEY: client certificate for mutual TLS
+    triton_key: str = ""
     lease_ttl: int = 60  # seconds a killed worker's claim on a job outlives it (a live one renews it every ttl/4)
     # Redis AUTH + TLS for the broker, the result backend and the job records (all of them Redis URLs):
     redis_password: str = ""  # GENIE_BROKER_PASSWORD, used for each URL that carries none (from a Secret)
@@ -133,6 +138,10 @@ class WorkerSettings:
             "triton_model_urls": env.get("GENIE_TRITON_MODEL_URLS", ""),
             "rollout_device": env.get("GENIE_ROLLOUT_DEVICE") or "auto",
             "rollout_precision": env.get("GENIE_ROLLOUT_PRECISION") or "auto",
+            "triton_tls": (env.get("GENIE_TRITON_TLS") or "").lower() in ("1", "true", "yes"),
+            "triton_ca": env.get("GENIE_TRITON_CA", ""),
+            "triton_cert": env.get("GENIE_TRITON_CERT", ""),
+            "triton_key": env.get("GENIE_TRITON_KEY", ""),
             "lease_ttl": _int(env, "GENIE_JOB_LEASE_TTL", 60),
             "redis_password": env.get("GENIE_BROKER_PASSWORD", ""),
             "redis_ca": env.get("GENIE_BROKER_CA", ""),

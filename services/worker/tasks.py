@@ -28,6 +28,7 @@ from services.worker.outputs import (
     write_item,
 )
 from services.worker.runtime import PROGRESS, Execution, JobTask, runner
+from services.worker.settings import WorkerSettings
 from services.worker.specs import (
     AgentJobSpec,
     RolloutItem,
@@ -223,16 +224,24 @@ def rollout_chunk(self: JobTask, job_id: str, out: str, index: int) -> dict[str,
         return _run_chunk(run, job, Path(out), index, items)
 
 
+def rollout_backend_config(worker: WorkerSettings, world: str):
+    """The GatewayConfig of a rollout chunk's model backend: in process, or Triton (over TLS when configured)."""
+    from services.gateway.app import GatewayConfig
+
+    return GatewayConfig(world=world, backend=worker.rollout_backend, triton_url=worker.triton_url,
+                         triton_model_urls=worker.triton_model_urls, device=worker.rollout_device,
+                         precision=worker.rollout_precision, triton_tls=worker.triton_tls, triton_ca=worker.triton_ca,
+                         triton_cert=worker.triton_cert, triton_key=worker.triton_key)
+
+
 def _run_chunk(run: Execution, job: RolloutJobSpec, out: Path, index: int, items: list[RolloutItem]) -> dict[str, Any]:
     from genie.media import load_image
-    from services.gateway.app import GatewayConfig, make_backend
+    from services.gateway.app import make_backend
     from services.rollout import rollout_trace
 
     t0 = time.perf_counter()
     world = job.world or settings.world
-    cfg = GatewayConfig(world=world, backend=settings.rollout_backend, triton_url=settings.triton_url,
-                        triton_model_urls=settings.triton_model_urls, device=settings.rollout_device,
-                        precision=settings.rollout_precision)
+    cfg = rollout_backend_config(settings, world)
     backend = runner().backend(settings, world, lambda: make_backend(cfg))
     spec = backend.spec
     bad = sorted({a for item in items for a in item.actions if a >= spec.num_actions})

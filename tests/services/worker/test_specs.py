@@ -130,3 +130,20 @@ def test_tasks_ack_late_retry_transient_errors_with_backoff_and_route_to_their_q
     assert router.route({}, "genie.train")["queue"].name == "train"
     rollout_tasks = ("genie.rollout", "genie.rollout.chunk", "genie.rollout.manifest")
     assert {router.route({}, name)["queue"].name for name in rollout_tasks} == {"rollout"}
+
+
+def test_rollout_workers_reach_triton_over_tls_when_the_env_says_so(tmp_path):
+    from services.gateway.app import triton_tls
+    from services.worker.tasks import rollout_backend_config
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")  # only its path travels here; tritonclient reads it on connect
+
+    plain = rollout_backend_config(WorkerSettings.from_env({"GENIE_ROLLOUT_BACKEND": "triton"}), "worlds/demo")
+    assert plain.backend == "triton" and triton_tls(plain) is None
+    env = {"GENIE_ROLLOUT_BACKEND": "triton", "GENIE_TRITON_CA": str(ca),
+           "GENIE_ROLLOUT_DEVICE": "cpu", "GENIE_ROLLOUT_PRECISION": "fp32"}
+    cfg = rollout_backend_config(WorkerSettings.from_env(env), "worlds/demo")
+    tls = triton_tls(cfg)
+    assert tls is not None and tls.ca == str(ca) and (cfg.device, cfg.precision) == ("cpu", "fp32")
+    assert WorkerSettings.from_env({"GENIE_TRITON_TLS": "1"}).triton_tls and not WorkerSettings.from_env({}).triton_tls
