@@ -37,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, StoreUnavailable
+from services.tls_files import check_client_files
 
 SENTINEL_SCHEME = "redis+sentinel"
 TLS_SCHEME = "rediss"
@@ -160,15 +161,7 @@ class RedisTLS:
     check_hostname: bool = True
 
     def __post_init__(self) -> None:
-        if bool(self.cert) != bool(self.key):
-            raise ValueError("a Redis client certificate needs both --redis-cert and --redis-key")
-        for name, path in (("CA", self.ca), ("client certificate", self.cert), ("client key", self.key)):
-            if path:
-                try:
-                    with open(path, "rb"):
-                        pass
-                except OSError as exc:
-                    raise ValueError(f"cannot read the Redis {name} file {path}: {exc.strerror}") from exc
+        check_client_files("Redis", ("--redis-ca", self.ca), ("--redis-cert", self.cert), ("--redis-key", self.key))
 
     def kwargs(self) -> dict:
         kw: dict = {"ssl_cert_reqs": "required", "ssl_check_hostname": self.check_hostname}

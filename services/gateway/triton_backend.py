@@ -24,7 +24,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -39,6 +38,7 @@ from genie.sampling import SamplingConfig
 from genie.state import WorldState
 from services.gateway.backend import BackendError, BackendUnavailable, WorldSpec, check_frames, check_state
 from services.gateway.routing import EndpointSet, HealthPolicy, parse_endpoints
+from services.tls_files import check_client_files
 from services.triton import protocol as P
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,7 @@ class TritonClientTLS:
     key: str = ""
 
     def __post_init__(self) -> None:
-        if bool(self.cert) != bool(self.key):
-            raise ValueError("a client certificate for Triton needs both --triton-cert and --triton-key")
-        for name, path in (("CA", self.ca), ("client certificate", self.cert), ("client key", self.key)):
-            if path and not os.path.isfile(path):
-                raise ValueError(f"the Triton {name} file {path!r} does not exist")
+        check_client_files("Triton", ("--triton-ca", self.ca), ("--triton-cert", self.cert), ("--triton-key", self.key))
 
     def client_kwargs(self) -> dict:
         """tritonclient's aio InferenceServerClient ssl arguments (it takes the file paths and reads them)."""

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from services.tls_files import check_client_files
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -55,12 +57,8 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if not self.broker_url:
             raise ValueError("the broker URL is empty")
-        if bool(self.redis_cert) != bool(self.redis_key):
-            raise ValueError("a client certificate for the broker needs both GENIE_BROKER_CERT and GENIE_BROKER_KEY")
-        for name, path in (("GENIE_BROKER_CA", self.redis_ca), ("GENIE_BROKER_CERT", self.redis_cert),
-                           ("GENIE_BROKER_KEY", self.redis_key)):
-            if path and not os.path.isfile(path):
-                raise ValueError(f"{name}: no such file {path!r}")
+        check_client_files("broker", ("GENIE_BROKER_CA", self.redis_ca), ("GENIE_BROKER_CERT", self.redis_cert),
+                           ("GENIE_BROKER_KEY", self.redis_key))
         if (self.redis_ca or self.redis_cert) and not any(u.startswith("rediss://") for u in (self.broker_url, self.backend_url)):
             raise ValueError("GENIE_BROKER_CA/CERT need a rediss:// broker or result backend URL")
         if self.task_time_limit < 1:

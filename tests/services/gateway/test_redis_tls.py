@@ -121,7 +121,7 @@ async def test_a_password_changed_later_makes_the_store_unavailable(tls_redis, c
 def test_tls_options_need_a_rediss_url_and_readable_files(certs, tmp_path):
     with pytest.raises(ValueError, match="rediss://"):
         RedisTarget.parse("redis://127.0.0.1:6379/0").with_credentials("", RedisTLS(ca=str(certs.ca)))
-    with pytest.raises(ValueError, match="cannot read the Redis CA file"):
+    with pytest.raises(ValueError, match="--redis-ca: cannot read the Redis file"):
         RedisTLS(ca=str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match="both --redis-cert and --redis-key"):
         RedisTLS(cert=str(certs.client_cert))

@@ -65,7 +65,7 @@ async def test_the_wrong_credentials_give_backend_unavailable(tls_triton, certs,
 def test_tls_options_are_checked(certs, tmp_path):
     with pytest.raises(ValueError, match="both --triton-cert and --triton-key"):
         TritonClientTLS(cert=str(certs.client_cert))
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="--triton-ca: cannot read the Triton file"):
         TritonClientTLS(ca=str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match="not a file"):
         TritonTLS(cert=str(tmp_path / "missing.crt"), key=str(certs.server_key))
