@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -19,7 +17,7 @@ import pytest
 
 from tests.deploy.test_helm_security import leaks
 from tests.deploy.test_helm_tls import env_of, file_source, main_container, named, of_kind
-from tests.tls_certs import make_certs
+from tests.tls_certs import make_certs, tls_listener
 
 PRODUCTION = ["-f", str(Path(__file__).resolve().parents[2] / "deploy" / "helm" / "values-production-gpu.yaml")]
 TRITON = ("tokenizer", "lam", "dynamics")
@@ -110,6 +108,16 @@ def test_production_authenticates_every_triton_hop(production):
     assert rules[1]["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
 
 
+def test_notes_say_how_triton_is_reached(helm):
+    def notes(*values: str) -> str:
+        out = helm.run("install", "t", str(helm.chart), "--dry-run=client", "--namespace", "genie", *values)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split("NOTES:", 1)[1]
+
+    assert "gRPC over TLS, client certificates required (mutual TLS)" in notes(*PRODUCTION)
+    assert "gRPC over TLS" not in notes()
+
+
 def test_a_client_certificate_without_client_ca_and_plaintext_triton(helm):
     # Certificates first, then require them: the callers present one before Triton asks for it.
     docs = helm.render(*MUTUAL[:4], *MUTUAL[6:])
@@ -177,30 +185,6 @@ def certs(tmp_path_factory):
     return make_certs(tmp_path_factory.mktemp("chart-triton-certs"))
 
 
-def _tls_server(certs) -> tuple[socket.socket, ssl.SSLContext]:
-    """A TLS listener requiring client certificates from `certs`' CA (as Triton with --tls-client-ca)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs.ca))
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
-    context.set_alpn_protocols(["h2"])
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                with context.wrap_socket(conn, server_side=True):
-                    pass
-            except (OSError, ssl.SSLError):
-                pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener, context
-
-
 def _wait(docs: list[dict], env: dict[str, str], target: str, timeout: float) -> subprocess.CompletedProcess | str:
     _, wait = init_container(docs)
     script = wait["args"][0]
@@ -212,9 +196,8 @@ def _wait(docs: list[dict], env: dict[str, str], target: str, timeout: float) ->
 
 
 def test_the_gateway_waits_for_a_tls_handshake_with_each_triton(mutual, certs, tmp_path):
-    listener, _ = _tls_server(certs)
-    target = f"localhost:{listener.getsockname()[1]}"  # the server certificate's name, as the Services' are
-    try:
+    with tls_listener(certs) as port:
+        target = f"localhost:{port}"  # the server certificate's name, as the Services' names are Triton's
         good = {"GENIE_TRITON_CA": str(certs.ca), "GENIE_TRITON_CERT": str(certs.client_cert),
                 "GENIE_TRITON_KEY": str(certs.client_key)}
         done = _wait(mutual, good, target, timeout=30)
@@ -223,5 +206,3 @@ def test_the_gateway_waits_for_a_tls_handshake_with_each_triton(mutual, certs, t
         stranger = make_certs(tmp_path / "stranger", name="stranger")
         output = _wait(mutual, {**good, "GENIE_TRITON_CA": str(stranger.ca)}, target, timeout=4)
         assert isinstance(output, str) and f"waiting for {target} (TLS)" in output and "certificate verify failed" in output
-    finally:
-        listener.close()
