@@ -91,7 +91,8 @@ def tls_redis_server(certs: Certs, workdir: Path, password: str, client_certs: b
 @contextlib.contextmanager
 def tls_listener(certs: Certs):
     """A TLS server on a free 127.0.0.1 port that requires a client certificate signed by `certs.ca` (as a server
-    with mutual TLS does); it completes each handshake, then closes. Yields the port."""
+    with mutual TLS does); after each handshake it reads the client's first bytes, answers with an empty HTTP/2
+    SETTINGS frame, as a gRPC server does, and closes. Yields the port."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs.ca))
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
@@ -104,8 +105,10 @@ def tls_listener(certs: Certs):
                 conn, _ = listener.accept()
             except OSError:  # closed: the test is over
                 return
-            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True):
-                pass
+            conn.settimeout(5)
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(64)  # the client's first bytes: closing with them unread would reset the connection
+                tls.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
 
     threading.Thread(target=serve, daemon=True).start()
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.backend import BackendUnavailable
+from services.gateway.backend import BackendCredentialsRejected, BackendUnavailable
 from services.gateway.triton_backend import TritonBackend, TritonClientTLS
 from services.triton import TritonTLS
 from tests.tls_certs import make_certs
@@ -46,8 +46,13 @@ async def test_the_wrong_credentials_give_backend_unavailable(tls_triton, certs,
     else:
         stranger = make_certs(tmp_path / "stranger", name="stranger")
         tls = TritonClientTLS(str(stranger.ca), str(certs.client_cert), str(certs.client_key))
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(BackendUnavailable) as raised:
         await _start(tls_triton.grpc_url, tls)
+    # A certificate problem is named (services/tls_probe.py) and is not worth retrying; a plaintext client is not
+    # diagnosed (it never starts a handshake).
+    assert isinstance(raised.value, BackendCredentialsRejected) == (case != "plaintext"), raised.value
+    if case != "plaintext":
+        assert str(raised.value).startswith(f"TLS to Triton at {tls_triton.grpc_url} fails: "), raised.value
 
 
 def test_tls_options_are_checked(certs, tmp_path):
