@@ -1,12 +1,15 @@
 """Throwaway certificates for TLS tests, made with the `openssl` CLI: a CA, a server certificate for
-127.0.0.1/localhost signed by it, and a client certificate signed by it (for mutual TLS); and a redis-server
-with AUTH + TLS on them."""
+127.0.0.1/localhost signed by it, and a client certificate signed by it (for mutual TLS); a redis-server
+with AUTH + TLS on them, and a bare TLS listener that requires client certificates."""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
+import ssl
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,3 +86,32 @@ def tls_redis_server(certs: Certs, workdir: Path, password: str, client_certs: b
         admin.close()
         proc.terminate()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def tls_listener(certs: Certs):
+    """A TLS server on a free 127.0.0.1 port that requires a client certificate signed by `certs.ca` (as a server
+    with mutual TLS does); after each handshake it reads the client's first bytes, answers with an empty HTTP/2
+    SETTINGS frame, as a gRPC server does, and closes. Yields the port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs.ca))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
+    context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            conn.settimeout(5)
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(64)  # the client's first bytes: closing with them unread would reset the connection
+                tls.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()

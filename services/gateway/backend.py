@@ -28,6 +28,11 @@ class BackendUnavailable(Exception):
     """The model service cannot be reached or is not ready; the call may be retried later."""
 
 
+class BackendCredentialsRejected(BackendUnavailable):
+    """The model service is unreachable because TLS fails on certificates (its certificate does not verify, or it
+    refuses this client's): a configuration error that retrying does not mend."""
+
+
 class BackendError(Exception):
     """The model service failed on a well-formed request."""
 

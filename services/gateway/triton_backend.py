@@ -36,9 +36,17 @@ from tritonclient.utils import InferenceServerException
 
 from genie.sampling import SamplingConfig
 from genie.state import WorldState
-from services.gateway.backend import BackendError, BackendUnavailable, WorldSpec, check_frames, check_state
+from services.gateway.backend import (
+    BackendCredentialsRejected,
+    BackendError,
+    BackendUnavailable,
+    WorldSpec,
+    check_frames,
+    check_state,
+)
 from services.gateway.routing import EndpointSet, HealthPolicy, parse_endpoints
 from services.tls_files import check_client_files
+from services.tls_probe import certificate_problem
 from services.triton import protocol as P
 
 log = logging.getLogger(__name__)
@@ -85,6 +93,11 @@ class TritonClientTLS:
         return {"ssl": True, "root_certificates": self.ca or None, "private_key": self.key or None,
                 "certificate_chain": self.cert or None}
 
+    def certificate_problem(self, url: str) -> str | None:
+        """Why TLS to `url` (host:port) fails on certificates with these files, or None (services/tls_probe.py)."""
+        host, _, port = url.rpartition(":")
+        return certificate_problem(host.strip("[]"), int(port), self.ca, self.cert, self.key)
+
 
 class TritonBackend:
     """Talks to the Triton servers holding the `tokenizer`, `lam` and `dynamics` models of one world.
@@ -115,6 +128,7 @@ class TritonBackend:
         self.endpoints = {m: EndpointSet(parse_endpoints(self.urls[m]), health) for m in P.MODELS}
         self.metrics = RoutingMetrics(registry)
         self.reconnect_s = reconnect_s
+        self._tls = tls
         self._tls_kwargs = tls.client_kwargs() if tls is not None else {}
         self.spec: WorldSpec | None = None
         self.lam_frames = 0  # the longest clip the LAM takes, published in its config
@@ -135,9 +149,30 @@ class TritonBackend:
         return self._clients[url]
 
     async def start(self) -> None:
-        """Reads the WorldSpec the dynamics model publishes and checks every model is ready (else BackendUnavailable)."""
+        """Reads the WorldSpec the dynamics model publishes and checks every model is ready (else BackendUnavailable;
+        BackendCredentialsRejected, which says why, when TLS fails on certificates)."""
         if self.spec is not None:
             return
+        try:
+            await self._start()
+        except BackendUnavailable as exc:
+            # gRPC says only "unavailable" (or "Socket closed"); a handshake of our own names a certificate problem.
+            problem = await self._certificate_problem()
+            if problem is None:
+                raise
+            raise BackendCredentialsRejected(f"TLS to Triton at {problem}; check --triton-ca/--triton-cert/--triton-key "
+                                             f"(GENIE_TRITON_CA/CERT/KEY) [{exc}]") from exc
+
+    async def _certificate_problem(self) -> str | None:
+        if self._tls is None:
+            return None
+        for url in dict.fromkeys(url for model in P.MODELS for url in self.endpoints[model].endpoints):
+            problem = await asyncio.to_thread(self._tls.certificate_problem, url)
+            if problem is not None:
+                return f"{url} fails: {problem}"
+        return None
+
+    async def _start(self) -> None:
         dyn = await self._call(P.DYNAMICS, "get config", lambda c: c.get_model_config(P.DYNAMICS, as_json=True,
                                                                                      client_timeout=self.timeout_s))
         lam = await self._call(P.LAM, "get config", lambda c: c.get_model_config(P.LAM, as_json=True,

@@ -23,6 +23,9 @@ def triton() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every endpoint binds (0.0.0.0 in a pod).")
 @click.option("--grpc-port", default=8001, show_default=True)
 @click.option("--http-port", default=8000, show_default=True)
+@click.option("--http-host", default="",
+              help="Address the HTTP endpoint (health, and inference in plaintext) binds, if not --host. Default with "
+                   "--tls-cert: 127.0.0.1, so TLS gRPC is the only inference endpoint other machines reach.")
 @click.option("--metrics-port", default=8002, show_default=True)
 @click.option("--threads", default=1, show_default=True,
               help="torch threads per model instance (0 = torch's default). Each model is its own process; on a small "
@@ -48,13 +51,14 @@ def triton() -> None:
 @click.option("--repository", type=click.Path(file_okay=False, path_type=Path),
               help="Where to assemble the model repository (default: a temporary directory, removed on exit).")
 @click.option("--tls-cert", default="", envvar="GENIE_TRITON_TLS_CERT",
-              help="Server certificate (PEM): serve gRPC over TLS (--grpc-use-ssl); HTTP and metrics stay plaintext.")
+              help="Server certificate (PEM): serve gRPC over TLS (--grpc-use-ssl); HTTP (on loopback, see --http-host) "
+                   "and metrics stay plaintext.")
 @click.option("--tls-key", default="", envvar="GENIE_TRITON_TLS_KEY", help="The server certificate's key (PEM).")
 @click.option("--tls-client-ca", default="", envvar="GENIE_TRITON_TLS_CLIENT_CA",
               help="Require client certificates signed by this CA (mutual TLS, --grpc-use-ssl-mutual).")
-def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_port: int, threads: int, instances: int,
-          device: str, instances_per_gpu: int, gpus: str, precision: str, max_batch: str, queue_delay_us: str,
-          dry_run: bool, cache_bytes: int, models: str, repository: Path | None, tls_cert: str, tls_key: str,
+def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, http_host: str, metrics_port: int, threads: int,
+          instances: int, device: str, instances_per_gpu: int, gpus: str, precision: str, max_batch: str,
+          queue_delay_us: str, dry_run: bool, cache_bytes: int, models: str, repository: Path | None, tls_cert: str, tls_key: str,
           tls_client_ca: str) -> None:
     """Assemble the repository for WORLD and run tritonserver until Ctrl-C (or SIGTERM)."""
     from services.triton.launcher import TritonServer, TritonTLS, assemble_repository
@@ -70,7 +74,8 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_po
         except ValueError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        server = TritonServer(repo, grpc_port, http_port, metrics_port, host=host, tls=tls)  # logs go to this terminal
+        server = TritonServer(repo, grpc_port, http_port, metrics_port, host=host, tls=tls,
+                              http_host=http_host or None)  # logs go to this terminal
         if dry_run:
             click.echo(json.dumps({"repository": str(repo.root), "device": repo.device, "command": server.command()}))
             return

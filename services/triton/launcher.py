@@ -252,8 +252,9 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 @dataclass(frozen=True)
 class TritonTLS:
-    """TLS on Triton's gRPC endpoint (its HTTP and metrics endpoints stay plaintext, for probes and Prometheus):
-    the server's certificate + key (PEM), and `client_ca` to require client certificates signed by it (mutual)."""
+    """TLS on Triton's gRPC endpoint: the server's certificate + key (PEM), and `client_ca` to require client
+    certificates signed by it (mutual). Triton's HTTP endpoint cannot do TLS and serves inference too, so a
+    TritonServer with TLS binds it to loopback unless told otherwise; metrics (read-only) stay plain HTTP."""
 
     cert: str
     key: str
@@ -282,8 +283,10 @@ class TritonServer:
 
     def __init__(self, repository: Repository, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
                  host: str = "127.0.0.1", log_path: Path | None = None, exit_timeout_s: int = 5,
-                 tls: TritonTLS | None = None) -> None:
+                 tls: TritonTLS | None = None, http_host: str | None = None) -> None:
         self.repository, self.host, self.tls = repository, host, tls
+        # HTTP answers inference in plaintext: with TLS on gRPC it stays on this machine (or pod) unless asked.
+        self.http_host = http_host or ("127.0.0.1" if tls is not None else host)
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
         self.log_path = Path(log_path) if log_path else None  # None: inherit this process's stdout/stderr
         self.exit_timeout_s = exit_timeout_s
@@ -296,7 +299,7 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._client_host}:{self.http_port}"
+        return f"http://{_client_host(self.http_host)}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -308,7 +311,7 @@ class TritonServer:
 
     @property
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return _client_host(self.host)
 
     def command(self) -> list[str]:
         return [
@@ -316,7 +319,7 @@ class TritonServer:
             f"--model-repository={self.repository.models}",
             f"--backend-directory={self.repository.backends}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--http-address={self.http_host}", f"--http-port={self.http_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             f"--allow-gpu-metrics={'true' if self.repository.device == 'gpu' else 'false'}",
             "--disable-auto-complete-config",  # the pbtxt is the contract, never code
@@ -397,6 +400,11 @@ class TritonServer:
         if self.log_path is None or not self.log_path.exists():
             return "(no log file)"
         return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _client_host(bound: str) -> str:
+    """The address a client on this machine reaches an endpoint bound to `bound` at."""
+    return "127.0.0.1" if bound in ("0.0.0.0", "") else bound
 
     def __enter__(self) -> TritonServer:
         self.start()

@@ -17,7 +17,7 @@ import redis
 from celery import chain, chord
 
 from genie.config import MODEL_KINDS, write_json_atomic
-from services.gateway.backend import BackendUnavailable
+from services.gateway.backend import BackendCredentialsRejected, BackendUnavailable
 from services.worker.app import app, settings
 from services.worker.metrics import METRICS
 from services.worker.outputs import (
@@ -210,7 +210,9 @@ def _load_spec(out: str) -> RolloutJobSpec:
     return RolloutJobSpec.from_json(json.loads((Path(out) / "spec.json").read_text()))
 
 
-@app.task(bind=True, base=JobTask, name="genie.rollout.chunk", autoretry_for=(BackendUnavailable, *_TRANSIENT), **_RETRY)
+# Triton being down or busy passes; a TLS certificate it refuses (or that does not verify) does not: fail the job now.
+@app.task(bind=True, base=JobTask, name="genie.rollout.chunk", autoretry_for=(BackendUnavailable, *_TRANSIENT),
+          dont_autoretry_for=(BackendCredentialsRejected,), **_RETRY)
 def rollout_chunk(self: JobTask, job_id: str, out: str, index: int) -> dict[str, Any]:
     """Generates the chunk's items that are not on disk yet; each is written whole under its deterministic name."""
     stored = self.stored_success()

@@ -40,6 +40,32 @@ def triton_server(trained_world_dir, tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def triton_certs(tmp_path_factory):
+    """A CA with a server certificate for 127.0.0.1/localhost and a client certificate (tests/tls_certs.py)."""
+    from tests.tls_certs import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("triton-certs"))
+
+
+@pytest.fixture(scope="session")
+def tls_triton(trained_world_dir, tmp_path_factory, triton_certs):
+    """A tritonserver serving gRPC over TLS only to clients with a certificate from `triton_certs`' CA (mutual TLS),
+    as the chart runs it with triton.tls.clientCA; shared by the gateway's and the rollout workers' TLS tests."""
+    from services.triton import TritonTLS
+
+    root = tmp_path_factory.mktemp("triton-tls")
+    repository = assemble_repository(trained_world_dir, root, threads=1)
+    tls = TritonTLS(cert=str(triton_certs.server_cert), key=str(triton_certs.server_key), client_ca=str(triton_certs.ca))
+    server = TritonServer(repository, *free_ports(3), log_path=root / "triton.log", tls=tls)
+    server.start()
+    try:
+        server.wait_ready(timeout=180)  # readiness is HTTP, on loopback with TLS
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def inprocess_backend(trained_world_dir):
     backend = InProcessBackend(trained_world_dir)

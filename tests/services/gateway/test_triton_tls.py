@@ -1,33 +1,21 @@
 """Gateway -> Triton over TLS: a real tritonserver with `--grpc-use-ssl` and client certificates required
-(`--grpc-use-ssl-mutual`), certificates from the openssl CLI; TritonBackend with and without the right ones."""
+(`--grpc-use-ssl-mutual`, the session's `tls_triton`), certificates from the openssl CLI; TritonBackend with and
+without the right ones."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.gateway.backend import BackendUnavailable
+from services.gateway.backend import BackendCredentialsRejected, BackendUnavailable
 from services.gateway.triton_backend import TritonBackend, TritonClientTLS
-from services.triton import TritonServer, TritonTLS, assemble_repository, free_ports
+from services.triton import TritonTLS
 from tests.tls_certs import make_certs
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("triton-certs"))
-
-
-@pytest.fixture(scope="module")
-def tls_triton(trained_world_dir, tmp_path_factory, certs):
-    root = tmp_path_factory.mktemp("triton-tls")
-    repository = assemble_repository(trained_world_dir, root, threads=1)
-    tls = TritonTLS(cert=str(certs.server_cert), key=str(certs.server_key), client_ca=str(certs.ca))
-    server = TritonServer(repository, *free_ports(3), log_path=root / "triton.log", tls=tls)
-    server.start()
-    try:
-        server.wait_ready(timeout=180)  # readiness is HTTP, which stays plaintext
-        yield server
-    finally:
-        server.stop()
+@pytest.fixture
+def certs(triton_certs):
+    """The CA and certificates of the shared mutual-TLS tritonserver `tls_triton` (tests/services/conftest.py)."""
+    return triton_certs
 
 
 async def _start(url: str, tls: TritonClientTLS | None) -> TritonBackend:
@@ -58,8 +46,13 @@ async def test_the_wrong_credentials_give_backend_unavailable(tls_triton, certs,
     else:
         stranger = make_certs(tmp_path / "stranger", name="stranger")
         tls = TritonClientTLS(str(stranger.ca), str(certs.client_cert), str(certs.client_key))
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(BackendUnavailable) as raised:
         await _start(tls_triton.grpc_url, tls)
+    # A certificate problem is named (services/tls_probe.py) and is not worth retrying; a plaintext client is not
+    # diagnosed (it never starts a handshake).
+    assert isinstance(raised.value, BackendCredentialsRejected) == (case != "plaintext"), raised.value
+    if case != "plaintext":
+        assert str(raised.value).startswith(f"TLS to Triton at {tls_triton.grpc_url} fails: "), raised.value
 
 
 def test_tls_options_are_checked(certs, tmp_path):
@@ -106,5 +99,13 @@ def test_triton_serve_passes_the_tls_flags(certs, trained_world_dir, tmp_path):
     command = json.loads(result.output.strip().splitlines()[-1])["command"]
     assert "--grpc-use-ssl=true" in command and f"--grpc-server-cert={certs.server_cert}" in command
     assert "--grpc-use-ssl-mutual=true" in command
+    # Triton's HTTP endpoint serves inference in plaintext: with TLS it stays on loopback unless asked for.
+    opened = args[:1] + ["--host", "0.0.0.0"] + args[1:]
+    for extra, address in (([], "127.0.0.1"), (["--http-host", "0.0.0.0"], "0.0.0.0")):
+        result = CliRunner().invoke(triton, opened + extra)
+        command = json.loads(result.output.strip().splitlines()[-1])["command"]
+        assert f"--http-address={address}" in command and "--grpc-address=0.0.0.0" in command, (extra, command)
+    plain = CliRunner().invoke(triton, opened[:-6])
+    assert "--http-address=0.0.0.0" in json.loads(plain.output.strip().splitlines()[-1])["command"]
     bad = CliRunner().invoke(triton, args[:-4] + ["--tls-key", str(tmp_path / "nope.key")])
     assert bad.exit_code == 2 and bad.output.startswith("error:") and "not a file" in bad.output, bad.output

@@ -309,3 +309,71 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* Checks triton.tls's combinations (from templates/triton/deployment.yaml, rendered once per release). */}}
+{{- define "genie.tritonTlsCheck" -}}
+{{- with .Values.triton.tls }}
+{{- if and .clientCA (not .enabled) }}
+{{- fail "triton.tls.clientCA needs triton.tls.enabled (mutual TLS is TLS plus client certificates)" }}
+{{- end }}
+{{- if and (or .clientSecret .certManager.issuerName) (not .enabled) }}
+{{- fail "triton.tls.clientSecret / triton.tls.certManager.issuerName need triton.tls.enabled (a client certificate is only presented over TLS)" }}
+{{- end }}
+{{- if and .clientCA (not .clientSecret) (not .certManager.issuerName) }}
+{{- fail "triton.tls.clientCA: set triton.tls.clientSecret or triton.tls.certManager.issuerName (the gateway's and rollout workers' client certificate)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret of the client certificate the gateway and rollout workers present to Triton: triton.tls.clientSecret,
+     else the one its cert-manager Certificate fills; empty without either (or without triton.tls). A certificate is
+     presented whenever one is configured, also before triton.tls.clientCA is on: give the callers certificates
+     first, then require them, and no call fails in between. */}}
+{{- define "genie.tritonClientSecret" -}}
+{{- with .Values.triton.tls }}
+{{- if .enabled }}
+{{- if .clientSecret }}{{ .clientSecret }}
+{{- else if .certManager.issuerName }}{{ include "genie.componentName" (dict "ctx" $ "component" "triton-client") }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* GENIE_TRITON_CERT/KEY and their read-only mount for pods that call Triton, when they have a client certificate:
+     (dict "ctx" $ "part" "env"|"mount"|"volume"). Paths, never contents: the files come from the Secret. */}}
+{{- define "genie.tritonClientCert" -}}
+{{- with include "genie.tritonClientSecret" .ctx }}
+{{- if eq $.part "env" }}
+- name: GENIE_TRITON_CERT
+  value: /etc/genie/triton-client/tls.crt
+- name: GENIE_TRITON_KEY
+  value: /etc/genie/triton-client/tls.key
+{{- else if eq $.part "mount" }}
+- name: triton-client
+  mountPath: /etc/genie/triton-client
+  readOnly: true
+{{- else }}
+- name: triton-client
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A Triton pod's probe of a health path: (dict "tls" <bool> "path" "/v2/health/ready"). Plaintext: the kubelet's
+     httpGet on the http port. TLS: Triton's HTTP binds 127.0.0.1, which only the pod reaches, so an exec probe asks
+     it there (urlopen raises, and python exits 1, on anything but a 2xx). */}}
+{{- define "genie.tritonProbe" -}}
+{{- if .tls -}}
+exec:
+  command: ["python", "-c", "import urllib.request as r; r.urlopen('http://127.0.0.1:8000{{ .path }}', timeout=2)"]
+{{- else -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+{{- end }}
+{{- end }}
