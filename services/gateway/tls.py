@@ -15,7 +15,6 @@ mounted files atomically, and nothing restarts.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import ssl
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+
+from services.tls_files import check_server_pair, files_digest
 
 ENV_CERT, ENV_KEY, ENV_CLIENT_CA = "GENIE_TLS_CERT", "GENIE_TLS_KEY", "GENIE_TLS_CLIENT_CA"
 
@@ -58,18 +59,7 @@ class ServerTLS:
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         tls = cls(_read(cert_path, "certificate"), _read(key_path, "key"),
                   _read(client_ca_path, "client CA") if client_ca_path else None, (cert_path, key_path, client_ca_path))
-        # ssl checks the pair the way grpc's BoringSSL will, but here, with a message, rather than at bind time.
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            context.load_cert_chain(cert_path, key_path)
-        except ssl.SSLError as exc:
-            raise ValueError(f"the TLS key {key_path} does not match the certificate {cert_path}, or one is not "
-                             f"valid PEM: {exc.reason or exc}") from None
-        if client_ca_path:
-            try:
-                context.load_verify_locations(cafile=client_ca_path)
-            except ssl.SSLError as exc:
-                raise ValueError(f"the TLS client CA {client_ca_path} holds no valid certificate: {exc.reason or exc}") from None
+        check_server_pair(cert_path, key_path, client_ca_path)  # here, with a message, rather than at bind time
         return tls
 
     @property
@@ -104,15 +94,6 @@ class ServerTLS:
             context.load_cert_chain(cert, key)
 
 
-def _digest(paths: tuple[str, str, str]) -> bytes:
-    """A hash of the files' contents (raises OSError when one cannot be read)."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(Path(path).read_bytes() if path else b"")
-        h.update(b"\0")
-    return h.digest()
-
-
 class CertificateReloader:
     """Serves a `ServerTLS` and switches to new files without a restart (see the module docstring).
 
@@ -125,7 +106,7 @@ class CertificateReloader:
         if not tls.paths[0]:
             raise ValueError("a CertificateReloader needs a ServerTLS loaded from files (ServerTLS.load)")
         self.current, self._on_result = tls, on_result
-        self._digest = self._refused = _digest(tls.paths)
+        self._digest = self._refused = files_digest(*tls.paths)
         self._lock = threading.Lock()  # grpc calls _fetch on its own threads
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self._contexts: list[ssl.SSLContext] = []
@@ -150,10 +131,9 @@ class CertificateReloader:
     def check(self) -> bool | None:
         """Re-reads the files; switches to them if they changed and pass the checks ServerTLS.load makes."""
         paths = self.current.paths
-        try:
-            digest = _digest(paths)
-        except OSError as exc:  # a file missing for a moment (being replaced): the next check will see
-            return self._refuse(b"unreadable", f"cannot read {exc.filename}: {exc.strerror or exc}")
+        digest = files_digest(*paths)
+        if digest is None:  # a file missing for a moment (being replaced): the next check will see
+            return self._refuse(b"unreadable", f"cannot read one of {', '.join(p for p in paths if p)}")
         if digest == self._digest:
             self._refused = digest  # back to what serves: a later bad change is news again
             return None

@@ -21,14 +21,12 @@ frames are identical). Only when every endpoint failed do the retries above appl
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -41,7 +39,7 @@ from genie.sampling import SamplingConfig
 from genie.state import WorldState
 from services.gateway.backend import BackendError, BackendUnavailable, WorldSpec, check_frames, check_state
 from services.gateway.routing import EndpointSet, HealthPolicy, parse_endpoints
-from services.tls_files import check_client_files
+from services.tls_files import check_client_files, files_digest
 from services.triton import protocol as P
 
 log = logging.getLogger(__name__)
@@ -90,14 +88,7 @@ class TritonClientTLS:
 
     def digest(self) -> bytes | None:
         """A hash of the files' contents, to notice a renewal; None while one cannot be read (being replaced)."""
-        h = hashlib.sha256()
-        try:
-            for path in (self.ca, self.cert, self.key):
-                h.update(Path(path).read_bytes() if path else b"")
-                h.update(b"\0")
-        except OSError:
-            return None
-        return h.digest()
+        return files_digest(self.ca, self.cert, self.key)
 
 
 class TritonBackend:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from services.gateway.memory_store import MemoryStore
 from services.gateway.tls import CertificateReloader, ClientTLS, ServerTLS
 from tests.services.gateway.test_grpc_gateway import _png
 from tests.services.gateway.test_tls import _ca, _leaf
+from tests.tls_certs import SecretMount, served_certificate
 
 TOKEN = "rotation-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[3]
@@ -44,46 +44,14 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-class SecretMount:
-    """A directory laid out as the kubelet mounts a Secret: tls.crt -> ..data/tls.crt, ..data -> ..<version>/."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.version = root, 0
-        root.mkdir()
-
-    def publish(self, files: dict[str, bytes]) -> None:
-        self.version += 1
-        version = self.root / f"..v{self.version}"
-        version.mkdir()
-        for name, data in files.items():
-            (version / name).write_bytes(data)
-            if not (self.root / name).is_symlink():
-                (self.root / name).symlink_to(Path("..data") / name)
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(version.name)
-        os.replace(tmp, self.root / "..data")  # the atomic switch
-
-    def path(self, name: str) -> str:
-        return str(self.root / name)
-
-
 def _secret(pki: Path, server: str, client_ca: str = "ca.pem") -> dict[str, bytes]:
     return {"tls.crt": (pki / f"{server}.pem").read_bytes(), "tls.key": (pki / f"{server}.key").read_bytes(),
             "ca.crt": (pki / client_ca).read_bytes()}
 
 
-def _served_certificate(port: int, pki: Path, alpn: str) -> bytes:
-    """DER of the certificate a new TLS connection to 127.0.0.1:port is given (verified against ca.pem)."""
-    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    context.set_alpn_protocols([alpn])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname="localhost") as tls:
-        return tls.getpeercert(binary_form=True)
-
-
 async def _served(port: int, pki: Path, alpn: str = "h2") -> bytes:
-    """_served_certificate off the event loop, which the gateway under test needs to answer the handshake."""
-    return await asyncio.to_thread(_served_certificate, port, pki, alpn)
+    """served_certificate off the event loop, which the gateway under test needs to answer the handshake."""
+    return await asyncio.to_thread(served_certificate, port, pki / "ca.pem", alpn)
 
 
 def _der(pki: Path, name: str) -> bytes:
@@ -214,16 +182,16 @@ def test_genie_serve_switches_certificate_on_sighup(pki, tmp_path, trained_world
 
         info = json.loads(proc.stdout.readline())
         port = int(info["grpc"].rsplit(":", 1)[1])
-        assert _served_certificate(port, pki, "h2") == _der(pki, "server-a")
+        assert served_certificate(port, pki / "ca.pem", "h2") == _der(pki, "server-a")
         mount.publish(_secret(pki, "server-b"))
         proc.send_signal(signal.SIGHUP)
         for _ in range(100):
-            if _served_certificate(port, pki, "h2") == _der(pki, "server-b"):
+            if served_certificate(port, pki / "ca.pem", "h2") == _der(pki, "server-b"):
                 break
             import time
 
             time.sleep(0.05)
-        assert _served_certificate(port, pki, "h2") == _der(pki, "server-b")
+        assert served_certificate(port, pki / "ca.pem", "h2") == _der(pki, "server-b")
         assert proc.poll() is None  # SIGHUP re-read the files; it did not stop the gateway
     finally:
         proc.terminate()
