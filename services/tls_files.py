@@ -43,11 +43,16 @@ def check_server_pair(cert_path: str, key_path: str, client_ca_path: str = "") -
 def files_digest(*paths: str) -> bytes | None:
     """A hash of the named files' contents ("" counts as an empty file), to notice that a certificate was renewed;
     None while one cannot be read (a file being replaced)."""
-    h = hashlib.sha256()
     try:
-        for path in paths:
-            h.update(Path(path).read_bytes() if path else b"")
-            h.update(b"\0")
+        return contents_digest(*(Path(path).read_bytes() if path else b"" for path in paths))
     except OSError:
         return None
+
+
+def contents_digest(*contents: bytes) -> bytes:
+    """files_digest of files holding these bytes: for contents already read, so that the hash is of what was used."""
+    h = hashlib.sha256()
+    for data in contents:
+        h.update(data)
+        h.update(b"\0")
     return h.digest()

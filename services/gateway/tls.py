@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from services.tls_files import check_server_pair, files_digest
+from services.tls_files import check_server_pair, contents_digest, files_digest
 
 ENV_CERT, ENV_KEY, ENV_CLIENT_CA = "GENIE_TLS_CERT", "GENIE_TLS_KEY", "GENIE_TLS_CLIENT_CA"
 
@@ -61,6 +61,10 @@ class ServerTLS:
                   _read(client_ca_path, "client CA") if client_ca_path else None, (cert_path, key_path, client_ca_path))
         check_server_pair(cert_path, key_path, client_ca_path)  # here, with a message, rather than at bind time
         return tls
+
+    def digest(self) -> bytes:
+        """files_digest of the files as they were read: what this object serves."""
+        return contents_digest(self.cert, self.key, self.client_ca or b"")
 
     @property
     def mutual(self) -> bool:
@@ -106,7 +110,7 @@ class CertificateReloader:
         if not tls.paths[0]:
             raise ValueError("a CertificateReloader needs a ServerTLS loaded from files (ServerTLS.load)")
         self.current, self._on_result = tls, on_result
-        self._digest = self._refused = files_digest(*tls.paths)
+        self._digest = self._refused = tls.digest()
         self._lock = threading.Lock()  # grpc calls _fetch on its own threads
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self._contexts: list[ssl.SSLContext] = []
@@ -145,7 +149,7 @@ class CertificateReloader:
             new.load_into(context)
         with self._lock:
             self._pending = new.grpc_configuration()
-        self.current, self._digest, self._refused = new, digest, digest
+        self.current, self._digest, self._refused = new, new.digest(), new.digest()  # what was read, if it moved on
         log.info("TLS certificate reloaded from %s", paths[0])
         if self._on_result is not None:
             self._on_result("ok")

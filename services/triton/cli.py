@@ -88,6 +88,8 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_po
             click.echo(json.dumps({"repository": str(repo.root), "device": repo.device, "command": server.command()}))
             return
         signal.signal(signal.SIGTERM, _interrupt)
+        # The files as tritonserver is about to read them: a renewal from here on is one it has not seen.
+        started_with = files_digest(tls.cert, tls.key, tls.client_ca) if tls is not None else None
         server.start()
         try:
             try:
@@ -96,7 +98,7 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, metrics_po
                 raise click.ClickException(str(exc)) from exc
             click.echo(f"Triton ready in {seconds:.1f} s: " + ", ".join(f"{k} {v}" for k, v in server.urls.items()), err=True)
             if tls is not None and tls_check_s > 0:
-                code = RenewalRestarts(server, tls, tls_check_s, tls_restart_jitter_s).run()
+                code = RenewalRestarts(server, tls, tls_check_s, tls_restart_jitter_s, started_with).run()
             else:
                 code = server.process.wait()
             click.echo(f"tritonserver exited with code {code}", err=True)
@@ -116,11 +118,12 @@ class RenewalRestarts:
     the models load, so the Service and the gateways' routing send calls to other replicas meanwhile.
     """
 
-    def __init__(self, server, tls, check_s: float, jitter_s: float, rng: random.Random | None = None) -> None:
+    def __init__(self, server, tls, check_s: float, jitter_s: float, started_with: bytes | None,
+                 rng: random.Random | None = None) -> None:
+        """`started_with`: files_digest of the TLS files taken just before the server started (it read those)."""
         self.server, self.tls, self.check_s, self.jitter_s = server, tls, check_s, jitter_s
         self.rng = rng or random.Random()
-        self.digest = files_digest(tls.cert, tls.key, tls.client_ca)
-        self.restarts = 0
+        self.digest = started_with
 
     def run(self) -> int:
         """Returns tritonserver's exit code once it exits on its own (a restart is not an exit)."""
@@ -153,7 +156,6 @@ class RenewalRestarts:
             self.server.stop()
             self.server.start()
             self.digest, restart_at = digest, None
-            self.restarts += 1
             try:
                 seconds = self.server.wait_ready(timeout=300)
             except (RuntimeError, TimeoutError) as exc:
