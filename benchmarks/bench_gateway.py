@@ -83,6 +83,11 @@ class GatewayProcess:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the gateway process (all its threads) has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat fields 14, 15)
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
@@ -91,7 +96,7 @@ class GatewayProcess:
 async def through_gateway(gw: GatewayProcess, image: bytes, sessions: int, steps: int, num_actions: int,
                           plaintext: bool = False) -> dict:
     """One run; `plaintext`: over a TLS gateway's opt-in plaintext port instead of its TLS port."""
-    before = scrape(gw.metrics_port)
+    before, cpu_before = scrape(gw.metrics_port), gw.cpu_seconds()
     latencies: list[float] = []
     address, tls = (gw.plaintext_address, None) if plaintext else (gw.address, gw.tls)
     async with GatewayClient(address, gw.token, timeout_s=600, tls=tls) as client:
@@ -110,7 +115,7 @@ async def through_gateway(gw: GatewayProcess, image: bytes, sessions: int, steps
         infos = await asyncio.gather(*[client.get(sid) for sid in ids])
         assert all(i.step == steps for i in infos), "every session must have taken every step"
         await asyncio.gather(*[client.close(sid) for sid in ids])
-    after = scrape(gw.metrics_port)
+    after, cpu = scrape(gw.metrics_port), gw.cpu_seconds() - cpu_before
     d = lambda key: after.get(key, 0.0) - before.get(key, 0.0)  # noqa: E731
     step_s, model_s = d("genie_gateway_step_seconds_sum"), d("genie_gateway_model_seconds_sum")
     store_s = d("genie_gateway_store_seconds_sum")
@@ -125,6 +130,9 @@ async def through_gateway(gw: GatewayProcess, image: bytes, sessions: int, steps
         "server_store_ms": 1e3 * store_s / n,
         "gateway_overhead": 1 - model_s / step_s,
         "commit_conflicts": d("genie_gateway_commit_conflicts_total"),
+        # CPU the gateway spent per frame (open/get/close included): unlike wall time, other processes' load on a
+        # shared machine hardly moves it, and a CPU-bound server's capacity in frames/s is cores / this.
+        "gateway_cpu_ms_per_frame": 1e3 * cpu / len(latencies),
     }
 
 
@@ -321,14 +329,23 @@ def tls_cost(args) -> None:
                 for _ in range(args.tls_rounds):
                     for plaintext in (True, False):
                         runs[plaintext].append(asyncio.run(through_gateway(gw, image, n, args.steps, actions, plaintext)))
-                med = {k: {m: statistics.median(r[m] for r in v) for m in ("p50_ms", "p99_ms", "fps_aggregate")}
-                       for k, v in runs.items()}
+                metrics = ("p50_ms", "p99_ms", "fps_aggregate", "gateway_cpu_ms_per_frame")
+                med = {k: {m: statistics.median(r[m] for r in v) for m in metrics} for k, v in runs.items()}
                 plain, tls = med[True], med[False]
+                # Each TLS run against the plaintext run just before it: drift between pairs cancels out.
+                pairs = list(zip(runs[True], runs[False], strict=True))
+                fps_costs = sorted(1 - t["fps_aggregate"] / q["fps_aggregate"] for q, t in pairs)
+                cpu_costs = sorted(t["gateway_cpu_ms_per_frame"] / q["gateway_cpu_ms_per_frame"] - 1 for q, t in pairs)
                 emit(rounded({"bench": "gateway_tls", "world": args.world.name, "backend": args.backend, "store": args.store,
                               "sessions": n, "steps_per_session": args.steps, "rounds": args.tls_rounds,
                               **{f"plain_{m}": x for m, x in plain.items()}, **{f"tls_{m}": x for m, x in tls.items()},
                               "tls_cost_p50": tls["p50_ms"] / plain["p50_ms"] - 1,
-                              "tls_cost_fps": 1 - tls["fps_aggregate"] / plain["fps_aggregate"]}), machine, args.out)
+                              "tls_cost_fps": 1 - tls["fps_aggregate"] / plain["fps_aggregate"],
+                              "tls_cost_fps_paired_median": statistics.median(fps_costs),
+                              "tls_cost_fps_paired_range": [round(fps_costs[0], 4), round(fps_costs[-1], 4)],
+                              "tls_cost_cpu_per_frame_paired_median": statistics.median(cpu_costs),
+                              "tls_cost_cpu_per_frame_paired_range": [round(cpu_costs[0], 4), round(cpu_costs[-1], 4)]}),
+                     machine, args.out)
         finally:
             gw.stop()
 

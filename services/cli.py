@@ -163,6 +163,9 @@ def _gateway_options(f):
 
 def _tls_options(f):
     opts = [
+        click.option("--tls-reload-s", type=float, default=10.0, show_default=True, envvar="GENIE_TLS_RELOAD_S",
+                     help="Re-read the TLS files this often and serve a renewed certificate without a restart "
+                          "(also on SIGHUP); 0 = only on SIGHUP."),
         click.option("--plaintext-grpc-port", type=int, default=-1, show_default=True,
                      help="With TLS: also serve gRPC in plaintext on this port (0 = any free port; -1 = no plaintext)."),
         click.option("--tls-client-ca", default="", envvar="GENIE_TLS_CLIENT_CA",
@@ -176,9 +179,9 @@ def _tls_options(f):
     return f
 
 
-def _tls_config(tls_cert: str, tls_key: str, tls_client_ca: str, plaintext_grpc_port: int) -> dict:
+def _tls_config(tls_cert: str, tls_key: str, tls_client_ca: str, plaintext_grpc_port: int, tls_reload_s: float) -> dict:
     return {"tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca,
-            "plaintext_grpc_port": plaintext_grpc_port}
+            "plaintext_grpc_port": plaintext_grpc_port, "tls_reload_s": tls_reload_s}
 
 
 @main.command()
@@ -188,8 +191,8 @@ def _tls_config(tls_cert: str, tls_key: str, tls_client_ca: str, plaintext_grpc_
 @click.option("--open-browser/--no-browser", default=True, show_default=True, help="Open the page in a browser, if there is one.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
 @_device_options
-def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, token,
-         open_browser, threads, device, precision) -> None:
+def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s,
+         token, open_browser, threads, device, precision) -> None:
     """Play a world interactively: starts a gateway on the embedded defaults (models in process, sessions in
     memory) and serves the web play page; number keys send latent actions, arrow keys the ones the world binds to
     them (`genie world names`). Ctrl-C stops it."""
@@ -200,7 +203,7 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
     try:
         cfg = GatewayConfig(world=str(world_dir), host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                             tokens=f"local:{token}" if token else "", threads=threads, device=device, precision=precision,
-                            **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port))
+                            **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s))
     except ValueError as exc:
         _fail(str(exc))
 
@@ -251,8 +254,8 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
 @click.option("--rate", type=int, default=100, show_default=True, help="Requests per second per client.")
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
 @_device_options
-def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, backend,
-          triton_url, triton_model_urls, triton_tls, triton_ca, triton_cert, triton_key, store, redis_url,
+def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s,
+          backend, triton_url, triton_model_urls, triton_tls, triton_ca, triton_cert, triton_key, store, redis_url,
           redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, redis_password, redis_ca, redis_cert,
           redis_key, max_in_flight, max_queue, queue_timeout,
           step_deadline, tokens, session_ttl, max_sessions, rate, threads, device, precision) -> None:
@@ -274,7 +277,7 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key
                             admission=admission,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
                             threads=threads, device=device, precision=precision, limits=limits,
-                            **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port))
+                            **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s))
     except ValueError as exc:
         _fail(str(exc))
 

@@ -5,6 +5,7 @@ with AUTH + TLS on them, and a bare TLS listener that requires client certificat
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import ssl
@@ -49,6 +50,13 @@ def make_certs(root: Path, name: str = "genie-test") -> Certs:
                                       "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     client_cert, client_key = _signed(root, "client", ca, ca_key, "extendedKeyUsage=clientAuth\n")
     return Certs(ca, server_cert, server_key, client_cert, client_key)
+
+
+def another_server_certificate(certs: Certs, name: str) -> tuple[Path, Path]:
+    """A second server certificate (and key) for 127.0.0.1/localhost from the CA of `certs`: a renewal."""
+    root = certs.ca.parent
+    return _signed(root, name, certs.ca, root / "ca.key",
+                   "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
 
 
 @contextlib.contextmanager
@@ -115,3 +123,36 @@ def tls_listener(certs: Certs):
         yield listener.getsockname()[1]
     finally:
         listener.close()
+
+
+class SecretMount:
+    """A directory laid out as the kubelet mounts a Secret: tls.crt -> ..data/tls.crt, ..data -> ..<version>/."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.version = root, 0
+        root.mkdir()
+
+    def publish(self, files: dict[str, bytes]) -> None:
+        self.version += 1
+        version = self.root / f"..v{self.version}"
+        version.mkdir()
+        for name, data in files.items():
+            (version / name).write_bytes(data)
+            if not (self.root / name).is_symlink():
+                (self.root / name).symlink_to(Path("..data") / name)
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(version.name)
+        os.replace(tmp, self.root / "..data")  # the atomic switch
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+
+def served_certificate(port: int, ca: Path, alpn: str) -> bytes:
+    """DER of the certificate a new TLS connection to 127.0.0.1:port is given (verified against `ca`); `alpn`: h2 for
+    a gRPC port, http/1.1 for HTTPS."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols([alpn])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        return tls.getpeercert(binary_form=True)

@@ -18,7 +18,7 @@ from services.gateway.grpc_server import GrpcServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.sessions import Limits, SessionService
 from services.gateway.store import SessionStore, StoreUnavailable
-from services.gateway.tls import server_tls_from
+from services.gateway.tls import CertificateReloader, server_tls_from
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class GatewayConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     plaintext_grpc_port: int = -1  # with TLS: a plaintext gRPC port as well (0 = a free one); -1 = none
+    tls_reload_s: float = 10.0  # re-read the TLS files this often, serving a renewed certificate (0 = SIGHUP only)
     limits: Limits = field(default_factory=Limits)
     admission: AdmissionConfig | None = field(default_factory=AdmissionConfig)  # None = model calls never shed
 
@@ -69,6 +70,8 @@ class GatewayConfig:
             raise ValueError(f"store must be memory or redis, got {self.store!r}")
         if self.backend == "inprocess":  # a GPU that is absent, or bf16 on a CPU without it: refused before serving
             resolve_precision(self.precision, resolve_inference_device(self.device))
+        if not self.tls_reload_s >= 0:  # NaN too
+            raise ValueError(f"tls_reload_s must be >= 0 seconds, got {self.tls_reload_s}")
         if self.redis_wait_replicas < 0 or self.redis_wait_ms < 0:
             raise ValueError(f"redis wait replicas/ms must be >= 0, got {self.redis_wait_replicas}, {self.redis_wait_ms}")
         if self.backend == "triton":
@@ -153,6 +156,9 @@ class Gateway:
             self.token = new_token()
             auth = Authenticator({self.token: "local"})
         metrics = metrics or GatewayMetrics()
+        self.certificates = None if self.tls is None else CertificateReloader(
+            self.tls, on_result=lambda result: metrics.tls_reloads.labels(result).inc())
+        self._reload_task: asyncio.Task | None = None
         self.backend = backend or make_backend(cfg, metrics.registry)
         if cfg.admission is not None:
             self.backend = AdmissionBackend(self.backend, cfg.admission)
@@ -177,7 +183,7 @@ class Gateway:
             log.warning("model backend not available yet, serving UNAVAILABLE until it is: %s", exc)
         plaintext = self.cfg.plaintext_grpc_port if self.cfg.plaintext_grpc_port >= 0 else None
         self.grpc = GrpcServer(self.service, self.cfg.host, self.cfg.grpc_port, plaintext_port=plaintext,
-                               credentials=self.tls.grpc_credentials() if self.tls else None)
+                               credentials=self.certificates.grpc_credentials() if self.certificates else None)
         await self.grpc.start()
         if self.cfg.http_port >= 0:
             from aiohttp import web
@@ -187,12 +193,23 @@ class Gateway:
             self._web_runner = web.AppRunner(create_web_app(self.service, Path(self.cfg.world)), access_log=None)
             await self._web_runner.setup()
             site = web.TCPSite(self._web_runner, self.cfg.host, self.cfg.http_port,
-                               ssl_context=self.tls.ssl_context() if self.tls else None)
+                               ssl_context=self.certificates.ssl_context() if self.certificates else None)
             await site.start()
             self.http_port = self._web_runner.addresses[0][1]  # the bound port (a free one when asked for 0)
         if self.cfg.metrics_port >= 0:
             self._metrics_server, _ = self.service.metrics.serve(self.cfg.metrics_port, self.cfg.host)
             self.metrics_port = self._metrics_server.server_port
+        if self.certificates is not None and self.cfg.tls_reload_s > 0:
+            self._reload_task = asyncio.create_task(self._reload_certificates(self.cfg.tls_reload_s))
+
+    def reload_tls(self) -> bool | None:
+        """Re-reads the TLS files now (SIGHUP): True switched, False refused (old one serves on), None unchanged."""
+        return None if self.certificates is None else self.certificates.check()
+
+    async def _reload_certificates(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self.reload_tls()
 
     @property
     def grpc_address(self) -> str:
@@ -207,6 +224,8 @@ class Gateway:
         return f"{scheme}://{self.cfg.host}:{self.http_port}/{fragment}"
 
     async def stop(self) -> None:
+        if self._reload_task is not None:
+            self._reload_task.cancel()
         if self.grpc is not None:
             await self.grpc.stop()
         if self._web_runner is not None:
@@ -226,6 +245,8 @@ async def serve_forever(gateway: Gateway, on_ready=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
     try:
         if on_ready is not None:
             on_ready(gateway)

@@ -25,6 +25,8 @@ class GatewayMetrics:
                                         "Steps retried because another replica committed first", registry=r)
         self.requests = Counter("genie_gateway_requests", "Calls by method and gRPC status code", ["method", "code"], registry=r)
         self.errors = Counter("genie_gateway_errors", "Failed calls by method and gRPC status code", ["method", "code"], registry=r)
+        self.tls_reloads = Counter("genie_gateway_tls_reloads", "Changed TLS files: served (ok) or refused (error)",
+                                   ["result"], registry=r)
         self.in_flight = Gauge("genie_gateway_requests_in_flight", "Calls being served now", registry=r)
 
     def record(self, method: str, code: str) -> None:

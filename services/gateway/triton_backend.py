@@ -24,6 +24,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -45,7 +46,7 @@ from services.gateway.backend import (
     check_state,
 )
 from services.gateway.routing import EndpointSet, HealthPolicy, parse_endpoints
-from services.tls_files import check_client_files
+from services.tls_files import check_client_files, files_digest
 from services.tls_probe import certificate_problem
 from services.triton import protocol as P
 
@@ -98,6 +99,10 @@ class TritonClientTLS:
         host, _, port = url.rpartition(":")
         return certificate_problem(host.strip("[]"), int(port), self.ca, self.cert, self.key)
 
+    def digest(self) -> bytes | None:
+        """A hash of the files' contents, to notice a renewal; None while one cannot be read (being replaced)."""
+        return files_digest(self.ca, self.cert, self.key)
+
 
 class TritonBackend:
     """Talks to the Triton servers holding the `tokenizer`, `lam` and `dynamics` models of one world.
@@ -113,12 +118,15 @@ class TritonBackend:
         health: how long a failed endpoint is skipped, and how often DNS names are looked up again.
         registry: where the routing counters go (the gateway passes its metrics registry).
         tls: TLS to the servers (a server with --grpc-use-ssl); None = plaintext.
+        tls_check_s: how often the TLS files are re-read; when they changed (a renewed client certificate or CA),
+            calls from then on connect with the new ones, and the old connections close once the calls that may
+            still run on them are past their deadline. No restart needed when cert-manager renews a mounted Secret.
     """
 
     def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.05,
                  reconnect_s: float = 0.25, model_urls: dict[str, str] | None = None,
                  health: HealthPolicy | None = None, registry: CollectorRegistry | None = None,
-                 tls: TritonClientTLS | None = None) -> None:
+                 tls: TritonClientTLS | None = None, tls_check_s: float = 10.0) -> None:
         unknown = set(model_urls or {}) - set(P.MODELS)
         if unknown:
             raise ValueError(f"unknown Triton models {sorted(unknown)}; expected some of {list(P.MODELS)}")
@@ -128,8 +136,11 @@ class TritonBackend:
         self.endpoints = {m: EndpointSet(parse_endpoints(self.urls[m]), health) for m in P.MODELS}
         self.metrics = RoutingMetrics(registry)
         self.reconnect_s = reconnect_s
-        self._tls = tls
+        self._tls, self.tls_check_s = tls, tls_check_s
         self._tls_kwargs = tls.client_kwargs() if tls is not None else {}
+        self._tls_digest = tls.digest() if tls is not None else None
+        self._tls_checked = time.monotonic()
+        self._retired: list[tuple[float, triton_aio.InferenceServerClient]] = []  # (close after, client)
         self.spec: WorldSpec | None = None
         self.lam_frames = 0  # the longest clip the LAM takes, published in its config
         self._clients: dict[str, triton_aio.InferenceServerClient] = {}  # by URL
@@ -238,8 +249,26 @@ class TritonBackend:
         return f"#{next(self._spread)}"
 
     async def close(self) -> None:
-        for client in self._clients.values():
+        for client in [*self._clients.values(), *(c for _, c in self._retired)]:
             await client.close()
+        self._clients.clear()
+        self._retired.clear()
+
+    async def _follow_tls_files(self) -> None:
+        """Reconnects with renewed TLS files (see `tls_check_s`) and closes connections retired long enough ago."""
+        now = time.monotonic()
+        while self._retired and self._retired[0][0] <= now:
+            await self._retired.pop(0)[1].close()
+        if self._tls is None or now - self._tls_checked < self.tls_check_s:
+            return
+        self._tls_checked = now
+        digest = self._tls.digest()
+        if digest is None or digest == self._tls_digest:
+            return
+        self._tls_digest = digest
+        log.info("Triton TLS files changed: new connections use them")
+        grace = now + self.timeout_s * (self.retries + 1) + 1.0  # past the deadline of any call made on them
+        self._retired += [(grace, client) for client in self._clients.values()]
         self._clients.clear()
 
     async def statistics(self, model: str, url: str | None = None) -> dict:
@@ -260,6 +289,7 @@ class TritonBackend:
         return value[0].copy()  # drop the batch axis; a writable array, as the in-process backend returns
 
     async def _refresh(self, model: str) -> None:
+        await self._follow_tls_files()
         for gone in await self.endpoints[model].refresh():
             if gone in self._clients and not any(gone in s.endpoints for s in self.endpoints.values()):
                 await self._clients.pop(gone).close()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import click
+
+from services.tls_files import check_server_pair, files_digest
 
 
 @click.group("triton")
@@ -56,10 +61,16 @@ def triton() -> None:
 @click.option("--tls-key", default="", envvar="GENIE_TRITON_TLS_KEY", help="The server certificate's key (PEM).")
 @click.option("--tls-client-ca", default="", envvar="GENIE_TRITON_TLS_CLIENT_CA",
               help="Require client certificates signed by this CA (mutual TLS, --grpc-use-ssl-mutual).")
+@click.option("--tls-check-s", default=30.0, show_default=True, envvar="GENIE_TRITON_TLS_CHECK_S",
+              help="Re-read the TLS files this often; tritonserver cannot reload them, so a renewed set restarts it "
+                   "(0 = never look again).")
+@click.option("--tls-restart-jitter-s", default=300.0, show_default=True, envvar="GENIE_TRITON_TLS_RESTART_JITTER_S",
+              help="Wait a random 0..this many seconds before that restart, so replicas sharing a Secret restart at "
+                   "different times and the gateways fail over between them.")
 def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, http_host: str, metrics_port: int, threads: int,
           instances: int, device: str, instances_per_gpu: int, gpus: str, precision: str, max_batch: str,
           queue_delay_us: str, dry_run: bool, cache_bytes: int, models: str, repository: Path | None, tls_cert: str, tls_key: str,
-          tls_client_ca: str) -> None:
+          tls_client_ca: str, tls_check_s: float, tls_restart_jitter_s: float) -> None:
     """Assemble the repository for WORLD and run tritonserver until Ctrl-C (or SIGTERM)."""
     from services.triton.launcher import TritonServer, TritonTLS, assemble_repository
 
@@ -67,6 +78,8 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, http_host:
         names = [m.strip() for m in models.split(",") if m.strip()]
         try:
             tls = TritonTLS(tls_cert, tls_key, tls_client_ca) if (tls_cert or tls_key or tls_client_ca) else None
+            if not (tls_check_s >= 0 and tls_restart_jitter_s >= 0):
+                raise ValueError("--tls-check-s and --tls-restart-jitter-s must be >= 0")
             placement, batching = _placement_and_batching(device, instances, instances_per_gpu, gpus, precision,
                                                           max_batch, queue_delay_us, names)
             repo = assemble_repository(world_dir, repository or Path(tmp), threads=threads, cache_bytes=cache_bytes,
@@ -80,6 +93,8 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, http_host:
             click.echo(json.dumps({"repository": str(repo.root), "device": repo.device, "command": server.command()}))
             return
         signal.signal(signal.SIGTERM, _interrupt)
+        # The files as tritonserver is about to read them: a renewal from here on is one it has not seen.
+        started_with = files_digest(tls.cert, tls.key, tls.client_ca) if tls is not None else None
         server.start()
         try:
             try:
@@ -87,13 +102,70 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, http_host:
             except (RuntimeError, TimeoutError) as exc:
                 raise click.ClickException(str(exc)) from exc
             click.echo(f"Triton ready in {seconds:.1f} s: " + ", ".join(f"{k} {v}" for k, v in server.urls.items()), err=True)
-            code = server.process.wait()
+            if tls is not None and tls_check_s > 0:
+                code = RenewalRestarts(server, tls, tls_check_s, tls_restart_jitter_s, started_with).run()
+            else:
+                code = server.process.wait()
             click.echo(f"tritonserver exited with code {code}", err=True)
             sys.exit(code or 1)
         except KeyboardInterrupt:
             click.echo("stopping Triton", err=True)
         finally:
             server.stop()
+
+
+class RenewalRestarts:
+    """Runs tritonserver until it exits, restarting it on renewed TLS files (it reads them only at start).
+
+    Every `check_s` the certificate, key and client CA are hashed. A changed set is checked (the key matches the
+    certificate, the CA holds one; a half-written set waits for the next look) and, after a random 0..`jitter_s`
+    delay, the server is stopped gracefully and started again on the same ports. Its readiness probe fails while
+    the models load, so the Service and the gateways' routing send calls to other replicas meanwhile.
+    """
+
+    def __init__(self, server, tls, check_s: float, jitter_s: float, started_with: bytes | None,
+                 rng: random.Random | None = None) -> None:
+        """`started_with`: files_digest of the TLS files taken just before the server started (it read those)."""
+        self.server, self.tls, self.check_s, self.jitter_s = server, tls, check_s, jitter_s
+        self.rng = rng or random.Random()
+        self.digest = started_with
+
+    def run(self) -> int:
+        """Returns tritonserver's exit code once it exits on its own (a restart is not an exit)."""
+        restart_at: float | None = None
+        refused: bytes | None = None
+        while True:
+            try:
+                return self.server.process.wait(timeout=self.check_s)
+            except subprocess.TimeoutExpired:
+                pass
+            digest = files_digest(self.tls.cert, self.tls.key, self.tls.client_ca)
+            if digest is None:  # a file being replaced: look again next time
+                continue
+            if digest == self.digest:  # unchanged, or a renewal undone before its restart
+                restart_at = None
+                continue
+            try:
+                check_server_pair(self.tls.cert, self.tls.key, self.tls.client_ca)
+            except ValueError as exc:
+                if digest != refused:  # once per new content, not every look while it stays broken
+                    click.echo(f"new TLS files not used yet: {exc}", err=True)
+                    refused = digest
+                continue
+            if restart_at is None:
+                delay = self.rng.uniform(0.0, self.jitter_s)
+                restart_at = time.monotonic() + delay
+                click.echo(f"TLS files renewed: restarting tritonserver in {delay:.0f} s", err=True)
+            if time.monotonic() < restart_at:
+                continue
+            self.server.stop()
+            self.server.start()
+            self.digest, restart_at = digest, None
+            try:
+                seconds = self.server.wait_ready(timeout=300)
+            except (RuntimeError, TimeoutError) as exc:
+                raise click.ClickException(f"tritonserver did not come back after a TLS renewal: {exc}") from exc
+            click.echo(f"Triton restarted with the renewed TLS files, ready in {seconds:.1f} s", err=True)
 
 
 def _placement_and_batching(device: str, instances: int, instances_per_gpu: int, gpus: str, precision: str,

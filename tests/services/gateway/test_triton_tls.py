@@ -109,3 +109,31 @@ def test_triton_serve_passes_the_tls_flags(certs, trained_world_dir, tmp_path):
     assert "--http-address=0.0.0.0" in json.loads(plain.output.strip().splitlines()[-1])["command"]
     bad = CliRunner().invoke(triton, args[:-4] + ["--tls-key", str(tmp_path / "nope.key")])
     assert bad.exit_code == 2 and bad.output.startswith("error:") and "not a file" in bad.output, bad.output
+
+
+async def test_renewed_client_files_are_used_without_a_restart(tls_triton, certs, tmp_path):
+    """The gateway's client certificate files change under it (a renewed Secret): new connections use them. Swapping
+    in a certificate the server does not trust makes calls fail, and swapping the good one back makes them work,
+    on the same TritonBackend: the files are read again, not only at start."""
+    import shutil
+
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    for name, src in (("ca.crt", certs.ca), ("tls.crt", certs.client_cert), ("tls.key", certs.client_key)):
+        shutil.copy(src, mount / name)
+    stranger = make_certs(tmp_path / "stranger", name="stranger")
+    tls = TritonClientTLS(str(mount / "ca.crt"), str(mount / "tls.crt"), str(mount / "tls.key"))
+    backend = TritonBackend(tls_triton.grpc_url, timeout_s=10.0, retries=0, tls=tls, tls_check_s=0.0)
+    try:
+        await backend.start()
+        assert await backend.ready()
+        shutil.copy(stranger.client_cert, mount / "tls.crt")  # signed by a CA the server does not trust
+        shutil.copy(stranger.client_key, mount / "tls.key")
+        assert not await backend.ready()
+        shutil.copy(certs.client_cert, mount / "tls.crt")
+        shutil.copy(certs.client_key, mount / "tls.key")
+        assert await backend.ready()
+        assert len(backend._retired) == 2  # the connections made with the earlier files, closed after a grace
+    finally:
+        await backend.close()
+    assert not backend._retired
