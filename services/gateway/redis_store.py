@@ -41,13 +41,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, StoreUnavailable
+from services.redis_errors import short_reason
 from services.tls_files import check_client_files
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -252,16 +253,6 @@ def _misconfiguration(exc: BaseException, hop: tuple[str, str] = _DATA_HOP) -> s
     return None
 
 
-def _reason(exc: BaseException) -> str:
-    """A short reason for an outage: redis-py's MasterNotFoundError spells out every Sentinel client in full, so
-    it is cut down to the kind of error each Sentinel gave (e.g. auth:AuthenticationError)."""
-    if isinstance(exc, MasterNotFoundError):
-        head = str(exc).split(" : ", 1)[0]
-        kinds = re.findall(r" - ([\w.:]+)", str(exc))
-        return f"{head} (Sentinel errors: {', '.join(kinds)})" if kinds else head
-    return str(exc)
-
-
 class _RetryOutages(Retry):
     """redis-py's retry of a failed connection or command (its default backoff and count), except when the server
     refused our password or certificate: retrying those only delays the error (and a health check) by seconds."""
@@ -319,7 +310,7 @@ class RedisStore:
         try:
             return await op()
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {_reason(exc)}") from exc
+            raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {short_reason(exc)}") from exc
 
     async def _write(self, what: str, script, keys: list, args: list, version: int) -> int:
         """Runs a write script and, when asked, WAITs for replicas on the same connection (WAIT counts the
@@ -395,7 +386,7 @@ class RedisStore:
             problem = _misconfiguration(exc)
             if problem is not None:
                 raise StoreMisconfigured(f"session store ({self.url}): {problem}") from exc
-            raise StoreUnavailable(f"session store ({self.url}) unavailable at startup: {_reason(exc)}") from exc
+            raise StoreUnavailable(f"session store ({self.url}) unavailable at startup: {short_reason(exc)}") from exc
 
     async def _verify_sentinels(self) -> None:
         """Asks each Sentinel for a PONG. redis-py folds a refused Sentinel password or certificate into "no master
