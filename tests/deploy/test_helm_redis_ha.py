@@ -1,5 +1,7 @@
 """The chart's Redis with failover (deploy/helm/values-redis-ha.yaml): master + replicas with a Sentinel in each
-pod, the gateway finding the master through them and waiting for a replica; or an external Sentinel set."""
+pod, the gateway finding the master through them and waiting for a replica, the workers' broker following it too;
+or an external Sentinel set. With redis.tls, every hop (clients, replication, Sentinels) is TLS; the Sentinels
+require the Redis password, which reaches them only through env and a config file in /tmp."""
 
 from __future__ import annotations
 
@@ -9,8 +11,12 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
+from tests.deploy.test_helm_security import leaks, secret_values
+
 ROOT = Path(__file__).resolve().parents[2]
 HA = ["-f", str(ROOT / "deploy" / "helm" / "values-redis-ha.yaml")]
+TLS = ["--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=redis-tls"]
+SECRET_REF = {"secretKeyRef": {"name": "t-genie-redis-password", "key": "redis-password"}}
 
 
 def _named(docs, kind, name):
@@ -23,9 +29,19 @@ def _gateway_args(docs) -> dict[str, str]:
     return dict(a.split("=", 1) for a in c["args"] if "=" in a)
 
 
+def _env(docs, kind, name) -> dict[str, dict]:
+    c = _named(docs, kind, name)["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e for e in c["env"]}
+
+
 @pytest.fixture(scope="module")
 def ha(helm) -> list[dict]:
     return helm.render(*HA)
+
+
+@pytest.fixture(scope="module")
+def ha_tls(helm) -> list[dict]:
+    return helm.render(*HA, *TLS)
 
 
 def test_lint_strict_and_every_object_validates(helm, ha):
@@ -90,3 +106,81 @@ def test_schema_rejects_bad_values(helm, bad):
 def test_quorum_above_the_sentinel_count_fails(helm):
     out = helm.template(*HA, "--set", "redis.sentinel.quorum=4")
     assert out.returncode != 0 and "quorum cannot exceed" in out.stderr
+
+
+def test_tls_with_sentinel_lints_and_validates(helm, ha_tls):
+    out = helm.run("lint", "--strict", str(helm.chart), *HA, *TLS)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for doc in ha_tls:
+        if doc["kind"] != "ServiceMonitor":
+            kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_with_tls_every_redis_and_sentinel_port_and_link_is_tls(ha_tls):
+    pod = _named(ha_tls, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]
+    redis, sentinel = pod["containers"]
+    data, script = redis["args"][0], sentinel["args"][0]
+    assert "--port 0 --tls-port 6379 --tls-replication yes" in data and "--tls-ca-cert-file /etc/genie/tls/ca.crt" in data
+    for line in ("port 0", "tls-port 26379", "tls-replication yes", "tls-cert-file /etc/genie/tls/tls.crt",
+                 "tls-ca-cert-file /etc/genie/tls/ca.crt"):
+        assert f"\n{line}\n" in "\n" + "\n".join(x.strip() for x in script.splitlines()) + "\n", line
+    assert "port 26379\n" not in script.replace("tls-port 26379\n", "")  # no plaintext Sentinel port
+    for shell in (data, script):  # both ask a Sentinel for the master over TLS, with the password from the env
+        assert 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli --tls --cacert /etc/genie/tls/ca.crt -h t-genie-redis-sentinel' in shell
+        assert subprocess.run(["sh", "-n"], input=shell, text=True).returncode == 0
+    for c in (redis, sentinel):
+        assert "redis-cli --tls --cacert /etc/genie/tls/ca.crt" in c["readinessProbe"]["exec"]["command"][2]
+        assert {"name": "tls", "mountPath": "/etc/genie/tls", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "tls", "secret": {"secretName": "redis-tls", "defaultMode": 0o440}} in pod["volumes"]
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_sentinels_require_the_password_from_the_secret_and_nowhere_else(helm, tls):
+    docs = helm.render(*HA, *(TLS if tls else []))
+    redis, sentinel = _named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]["containers"]
+    script = sentinel["args"][0]
+    assert 'requirepass "$REDIS_PASSWORD"' in script and 'sentinel sentinel-pass "$REDIS_PASSWORD"' in script
+    assert "cat > /tmp/sentinel.conf" in script and "umask 077" in script  # a private file in /tmp
+    assert sentinel["env"] == [{"name": "REDIS_PASSWORD", "valueFrom": SECRET_REF}]
+    assert 'REDISCLI_AUTH="$REDIS_PASSWORD"' in sentinel["readinessProbe"]["exec"]["command"][2]
+    assert ("--tls" in sentinel["readinessProbe"]["exec"]["command"][2]) == tls
+    assert (f"{'rediss' if tls else 'redis'}://t-genie-redis:6379",) == tuple(
+        v for v in secret_values(docs) if v.startswith("redis"))
+    password = [v for v in secret_values(docs) if not v.startswith("redis")]
+    assert password and all(len(p) >= 8 for p in password)  # so the leak scan below looks for it
+    assert leaks(docs) == []  # not in a ConfigMap, an env literal, an argument or an annotation
+
+
+def test_the_gateway_gets_the_sentinel_password_from_the_secret_and_tls_from_the_url(ha_tls):
+    env = _env(ha_tls, "Deployment", "t-genie-gateway")
+    assert env["GENIE_REDIS_SENTINEL_PASSWORD"] == {"name": "GENIE_REDIS_SENTINEL_PASSWORD", "valueFrom": SECRET_REF}
+    assert env["GENIE_REDIS_URL"]["value"] == "$(GENIE_REDIS_BASE_URL)/0"  # rediss:// from the Secret: TLS everywhere
+    assert env["GENIE_REDIS_CA"]["value"] == "/etc/genie/redis-ca/ca.crt"
+    args = _gateway_args(ha_tls)
+    assert args["--redis-url"] == "$(GENIE_REDIS_URL)" and args["--redis-master"] == "genie"
+    assert not any("PASSWORD" in a and "$(" not in a for a in args)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_workers_follow_the_master_through_the_sentinels(helm, tls):
+    docs = helm.render(*HA, *(TLS if tls else []))
+    hosts = ",".join(f"t-genie-redis-{i}.t-genie-redis-headless:26379" for i in range(3))
+    for name in ("t-genie-worker-train", "t-genie-worker-rollout"):
+        env = _env(docs, "Deployment", name)
+        assert env["GENIE_BROKER_SENTINELS"]["value"] == hosts and env["GENIE_BROKER_SENTINEL_MASTER"]["value"] == "genie"
+        assert env["GENIE_BROKER_SENTINEL_PASSWORD"] == {"name": "GENIE_BROKER_SENTINEL_PASSWORD", "valueFrom": SECRET_REF}
+        assert env["GENIE_BROKER_URL"]["value"] == "$(GENIE_REDIS_BASE_URL)/1"  # the DB, password and TLS only
+        assert ("GENIE_BROKER_CA" in env) == tls
+    policy = _named(docs, "NetworkPolicy", "t-genie-redis")
+    sentinel_peers = [rule["from"] for rule in policy["spec"]["ingress"] if [p["port"] for p in rule["ports"]] == [26379]]
+    assert "worker-rollout" in str(sentinel_peers) and "worker-train" in str(sentinel_peers)
+
+
+def test_without_sentinel_the_workers_get_no_sentinel_settings(helm):
+    env = _env(helm.render(), "Deployment", "t-genie-worker-rollout")
+    assert not [k for k in env if "SENTINEL" in k]
+    env = _env(helm.render("--set", "redis.enabled=false", "--set", "redis.external.url=redis://cache:6379",
+                           "--set", "redis.external.sentinels=s1:26379", "--set", "redis.external.sentinelMaster=m"),
+               "Deployment", "t-genie-worker-rollout")
+    assert (env["GENIE_BROKER_SENTINELS"]["value"], env["GENIE_BROKER_SENTINEL_MASTER"]["value"]) == ("s1:26379", "m")
+    assert "GENIE_BROKER_SENTINEL_PASSWORD" not in env  # an external set's Sentinel password is not the chart's to give
