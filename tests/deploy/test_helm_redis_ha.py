@@ -5,13 +5,21 @@ require the Redis password, which reaches them only through env and a config fil
 
 from __future__ import annotations
 
+import base64
+import os
+import re
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import redis as redis_py
 
+from services.triton import free_ports
 from tests.deploy.test_helm_security import leaks, secret_values
+from tests.tls_certs import make_certs
 
 ROOT = Path(__file__).resolve().parents[2]
 HA = ["-f", str(ROOT / "deploy" / "helm" / "values-redis-ha.yaml")]
@@ -184,3 +192,70 @@ def test_without_sentinel_the_workers_get_no_sentinel_settings(helm):
                "Deployment", "t-genie-worker-rollout")
     assert (env["GENIE_BROKER_SENTINELS"]["value"], env["GENIE_BROKER_SENTINEL_MASTER"]["value"]) == ("s1:26379", "m")
     assert "GENIE_BROKER_SENTINEL_PASSWORD" not in env  # an external set's Sentinel password is not the chart's to give
+
+
+def _localised_pod(docs, root: Path, data_port: int, sentinel_port: int) -> tuple[dict, dict, Callable[[str], str]]:
+    """The rendered Redis pod's two containers and a function that moves their scripts onto loopback: pod DNS names
+    to 127.0.0.1, ports to free ones, /etc/genie/tls and /tmp into `root`, a quorum of 1 (one Sentinel here)."""
+    redis_c, sentinel_c = _named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]["containers"]
+    moves = {"$(hostname).t-genie-redis-headless": "127.0.0.1", "t-genie-redis-0.t-genie-redis-headless": "127.0.0.1",
+             "-h t-genie-redis-sentinel -p 26379": f"-h 127.0.0.1 -p {sentinel_port}",
+             "-h 127.0.0.1 -p 26379": f"-h 127.0.0.1 -p {sentinel_port}", "-h 127.0.0.1 ping": f"-h 127.0.0.1 -p {data_port} ping",
+             "tls-port 26379": f"tls-port {sentinel_port}", "--tls-port 6379": f"--tls-port {data_port}",
+             "$master 6379 2": f"$master {data_port} 1", "--replicaof \"$master\" 6379": f"--replicaof \"$master\" {data_port}",
+             "/etc/genie/tls/": f"{root}/tls/", "/tmp/": f"{root}/tmp/", "--dir /data": f"--dir {root}/data",
+             "--protected-mode no": "--protected-mode no --bind 127.0.0.1",
+             "protected-mode no\n": "protected-mode no\nbind 127.0.0.1\n"}
+
+    def localise(text: str) -> str:
+        return re.sub("|".join(map(re.escape, moves)), lambda m: moves[m.group(0)], text)
+
+    return redis_c, sentinel_c, localise
+
+
+def test_the_rendered_tls_sentinel_pod_runs_and_refuses_clients_without_the_password_or_tls(helm, tmp_path):
+    """The chart's data node and Sentinel scripts, run for real on loopback with TLS: the Sentinel serves only TLS,
+    requires the password, names the master, and no password is on a command line."""
+    docs = helm.render(*HA, *TLS)
+    password = base64.b64decode(_named(docs, "Secret", "t-genie-redis-password")["data"]["redis-password"]).decode()
+    certs = make_certs(tmp_path / "certs")
+    for sub in ("tmp", "data", "tls"):
+        (tmp_path / sub).mkdir()
+    for src, dst in ((certs.server_cert, "tls.crt"), (certs.server_key, "tls.key"), (certs.ca, "ca.crt")):
+        (tmp_path / "tls" / dst).write_bytes(src.read_bytes())
+    data_port, sentinel_port = free_ports(2)
+    redis_c, sentinel_c, localise = _localised_pod(docs, tmp_path, data_port, sentinel_port)
+    env = {**os.environ, "REDIS_PASSWORD": password, "HOSTNAME": "t-genie-redis-0"}
+    procs = [subprocess.Popen(["sh", "-c", localise(c["args"][0])], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for c in (redis_c, sentinel_c)]
+    tls = {"ssl": True, "ssl_ca_certs": str(certs.ca), "socket_timeout": 3}
+    sentinel = redis_py.Redis(host="127.0.0.1", port=sentinel_port, password=password, decode_responses=True, **tls)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if sentinel.execute_command("SENTINEL", "get-master-addr-by-name", "genie"):
+                    break
+            except redis_py.ConnectionError:
+                pass
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "the pod did not start"
+            time.sleep(0.2)
+        assert sentinel.execute_command("SENTINEL", "get-master-addr-by-name", "genie") == ["127.0.0.1", str(data_port)]
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(host="127.0.0.1", port=sentinel_port, **tls).ping()  # no password
+        with pytest.raises(redis_py.ConnectionError):
+            redis_py.Redis(host="127.0.0.1", port=sentinel_port, password=password, socket_timeout=3).ping()  # plaintext
+        for proc in procs:  # `exec` replaced sh: these are the servers themselves
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+            assert "redis-server" in cmdline and password not in cmdline
+        assert oct((tmp_path / "tmp" / "sentinel.conf").stat().st_mode & 0o777) == "0o600"
+        for c in (redis_c, sentinel_c):
+            sh, flag, command = c["readinessProbe"]["exec"]["command"]
+            assert subprocess.run([sh, flag, localise(command)], env=env, timeout=30).returncode == 0, c["name"]
+            wrong = {**env, "REDIS_PASSWORD": "wrong-password"}
+            assert subprocess.run([sh, flag, localise(command)], env=wrong, timeout=30).returncode != 0, c["name"]
+    finally:
+        sentinel.close()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=20)
