@@ -9,16 +9,17 @@ is the one the step started from (compare-and-set), and a create checks the owne
 
 Failover: `RedisTarget` names either one Redis (a URL) or a Sentinel set and the master's name; with Sentinel,
 the client asks the sentinels for the current master and follows a failover (calls in flight when the master
-dies fail as StoreUnavailable: retryable, nothing changed that a client saw).
-
-Credentials and TLS: the data password (URL or GENIE_REDIS_PASSWORD) is for the master; Sentinels that set their
-own `requirepass` take a separate password, GENIE_REDIS_SENTINEL_PASSWORD (or `?sentinel_password=` in a
-redis+sentinel URL; never a flag, so it stays out of argv). The URL's scheme says TLS, for every hop alike:
-`rediss://` (one Redis, or the data URL beside --redis-sentinels) and `rediss+sentinel://` make the connections to
-the Sentinels and to the master they name TLS, verified against the same CA (--redis-ca) with the same client
-certificate (--redis-cert/--redis-key); a Sentinel never hands out a plaintext hop. With `wait_replicas > 0` each
+dies fail as StoreUnavailable: retryable, nothing changed that a client saw). With `wait_replicas > 0` each
 create and commit is followed, on the same connection, by `WAIT wait_replicas wait_ms`; fewer acknowledgements
 raise NotReplicated (the write is on the master, but a failover could lose it).
+
+Credentials and TLS: the data password (URL or GENIE_REDIS_PASSWORD) is the master's; Sentinels that set their
+own `requirepass` take a separate password, GENIE_REDIS_SENTINEL_PASSWORD (or `?sentinel_password=` in a
+redis+sentinel URL; never a flag, so it stays out of argv; default: no Sentinel AUTH). The URL's scheme says TLS,
+for every hop alike: `rediss://` (one Redis, or the data URL beside --redis-sentinels) and `rediss+sentinel://`
+make the connections to the Sentinels and to the master they name TLS, verified against the same CA (--redis-ca)
+with the same client certificate (--redis-cert/--redis-key). A password or certificate the Sentinels refuse is
+StoreMisconfigured at startup, like a refused data password.
 
 What Redis still cannot promise: replication is asynchronous and WAIT does not make it synchronous. A write
 that WAIT confirmed on a replica survives the master's death only if Sentinel promotes a replica that has it
