@@ -7,6 +7,7 @@ services/ (`python -m genie.cli` has the library's commands only, which is all t
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -228,8 +229,11 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
 @_backend_options
 @click.option("--store", type=click.Choice(["memory", "redis"]), default="memory", show_default=True, envvar="GENIE_STORE")
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, envvar="GENIE_REDIS_URL",
-              help="redis://... or redis+sentinel://host:port,host:port/MASTER[/DB].")
-@click.option("--redis-sentinels", default="", envvar="GENIE_REDIS_SENTINELS", help="host:port,...: find the master via Sentinel.")
+              help="redis://... or redis+sentinel://host:port,host:port/MASTER[/DB]; rediss://... and "
+                   "rediss+sentinel://... use TLS to every hop (the Sentinels too).")
+@click.option("--redis-sentinels", default="", envvar="GENIE_REDIS_SENTINELS",
+              help="host:port,...: find the master via Sentinel (TLS when --redis-url is rediss://). Sentinels with "
+                   "their own requirepass: set env GENIE_REDIS_SENTINEL_PASSWORD (no flag: keep it out of argv).")
 @click.option("--redis-master", default="", envvar="GENIE_REDIS_MASTER", help="The master name the sentinels monitor.")
 @click.option("--redis-wait-replicas", type=int, default=0, show_default=True, envvar="GENIE_REDIS_WAIT_REPLICAS",
               help="Acknowledge a step only once this many replicas have it (Redis WAIT).")
@@ -237,7 +241,8 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
               help="How long WAIT may take before the step answers UNAVAILABLE with its version.")
 @click.option("--redis-password", default="", envvar="GENIE_REDIS_PASSWORD", show_default=False,
               help="Redis AUTH password when the URL has none; prefer env GENIE_REDIS_PASSWORD (from a Secret).")
-@click.option("--redis-ca", default="", envvar="GENIE_REDIS_CA", help="PEM CA of the Redis server (rediss:// URLs).")
+@click.option("--redis-ca", default="", envvar="GENIE_REDIS_CA",
+              help="PEM CA of the Redis servers and Sentinels (rediss:// URLs).")
 @click.option("--redis-cert", default="", envvar="GENIE_REDIS_CERT", help="Client certificate (PEM) for mutual TLS to Redis.")
 @click.option("--redis-key", default="", envvar="GENIE_REDIS_KEY", help="Client key (PEM) for --redis-cert.")
 @click.option("--max-in-flight", type=int, default=32, show_default=True,
@@ -274,6 +279,7 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key
                             store=store, redis_url=redis_url, redis_sentinels=redis_sentinels, redis_master=redis_master,
                             redis_wait_replicas=redis_wait_replicas, redis_wait_ms=redis_wait_ms,
                             redis_password=redis_password, redis_ca=redis_ca, redis_cert=redis_cert, redis_key=redis_key,
+                            redis_sentinel_password=os.environ.get("GENIE_REDIS_SENTINEL_PASSWORD", ""),
                             admission=admission,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
                             threads=threads, device=device, precision=precision, limits=limits,

@@ -36,13 +36,16 @@ class GatewayConfig:
     triton_cert: str = ""  # client certificate + key for a Triton with --grpc-use-ssl-mutual
     triton_key: str = ""
     store: str = "memory"  # "memory" (embedded default, one gateway only) or "redis"
-    redis_url: str = "redis://127.0.0.1:6379/0"  # or redis+sentinel://host:port,.../MASTER[/DB]
+    redis_url: str = "redis://127.0.0.1:6379/0"  # or redis[s]+sentinel://host:port,.../MASTER[/DB]; rediss = TLS
     redis_sentinels: str = ""  # "host:port,host:port,...": find the master through Sentinel (with redis_master)
     redis_master: str = ""  # the name the sentinels monitor
     redis_wait_replicas: int = 0  # a step is acknowledged only after this many replicas have it (Redis WAIT)
     redis_wait_ms: int = 100  # how long WAIT may take; past it the step answers UNAVAILABLE + its version
-    redis_password: str = ""  # used when the URL has none; the CLI reads it from env GENIE_REDIS_PASSWORD
-    redis_ca: str = ""  # PEM CA that signed the Redis server's certificate (rediss:// only; empty = system CAs)
+    # Passwords stay out of the config's repr (it may be logged).
+    redis_password: str = field(default="", repr=False)  # used when the URL has none; CLI: env GENIE_REDIS_PASSWORD
+    # The Sentinels' own requirepass (none by default); the CLI reads it from env GENIE_REDIS_SENTINEL_PASSWORD only.
+    redis_sentinel_password: str = field(default="", repr=False)
+    redis_ca: str = ""  # PEM CA of the Redis servers, Sentinels too (rediss:// URLs only; empty = system CAs)
     redis_cert: str = ""  # client certificate + key, for a Redis with tls-auth-clients yes
     redis_key: str = ""
     host: str = "127.0.0.1"
@@ -121,12 +124,12 @@ def triton_tls(cfg: GatewayConfig):
 
 
 def redis_target(cfg: GatewayConfig):
-    """The RedisTarget the config names: URL or Sentinel set, plus password and TLS files."""
+    """The RedisTarget the config names: URL or Sentinel set, plus passwords and TLS files."""
     from services.gateway.redis_store import RedisTarget, RedisTLS
 
     target = RedisTarget.parse(cfg.redis_url, cfg.redis_sentinels, cfg.redis_master)
     tls = RedisTLS(cfg.redis_ca, cfg.redis_cert, cfg.redis_key) if (cfg.redis_ca or cfg.redis_cert) else None
-    return target.with_credentials(cfg.redis_password, tls)
+    return target.with_credentials(cfg.redis_password, tls, cfg.redis_sentinel_password)
 
 
 def make_store(cfg: GatewayConfig) -> SessionStore:

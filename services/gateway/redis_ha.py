@@ -8,6 +8,12 @@ process in a directory of its own. For the failover tests, the chaos soak, and t
 
 Sentinels are `redis-server CONF --sentinel`; short `down-after-milliseconds` and `failover-timeout` make a
 failover take a few seconds instead of the production defaults' 30 s and 3 min.
+
+Locked down like production when asked: `password` is every data node's `requirepass` + `masterauth` (and the
+Sentinels' `auth-pass` for the master), `sentinel_password` the Sentinels' own `requirepass` (+ `sentinel-pass`,
+so they still talk to each other), and `tls` (ServerTLS) makes every port TLS only (`port 0` + `tls-port`, client
+certificates required) with TLS replication and Sentinel links. Passwords go into each process's config file
+(mode 0600), never its arguments. `target()` then carries the passwords and the client certificate.
 """
 
 from __future__ import annotations
@@ -17,22 +23,49 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
-from services.gateway.redis_store import RedisTarget
+from services.gateway.redis_store import RedisTarget, RedisTLS
 
 LOCALHOST = "127.0.0.1"
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """PEM files for a RedisHA set on TLS: `cert` + `key` are what every node and Sentinel serves (valid for
+    127.0.0.1), `ca` verifies peers; `client_cert` + `client_key` are what the nodes and Sentinels present when they
+    connect out (replication, monitoring), and what `target()` and the set's own admin clients present."""
+
+    ca: str
+    cert: str
+    key: str
+    client_cert: str
+    client_key: str
+
+    def server_conf(self) -> str:
+        return (f"tls-cert-file {self.cert}\ntls-key-file {self.key}\ntls-ca-cert-file {self.ca}\n"
+                f"tls-client-cert-file {self.client_cert}\ntls-client-key-file {self.client_key}\n"
+                "tls-auth-clients yes\ntls-replication yes\n")
+
+    def client(self) -> RedisTLS:
+        return RedisTLS(ca=self.ca, cert=self.client_cert, key=self.client_key)
+
+
 class RedisHA:
     def __init__(self, root: Path, replicas: int = 1, sentinels: int = 3, master_name: str = "genie",
-                 down_after_ms: int = 1000, failover_timeout_ms: int = 2000, binary: str = "redis-server") -> None:
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 2000, binary: str = "redis-server",
+                 password: str = "", sentinel_password: str = "", tls: ServerTLS | None = None) -> None:
         if replicas < 1 or sentinels < 1:
             raise ValueError(f"need >= 1 replica and >= 1 sentinel, got {replicas}, {sentinels}")
+        for name, value in (("password", password), ("sentinel_password", sentinel_password)):
+            if any(c in value for c in "\"\\ \n\r"):  # they go into config files as one "word" each
+                raise ValueError(f"RedisHA's {name} must not contain quotes, backslashes, spaces or newlines")
         self.root, self.replicas, self.n_sentinels, self.master_name = Path(root), replicas, sentinels, master_name
         self.down_after_ms, self.failover_timeout_ms, self.binary = down_after_ms, failover_timeout_ms, binary
+        self.password, self.sentinel_password, self.tls = password, sentinel_password, tls
         self.data_ports: list[int] = []
         self.sentinel_ports: list[int] = []
         self._procs: dict[int, subprocess.Popen] = {}
@@ -50,18 +83,22 @@ class RedisHA:
             self._start_data(port, master)
         for port in self.sentinel_ports:
             conf = self.root / f"sentinel-{port}.conf"  # a sentinel rewrites its config: one file each
-            conf.write_text(
-                f"port {port}\nbind {LOCALHOST}\ndir {self.root}\nprotected-mode no\n"
-                f"sentinel monitor {self.master_name} {LOCALHOST} {master} {self.n_sentinels // 2 + 1}\n"
-                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {self.master_name} 1\n")
+            text = (f"{self._listen(port)}bind {LOCALHOST}\ndir {self.root}\nprotected-mode no\n"
+                    f"sentinel monitor {self.master_name} {LOCALHOST} {master} {self.n_sentinels // 2 + 1}\n"
+                    f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
+                    f"sentinel parallel-syncs {self.master_name} 1\n")
+            if self.password:
+                text += f'sentinel auth-pass {self.master_name} "{self.password}"\n'
+            if self.sentinel_password:  # clients and the other Sentinels alike must authenticate
+                text += f'requirepass "{self.sentinel_password}"\nsentinel sentinel-pass "{self.sentinel_password}"\n'
+            _write_private(conf, text)
             self._spawn(port, [str(conf), "--sentinel"], f"sentinel-{port}.log")
         deadline = time.monotonic() + timeout_s
         for port in self.data_ports + self.sentinel_ports:
-            self._wait(lambda p=port: self._client(p).ping(), deadline, f"redis on port {port}")
+            self._wait(lambda p=port: self.client(p).ping(), deadline, f"redis on port {port}")
         for port in self.data_ports[1:]:
-            self._wait(lambda p=port: self._client(p).info("replication").get("master_link_status") == "up", deadline,
+            self._wait(lambda p=port: self.client(p).info("replication").get("master_link_status") == "up", deadline,
                        f"replica {port} linked to its master")
         self._wait(self._sentinels_see_all, deadline, "the sentinels to see every replica and each other")
         return self
@@ -83,7 +120,7 @@ class RedisHA:
         seen: dict[int, int] = {}
         for port in self.sentinel_ports:
             with contextlib.suppress(redis.RedisError):
-                addr = self._client(port).execute_command("SENTINEL", "get-master-addr-by-name", self.master_name)
+                addr = self.client(port).execute_command("SENTINEL", "get-master-addr-by-name", self.master_name)
                 if addr:
                     seen[int(addr[1])] = seen.get(int(addr[1]), 0) + 1
         if not seen:
@@ -108,7 +145,7 @@ class RedisHA:
         """Waits until the sentinels name a new master that accepts writes; returns its port."""
         def promoted() -> int | None:
             port = self.master_port()
-            if port != old_master and self._client(port).info("replication").get("role") == "master":
+            if port != old_master and self.client(port).info("replication").get("role") == "master":
                 return port
             return None
 
@@ -118,23 +155,34 @@ class RedisHA:
         """Starts a killed data node again, as a replica of the current master (the way an operator rejoins it)."""
         self._start_data(port, self.master_port())
         deadline = time.monotonic() + timeout_s
-        self._wait(lambda: self._client(port).info("replication").get("master_link_status") == "up", deadline,
+        self._wait(lambda: self.client(port).info("replication").get("master_link_status") == "up", deadline,
                    f"restarted node {port} to sync")
 
-    def target(self) -> RedisTarget:
-        return RedisTarget(sentinels=tuple((LOCALHOST, p) for p in self.sentinel_ports), master=self.master_name)
+    def target(self, db: int = 0) -> RedisTarget:
+        """The set as the gateway's store sees it: through the Sentinels, with this set's passwords and TLS."""
+        return RedisTarget.parse(self.sentinel_url(db)).with_credentials(
+            self.password, self.tls.client() if self.tls else None, self.sentinel_password)
 
     def sentinel_url(self, db: int = 0) -> str:
+        """redis+sentinel:// (rediss+sentinel:// with TLS) naming the Sentinels; no passwords (give them by env)."""
         hosts = ",".join(f"{LOCALHOST}:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{self.master_name}/{db}"
+        return f"{'rediss' if self.tls else 'redis'}+sentinel://{hosts}/{self.master_name}/{db}"
 
     # --- helpers -----------------------------------------------------------------------------------------
+
+    def _listen(self, port: int) -> str:
+        """The config lines for the listening port: plaintext, or TLS only."""
+        return f"port 0\ntls-port {port}\n{self.tls.server_conf()}" if self.tls else f"port {port}\n"
 
     def _start_data(self, port: int, master: int | None) -> None:
         node = self.root / f"redis-{port}"
         node.mkdir(parents=True, exist_ok=True)
-        args = ["--port", str(port), "--bind", LOCALHOST, "--dir", str(node), "--save", "", "--appendonly", "no",
-                "--protected-mode", "no"]
+        conf = self._listen(port)
+        if self.password:  # a replica authenticates to its master, which may be any node after a failover
+            conf += f'requirepass "{self.password}"\nmasterauth "{self.password}"\n'
+        _write_private(self.root / f"redis-{port}.conf", conf)
+        args = [str(self.root / f"redis-{port}.conf"), "--bind", LOCALHOST, "--dir", str(node), "--save", "",
+                "--appendonly", "no", "--protected-mode", "no"]
         if master is not None:
             args += ["--replicaof", LOCALHOST, str(master)]
         self._spawn(port, args, f"redis-{port}.log")
@@ -144,12 +192,19 @@ class RedisHA:
             self._procs[port] = subprocess.Popen([self.binary, *args], stdout=log, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, start_new_session=True)
 
-    def _client(self, port: int) -> redis.Redis:
-        return redis.Redis(host=LOCALHOST, port=port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+    def client(self, port: int) -> redis.Redis:
+        """An admin client of the node or Sentinel on `port`, with the password and TLS that one takes."""
+        password = self.sentinel_password if port in self.sentinel_ports else self.password
+        kw: dict = {"password": password or None}
+        if self.tls is not None:
+            kw.update(self.tls.client().kwargs(), ssl=True)
+        return redis.Redis(host=LOCALHOST, port=port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True,
+                           **kw)
+
 
     def _sentinels_see_all(self) -> bool:
         for port in self.sentinel_ports:
-            info = self._client(port).execute_command("SENTINEL", "master", self.master_name)
+            info = self.client(port).execute_command("SENTINEL", "master", self.master_name)
             fields = dict(zip(info[::2], info[1::2], strict=True)) if isinstance(info, list) else info
             if int(fields["num-slaves"]) < self.replicas or int(fields["num-other-sentinels"]) < self.n_sentinels - 1:
                 return False
@@ -169,3 +224,10 @@ class RedisHA:
                 last = exc
             time.sleep(0.05)
         raise TimeoutError(f"timed out waiting for {what} (last error: {last}); logs in {self.root}")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes a config file only its owner can read (it may hold passwords)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

@@ -13,6 +13,14 @@ dies fail as StoreUnavailable: retryable, nothing changed that a client saw). Wi
 create and commit is followed, on the same connection, by `WAIT wait_replicas wait_ms`; fewer acknowledgements
 raise NotReplicated (the write is on the master, but a failover could lose it).
 
+Credentials and TLS: the data password (URL or GENIE_REDIS_PASSWORD) is the master's; Sentinels that set their
+own `requirepass` take a separate password, GENIE_REDIS_SENTINEL_PASSWORD (or `?sentinel_password=` in a
+redis+sentinel URL; never a flag, so it stays out of argv; default: no Sentinel AUTH). The URL's scheme says TLS,
+for every hop alike: `rediss://` (one Redis, or the data URL beside --redis-sentinels) and `rediss+sentinel://`
+make the connections to the Sentinels and to the master they name TLS, verified against the same CA (--redis-ca)
+with the same client certificate (--redis-cert/--redis-key). A password or certificate the Sentinels refuse is
+StoreMisconfigured at startup, like a refused data password.
+
 What Redis still cannot promise: replication is asynchronous and WAIT does not make it synchronous. A write
 that WAIT confirmed on a replica survives the master's death only if Sentinel promotes a replica that has it
 (with one replica it does; with several, Sentinel prefers the most up-to-date). A write that WAIT could not
@@ -22,29 +30,36 @@ are discarded when it rejoins as a replica (bound that window with the server's 
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, StoreUnavailable
+from services.redis_errors import short_reason
 from services.tls_files import check_client_files
 
 SENTINEL_SCHEME = "redis+sentinel"
 TLS_SCHEME = "rediss"
+SENTINEL_TLS_SCHEME = "rediss+sentinel"
 # A master that died mid-call, one demoted to replica (READONLY), or no master known to the sentinels yet.
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _CREATE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[7])
@@ -79,75 +94,118 @@ return 1
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """One Redis (`url`), or a Sentinel set: `sentinels` [(host, port)...] and the `master` name they watch."""
+    """One Redis (`url`), or a Sentinel set: `sentinels` [(host, port)...] and the `master` name they watch.
+
+    `password` is the master's (data) password, `sentinel_password` the Sentinels' own (their `requirepass`; None =
+    the Sentinels take no AUTH). `tls` holds the certificate files; a TLS target uses them toward every hop."""
 
     url: str = "redis://127.0.0.1:6379/0"
     sentinels: tuple[tuple[str, int], ...] = ()
     master: str = ""
     db: int = 0
     password: str | None = None
-    tls: RedisTLS | None = None  # CA / client certificate files for a rediss:// URL
+    tls: RedisTLS | None = None  # CA / client certificate files for a rediss:// or rediss+sentinel:// URL
+    sentinel_password: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.sentinels) != bool(self.master):
             raise ValueError("a Sentinel target needs both sentinels (host:port,...) and the master's name")
-        if self.tls is not None and self.sentinels:
-            raise ValueError("TLS to a Sentinel-managed Redis is not supported yet; use a rediss:// URL to one Redis")
-        if self.tls is not None and not self.url.startswith(TLS_SCHEME + "://"):
-            raise ValueError(f"Redis CA/client certificates need a {TLS_SCHEME}:// URL, got {self.url!r}")
+        if self.tls is not None and not self.tls_scheme:
+            raise ValueError(f"Redis CA/client certificates need a {TLS_SCHEME}:// or {SENTINEL_TLS_SCHEME}:// URL, "
+                             f"got {self.describe_url()!r}")
+        if self.sentinel_password and not self.sentinels:
+            raise ValueError("a Sentinel password (GENIE_REDIS_SENTINEL_PASSWORD) needs a Sentinel target "
+                             "(--redis-sentinels + --redis-master, or a redis+sentinel:// URL)")
 
-    def with_credentials(self, password: str = "", tls: RedisTLS | None = None) -> RedisTarget:
+    @property
+    def tls_scheme(self) -> bool:
+        """Whether the URL asks for TLS (rediss:// or rediss+sentinel://)."""
+        return self.url.startswith((TLS_SCHEME + "://", SENTINEL_TLS_SCHEME + "://"))
+
+    def with_credentials(self, password: str = "", tls: RedisTLS | None = None,
+                         sentinel_password: str = "") -> RedisTarget:
         """This target with a password (used when the URL carries none, e.g. from env GENIE_REDIS_PASSWORD, so
-        a pod takes it from a Secret) and TLS files. A rediss:// URL uses TLS even without files (system CAs)."""
-        if tls is None and self.url.startswith(TLS_SCHEME + "://"):
+        a pod takes it from a Secret), TLS files, and the Sentinels' password (env GENIE_REDIS_SENTINEL_PASSWORD;
+        one in the URL wins). A TLS URL uses TLS even without files (system CAs)."""
+        if tls is None and self.tls_scheme:
             tls = RedisTLS()
         return RedisTarget(url=self.url, sentinels=self.sentinels, master=self.master, db=self.db,
-                           password=self.password or password or None, tls=tls)
+                           password=self.password or password or None, tls=tls,
+                           sentinel_password=self.sentinel_password or sentinel_password or None)
 
     def connection_kwargs(self) -> dict:
         """redis-py keyword arguments for the data connections: the password (a password in the URL wins)
-        and, for rediss://, the certificate files with verification required."""
+        and, for a TLS URL, the certificate files with verification required."""
         kw: dict = {}
         if self.password:
             kw["password"] = self.password
         if self.tls is not None:
             kw.update(self.tls.kwargs())
+            if self.sentinels:  # from_url picks the TLS connection class by scheme; master_for needs to be told
+                kw["ssl"] = True
+        return kw
+
+    def sentinel_kwargs(self) -> dict:
+        """redis-py keyword arguments for the connections to the Sentinels: their password, and the same TLS."""
+        kw: dict = {}
+        if self.sentinel_password:
+            kw["password"] = self.sentinel_password
+        if self.tls is not None:
+            kw.update(self.tls.kwargs(), ssl=True)
         return kw
 
     @classmethod
     def parse(cls, url: str, sentinels: str = "", master: str = "") -> RedisTarget:
         """From `--redis-url` and, optionally, `--redis-sentinels host:port,...` + `--redis-master NAME`.
 
-        The URL may itself name a Sentinel set: `redis+sentinel://[:password@]host:port,host:port/MASTER[/DB]`.
-        Raises ValueError with the expected form on a malformed spec.
+        The URL may itself name a Sentinel set:
+        `redis+sentinel://[:password@]host:port,host:port/MASTER[/DB][?sentinel_password=...]`, or
+        `rediss+sentinel://...` for TLS to the Sentinels and the master. Raises ValueError with the expected form
+        on a malformed spec.
         """
-        if sentinels or master:  # the URL still names the DB and password (redis://[:pw@]host/DB)
+        if sentinels or master:  # the URL still names the DB, password and TLS (redis[s]://[:pw@]host/DB)
             parts = urlsplit(url)
             db = parts.path.strip("/")
             if db and not db.isdigit():
-                raise ValueError(f"the Redis URL's path must be a DB number, got {url!r}")
+                raise ValueError(f"the Redis URL's path must be a DB number, got {_masked(url)!r}")
             return cls(url=url, sentinels=_hostports(sentinels), master=master.strip(), db=int(db or 0),
                        password=unquote(parts.password) if parts.password else None)
-        if not url.startswith(SENTINEL_SCHEME + "://"):
+        if not url.startswith((SENTINEL_SCHEME + "://", SENTINEL_TLS_SCHEME + "://")):
             return cls(url=url)
         parts = urlsplit(url)
         path = [p for p in parts.path.split("/") if p]
         hosts = parts.netloc.rpartition("@")[2]
-        if not 1 <= len(path) <= 2 or not hosts or (len(path) == 2 and not path[1].isdigit()):
-            raise ValueError(f"expected {SENTINEL_SCHEME}://[:password@]host:port[,host:port...]/MASTER[/DB], got {url!r}")
+        query = parse_qs(parts.query)
+        form = f"{parts.scheme}://[:password@]host:port[,host:port...]/MASTER[/DB][?sentinel_password=...]"
+        if not 1 <= len(path) <= 2 or not hosts or (len(path) == 2 and not path[1].isdigit()) or \
+                set(query) - {"sentinel_password"} or len(query.get("sentinel_password", ())) > 1:
+            raise ValueError(f"expected {form}, got {_masked(url)!r}")
         password = unquote(parts.password) if parts.password else None
         return cls(url=url, sentinels=_hostports(hosts), master=path[0], db=int(path[1]) if len(path) == 2 else 0,
-                   password=password)
+                   password=password, sentinel_password=query.get("sentinel_password", [None])[0])
+
+    def __repr__(self) -> str:  # the dataclass's would print the passwords
+        return f"RedisTarget({self.describe()}, db={self.db})"
+
+    def describe_url(self) -> str:
+        """The URL with any password masked (user:***@host, sentinel_password=***)."""
+        return _masked(self.url)
 
     def describe(self) -> str:
-        """For logs and error messages: never the password."""
+        """For logs and error messages: never a password."""
         if not self.sentinels:
-            parts = urlsplit(self.url)
-            if parts.password is not None:
-                netloc = (parts.username or "") + ":***@" + parts.netloc.rpartition("@")[2]
-                return f"Redis at {parts._replace(netloc=netloc).geturl()}"
-            return f"Redis at {self.url}"
-        return f"Redis master {self.master!r} via Sentinel {','.join(f'{h}:{p}' for h, p in self.sentinels)}"
+            return f"Redis at {self.describe_url()}"
+        tls = " over TLS" if self.tls is not None else ""
+        return f"Redis master {self.master!r} via Sentinel {','.join(f'{h}:{p}' for h, p in self.sentinels)}{tls}"
+
+
+def _masked(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is not None:
+        parts = parts._replace(netloc=(parts.username or "") + ":***@" + parts.netloc.rpartition("@")[2])
+    if "sentinel_password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"sentinel_password=[^&]*", "sentinel_password=***", parts.query))
+    return parts.geturl()
 
 
 @dataclass(frozen=True)
@@ -176,18 +234,38 @@ class StoreMisconfigured(ValueError):
     """The store refused this gateway's credentials or certificates: a deployment error, not an outage."""
 
 
-def _misconfiguration(exc: BaseException) -> str | None:
-    """What is wrong when `exc` means the configuration (password, ACL, certificates) is, else None."""
+_DATA_HOP = ("", "the password (GENIE_REDIS_PASSWORD) and the ACL user")
+_SENTINEL_HOP = ("to the Sentinels ", "the Sentinel password (GENIE_REDIS_SENTINEL_PASSWORD)")
+
+
+def _misconfiguration(exc: BaseException, hop: tuple[str, str] = _DATA_HOP) -> str | None:
+    """What is wrong when `exc` means the configuration (password, ACL, certificates) is, else None.
+    `hop` is (what was refused, which password to check), for the message."""
+    where, password = hop
     if isinstance(exc, (AuthenticationError, NoPermissionError)):
-        return f"authentication failed ({exc}); check the password (GENIE_REDIS_PASSWORD) and the ACL user"
+        return f"authentication {where}failed ({exc}); check {password}"
     if isinstance(exc, ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-        return f"authentication failed ({exc}); check the password (GENIE_REDIS_PASSWORD) and the ACL user"
+        return f"authentication {where}failed ({exc}); check {password}"
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake failed ({cause}); check the CA (--redis-ca) and client certificate"
+            return f"TLS handshake {where}failed ({cause}); check the CA (--redis-ca) and client certificate"
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+class _RetryOutages(Retry):
+    """redis-py's retry of a failed connection or command (its default backoff and count), except when the server
+    refused our password or certificate: retrying those only delays the error (and a health check) by seconds."""
+
+    def __init__(self) -> None:
+        super().__init__(ExponentialWithJitterBackoff(base=0.01, cap=1.0), retries=10)
+
+    async def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def retryable(exc: Exception) -> bool:
+            return _misconfiguration(exc) is None and (is_retryable is None or is_retryable(exc))
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 def _hostports(spec: str) -> tuple[tuple[str, int], ...]:
@@ -210,9 +288,10 @@ class RedisStore:
         self.target = url if isinstance(url, RedisTarget) else RedisTarget.parse(url)
         self.url, self.prefix, self._clock = self.target.describe(), prefix, clock
         self.wait_replicas, self.wait_ms = wait_replicas, wait_ms
-        kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": _RetryOutages()}
         if self.target.sentinels:
-            self._sentinel = Sentinel(list(self.target.sentinels), sentinel_kwargs=kw, **kw)
+            self._sentinel = Sentinel(list(self.target.sentinels), sentinel_kwargs={**kw, **self.target.sentinel_kwargs()},
+                                      **kw)
             self._redis = self._sentinel.master_for(self.target.master, db=self.target.db,
                                                     **self.target.connection_kwargs())
         else:
@@ -232,7 +311,7 @@ class RedisStore:
         try:
             return await op()
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {exc}") from exc
+            raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {short_reason(exc)}") from exc
 
     async def _write(self, what: str, script, keys: list, args: list, version: int) -> int:
         """Runs a write script and, when asked, WAITs for replicas on the same connection (WAIT counts the
@@ -298,14 +377,34 @@ class RedisStore:
 
     async def verify(self) -> None:
         """Checks the credentials at startup: raises StoreMisconfigured on a refused password or a failed TLS
-        handshake (the gateway exits with that line); an unreachable store is left to health (NOT_SERVING)."""
+        handshake, toward the Sentinels or the master (the gateway exits with that line); an unreachable store is
+        left to health (NOT_SERVING)."""
+        if self._sentinel is not None:
+            await self._verify_sentinels()
         try:
             await self._redis.ping()
         except Exception as exc:
             problem = _misconfiguration(exc)
             if problem is not None:
                 raise StoreMisconfigured(f"session store ({self.url}): {problem}") from exc
-            raise StoreUnavailable(f"session store ({self.url}) unavailable at startup: {exc}") from exc
+            raise StoreUnavailable(f"session store ({self.url}) unavailable at startup: {short_reason(exc)}") from exc
+
+    async def _verify_sentinels(self) -> None:
+        """Asks each Sentinel for a PONG. redis-py folds a refused Sentinel password or certificate into "no master
+        found", so they are told apart here: misconfigured when no Sentinel accepted us and one refused us."""
+        refused: list[str] = []
+        accepted = False
+        for sentinel in self._sentinel.sentinels:
+            try:
+                accepted = bool(await sentinel.ping()) or accepted
+            except Exception as exc:
+                problem = _misconfiguration(exc, _SENTINEL_HOP)
+                if problem is not None:
+                    refused.append(problem)
+        if refused and not accepted:
+            raise StoreMisconfigured(f"session store ({self.url}): {refused[0]}")
+        if refused:  # the others work: serve, but say that one Sentinel is set up differently
+            log.warning("session store (%s): %d Sentinel(s) refused this gateway: %s", self.url, len(refused), refused[0])
 
     async def ping(self) -> bool:
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from services.redis_errors import short_reason
 from services.worker.settings import DEFAULT_BROKER
 
 
@@ -22,9 +23,15 @@ def _client(ctx: click.Context):
     from services.worker.settings import WorkerSettings
 
     try:
-        return JobClient(WorkerSettings.from_env(broker_url=ctx.obj["broker"], result_backend=ctx.obj["result_backend"]))
+        return JobClient(WorkerSettings.from_env(broker_url=ctx.obj["broker"], result_backend=ctx.obj["result_backend"],
+                                                 sentinels=ctx.obj["sentinels"], sentinel_master=ctx.obj["sentinel_master"]))
     except ValueError as exc:
         _fail(str(exc))
+
+
+def _broker(client) -> str:
+    """Where the broker is, for an error line: its URL, or the Sentinels that name its master."""
+    return client.store.url if client.settings.sentinels else client.settings.broker_url
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -41,7 +48,7 @@ def _job_call(client, method, job_id: str):
     except KeyError as exc:
         _fail(exc.args[0])
     except _connection_errors() as exc:
-        _fail(f"cannot reach the result backend at {client.settings.store_url}: {exc}")
+        _fail(f"cannot reach the result backend at {client.store.url}: {short_reason(exc)}")
 
 
 @click.group("jobs")
@@ -49,10 +56,17 @@ def _job_call(client, method, job_id: str):
               help="Celery broker (Redis) URL, as the workers' GENIE_BROKER_URL.")
 @click.option("--result-backend", envvar="GENIE_RESULT_BACKEND", default="",
               help="The workers' result backend when it is not the broker's Redis DB (GENIE_RESULT_BACKEND).")
+@click.option("--broker-sentinels", envvar="GENIE_BROKER_SENTINELS", default="",
+              help="host:port,...: reach the broker's master through these Sentinels, as the workers do; the URLs "
+                   "then give only the DB, password and TLS (rediss:// = TLS to the Sentinels too). Sentinels with a "
+                   "requirepass: env GENIE_BROKER_SENTINEL_PASSWORD.")
+@click.option("--broker-sentinel-master", envvar="GENIE_BROKER_SENTINEL_MASTER", default="",
+              help="The master name the Sentinels monitor (GENIE_BROKER_SENTINEL_MASTER).")
 @click.pass_context
-def jobs(ctx: click.Context, broker: str, result_backend: str) -> None:
+def jobs(ctx: click.Context, broker: str, result_backend: str, broker_sentinels: str, broker_sentinel_master: str) -> None:
     """Offline jobs on the Celery workers: training runs and batch rollouts (queues `train` and `rollout`)."""
-    ctx.obj = {"broker": broker, "result_backend": result_backend}
+    ctx.obj = {"broker": broker, "result_backend": result_backend, "sentinels": broker_sentinels,
+               "sentinel_master": broker_sentinel_master}
 
 
 @jobs.group()
@@ -94,7 +108,7 @@ def submit_train(ctx, kind, preset, config, overrides, run_root, tokenizer_ckpt,
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
-        _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
+        _fail(f"cannot reach the broker at {_broker(client)}: {short_reason(exc)}")
     click.echo(json.dumps({"job": job_id, "queue": "train", "kind": kind, "steps": spec.steps}))
     if wait:
         _follow(client, job_id)
@@ -133,7 +147,7 @@ def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed,
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
-        _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
+        _fail(f"cannot reach the broker at {_broker(client)}: {short_reason(exc)}")
     click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "agent", "target": target, "steps": steps}))
     if wait:
         _follow(client, job_id)
@@ -171,7 +185,7 @@ def submit_world(ctx, data_dir, eval_data, preset, config, overrides, out, run_r
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
-        _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
+        _fail(f"cannot reach the broker at {_broker(client)}: {short_reason(exc)}")
     click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "world", "steps": spec.stage_steps}))
     if wait:
         _follow(client, job_id)
@@ -208,7 +222,7 @@ def submit_rollout(ctx, world_dir, prompts, actions, seed, sampling_steps, chunk
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
-        _fail(f"cannot reach the broker at {client.settings.broker_url}: {exc}")
+        _fail(f"cannot reach the broker at {_broker(client)}: {short_reason(exc)}")
     click.echo(json.dumps({"job": job_id, "queue": "rollout", "items": spec.total, "chunks": spec.num_chunks}))
     if wait:
         _follow(client, job_id)

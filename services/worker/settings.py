@@ -1,14 +1,21 @@
-"""Worker settings from the environment (the Helm chart's contract) and the Celery configuration built from them."""
+"""Worker settings from the environment (the Helm chart's contract) and the Celery configuration built from them.
+
+Redis with failover: GENIE_BROKER_SENTINELS=host:port,... + GENIE_BROKER_SENTINEL_MASTER=NAME make the broker, the
+result backend and the job records follow the master the Sentinels name (kombu's and Celery's `sentinel://`
+transports, redis-py's Sentinel for the records). GENIE_BROKER_URL and GENIE_RESULT_BACKEND still say the DB, the
+data password and TLS (rediss://: TLS to the Sentinels and the master alike, with GENIE_BROKER_CA/CERT/KEY);
+GENIE_BROKER_SENTINEL_PASSWORD is the Sentinels' own requirepass (none by default).
+"""
 
 from __future__ import annotations
 
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from services.tls_files import check_client_files
 
@@ -49,14 +56,28 @@ class WorkerSettings:
     triton_key: str = ""
     lease_ttl: int = 60  # seconds a killed worker's claim on a job outlives it (a live one renews it every ttl/4)
     # Redis AUTH + TLS for the broker, the result backend and the job records (all of them Redis URLs):
-    redis_password: str = ""  # GENIE_BROKER_PASSWORD, used for each URL that carries none (from a Secret)
+    redis_password: str = field(default="", repr=False)  # GENIE_BROKER_PASSWORD, for each URL that carries none
     redis_ca: str = ""  # GENIE_BROKER_CA: PEM CA of the server for rediss:// URLs (empty = the system CAs)
     redis_cert: str = ""  # GENIE_BROKER_CERT + GENIE_BROKER_KEY: client certificate for tls-auth-clients yes
     redis_key: str = ""
+    # Redis Sentinel: the broker, the result backend and the job records follow the master these name.
+    sentinels: str = ""  # GENIE_BROKER_SENTINELS: host:port,host:port,...
+    sentinel_master: str = ""  # GENIE_BROKER_SENTINEL_MASTER: the name the Sentinels monitor
+    sentinel_password: str = field(default="", repr=False)  # GENIE_BROKER_SENTINEL_PASSWORD: the Sentinels' own
 
     def __post_init__(self) -> None:
         if not self.broker_url:
             raise ValueError("the broker URL is empty")
+        if bool(self.sentinels) != bool(self.sentinel_master):
+            raise ValueError("Sentinel needs both GENIE_BROKER_SENTINELS (host:port,...) and GENIE_BROKER_SENTINEL_MASTER")
+        if self.sentinel_password and not self.sentinels:
+            raise ValueError("GENIE_BROKER_SENTINEL_PASSWORD needs GENIE_BROKER_SENTINELS and GENIE_BROKER_SENTINEL_MASTER")
+        if self.sentinels:
+            self.sentinel_hosts  # noqa: B018  a malformed list fails here
+            for url in (self.broker_url, self.backend_url):
+                if not url.startswith(("redis://", "rediss://")):
+                    raise ValueError("with GENIE_BROKER_SENTINELS the broker and result backend URLs must be "
+                                     f"redis[s]://[:password@]host/DB (they give the DB, password and TLS), got {url!r}")
         check_client_files("broker", ("GENIE_BROKER_CA", self.redis_ca), ("GENIE_BROKER_CERT", self.redis_cert),
                            ("GENIE_BROKER_KEY", self.redis_key))
         if (self.redis_ca or self.redis_cert) and not any(u.startswith("rediss://") for u in (self.broker_url, self.backend_url)):
@@ -83,6 +104,34 @@ class WorkerSettings:
             if url.startswith(("redis://", "rediss://")):
                 return url
         raise ValueError(f"jobs keep their records in Redis: neither {self.broker_url!r} nor {self.backend_url!r} is one")
+
+    @property
+    def sentinel_hosts(self) -> list[tuple[str, int]]:
+        """GENIE_BROKER_SENTINELS as [(host, port)...]; ValueError on a malformed list."""
+        out = []
+        for item in (p.strip() for p in self.sentinels.split(",") if p.strip()):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"GENIE_BROKER_SENTINELS must be host:port[,host:port...], got {self.sentinels!r}")
+            out.append((host, int(port)))
+        return out
+
+    def sentinel_url(self, url: str) -> str:
+        """Kombu's and Celery's form of a Redis URL's DB and password through the Sentinels:
+        sentinel://[:password@]host:port/DB;sentinel://... (TLS is in the transport options)."""
+        password = unquote(urlsplit(url).password or "") or self.redis_password
+        auth = f":{quote(password, safe='')}@" if password else ""
+        return ";".join(f"sentinel://{auth}{host}:{port}/{redis_db(url)}" for host, port in self.sentinel_hosts)
+
+    def sentinel_kwargs(self, url: str) -> dict:
+        """redis-py keyword arguments for the connections to the Sentinels: timeouts, their password, TLS when `url`
+        is rediss:// (the same CA and client certificate as the master's)."""
+        kw: dict = {"socket_timeout": 10, "socket_connect_timeout": 5}
+        if self.sentinel_password:
+            kw["password"] = self.sentinel_password
+        if (tls := self.ssl_options(url)) is not None:
+            kw.update(tls, ssl=True)
+        return kw
 
     def with_auth(self, url: str) -> str:
         """`url` with the password put in when it has none (Celery and kombu take credentials from the URL only)."""
@@ -145,9 +194,20 @@ class WorkerSettings:
             "redis_ca": env.get("GENIE_BROKER_CA", ""),
             "redis_cert": env.get("GENIE_BROKER_CERT", ""),
             "redis_key": env.get("GENIE_BROKER_KEY", ""),
+            "sentinels": env.get("GENIE_BROKER_SENTINELS", ""),
+            "sentinel_master": env.get("GENIE_BROKER_SENTINEL_MASTER", ""),
+            "sentinel_password": env.get("GENIE_BROKER_SENTINEL_PASSWORD", ""),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def redis_db(url: str) -> int:
+    """The DB number of a redis[s]://host/DB URL (0 without one)."""
+    path = urlsplit(url).path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"the Redis URL's path must be a DB number, got {path!r}")
+    return int(path or 0)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -164,15 +224,21 @@ def celery_config(s: WorkerSettings) -> dict:
     """Celery settings: JSON only, late acks with one message in hand, and a visibility timeout above the limit."""
     from kombu import Queue
 
-    tls = {}
+    extra: dict = {}  # TLS options and, with Sentinel, the result backend's transport options
     if (broker_ssl := s.ssl_options(s.broker_url, "celery")) is not None:
-        tls["broker_use_ssl"] = broker_ssl
+        extra["broker_use_ssl"] = broker_ssl
     if (backend_ssl := s.ssl_options(s.backend_url, "celery")) is not None:
-        tls["redis_backend_use_ssl"] = backend_ssl
+        extra["redis_backend_use_ssl"] = backend_ssl
+    urls: dict = {"broker_url": s.with_auth(s.broker_url), "result_backend": s.with_auth(s.backend_url)}
+    sentinel: dict = {}
+    if s.sentinels:  # kombu's and Celery's Sentinel transports: both ask the Sentinels for the master on each connect
+        urls = {"broker_url": s.sentinel_url(s.broker_url), "result_backend": s.sentinel_url(s.backend_url)}
+        sentinel = {"master_name": s.sentinel_master, "sentinel_kwargs": s.sentinel_kwargs(s.broker_url)}
+        extra["result_backend_transport_options"] = {"master_name": s.sentinel_master,
+                                                     "sentinel_kwargs": s.sentinel_kwargs(s.backend_url)}
     return {
-        **tls,
-        "broker_url": s.with_auth(s.broker_url),
-        "result_backend": s.with_auth(s.backend_url),
+        **extra,
+        **urls,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -191,6 +257,7 @@ def celery_config(s: WorkerSettings) -> dict:
             # sweep with the timeout, so a short test timeout also recovers promptly.
             "unacked_restore_interval": max(1, min(10, s.visibility // 8)),
             "unacked_restore_throttle": 1,
+            **sentinel,
         },
         "broker_connection_retry_on_startup": True,
         "result_expires": RESULT_TTL_S,

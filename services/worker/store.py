@@ -27,19 +27,45 @@ _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIR
 
 
 class JobStore:
-    def __init__(self, url: str, **redis_kwargs) -> None:
-        """`redis_kwargs`: extra redis-py options, e.g. a password and ssl_ca_certs (see from_settings)."""
+    def __init__(self, url: str, client: redis.Redis | None = None, **redis_kwargs) -> None:
+        """`redis_kwargs`: extra redis-py options, e.g. a password and ssl_ca_certs (see from_settings); `client`: a
+        ready client instead (one through Sentinel), `url` then only names the store in messages."""
         self.url = url
-        self.redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, **redis_kwargs)
+        self._sentinels: list[redis.Redis] = []  # the Sentinel clients behind `client`, closed with it
+        self.redis = client or redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, **redis_kwargs)
 
     @classmethod
     def from_settings(cls, settings) -> JobStore:
-        """The job store of WorkerSettings: its store URL with the broker's password and TLS files."""
+        """The job store of WorkerSettings: its store URL with the broker's password and TLS files; with
+        GENIE_BROKER_SENTINELS, the master the Sentinels name now (redis-py asks again after a failover)."""
+        from urllib.parse import unquote, urlsplit
+
+        from services.worker.settings import redis_db
+
         url = settings.store_url
         kw = settings.ssl_options(url) or {}
-        if settings.redis_password:
-            kw["password"] = settings.redis_password  # a password in the URL wins (redis-py's from_url)
-        return cls(url, **kw)
+        password = unquote(urlsplit(url).password or "") or settings.redis_password  # one in the URL wins
+        if not settings.sentinels:
+            if settings.redis_password:
+                kw["password"] = settings.redis_password  # a password in the URL wins (redis-py's from_url)
+            return cls(url, **kw)
+        from redis.sentinel import Sentinel
+
+        if kw:
+            kw["ssl"] = True
+        timeouts = {"socket_connect_timeout": 5, "socket_timeout": 30}
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No retries per Sentinel: redis-py already tries the next one, and a refused Sentinel password would
+        # otherwise be retried 10 times per Sentinel on every master lookup.
+        sentinel_kw = {**settings.sentinel_kwargs(url), "retry": Retry(NoBackoff(), 0)}
+        sentinel = Sentinel(settings.sentinel_hosts, sentinel_kwargs=sentinel_kw, **timeouts)
+        client = sentinel.master_for(settings.sentinel_master, db=redis_db(url), password=password or None, **kw)
+        where = f"Redis master {settings.sentinel_master!r} via Sentinel {settings.sentinels}, DB {redis_db(url)}"
+        store = cls(where, client=client)
+        store._sentinels = sentinel.sentinels
+        return store
 
     def put_record(self, job_id: str, record: dict[str, Any]) -> None:
         self.redis.set(PREFIX + f"job:{job_id}", json.dumps(record), ex=RESULT_TTL_S)
@@ -67,6 +93,8 @@ class JobStore:
 
     def close(self) -> None:
         self.redis.close()
+        for sentinel in self._sentinels:
+            sentinel.close()
 
 
 class Lease:

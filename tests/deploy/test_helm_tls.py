@@ -199,7 +199,6 @@ def test_bundled_redis_tls_reaches_every_client(helm):
 
 @pytest.mark.parametrize("values, message", [
     (["redis.tls.enabled=true"], "set redis.tls.existingSecret"),
-    (["redis.tls.enabled=true", "redis.tls.existingSecret=r", "redis.sentinel.enabled=true"], "not supported yet"),
 ])
 def test_bad_redis_tls_values_fail(helm, values, message):
     out = helm.template(*[a for v in values for a in ("--set", v)])

@@ -125,7 +125,7 @@ def test_tls_options_need_a_rediss_url_and_readable_files(certs, tmp_path):
         RedisTLS(ca=str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match="both --redis-cert and --redis-key"):
         RedisTLS(cert=str(certs.client_cert))
-    with pytest.raises(ValueError, match="Sentinel"):
+    with pytest.raises(ValueError, match="rediss\\+sentinel://"):  # TLS to Sentinels is said by the scheme
         RedisTarget.parse("redis+sentinel://127.0.0.1:26379/genie").with_credentials("", RedisTLS())
 
 

@@ -196,11 +196,20 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
     secretKeyRef:
       name: {{ include "genie.redisPasswordSecretName" . }}
       key: {{ include "genie.redisPasswordSecretKey" . }}
+{{- if .Values.redis.sentinel.enabled }}
+{{- /* The bundled Sentinels require the same password as the data nodes (their requirepass). */}}
+- name: GENIE_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "genie.redisPasswordSecretName" . }}
+      key: {{ include "genie.redisPasswordSecretKey" . }}
+{{- end }}
 {{- end }}
 {{- end }}
 
 {{/* The Celery side's names for the same password (services/worker/settings.py: GENIE_BROKER_PASSWORD, put into
-     the broker and result-backend URLs that carry none). */}}
+     the broker and result-backend URLs that carry none) and, with Sentinel, the Sentinels the broker, the result
+     backend and the job records follow to the current master (the base URL alone would stay on one pod). */}}
 {{- define "genie.brokerEnv" -}}
 {{- if .Values.redis.enabled }}
 - name: GENIE_BROKER_PASSWORD
@@ -208,6 +217,19 @@ with gateway.sessionAffinity "dns:<headless Service>:8001", every pod of the mod
     secretKeyRef:
       name: {{ include "genie.redisPasswordSecretName" . }}
       key: {{ include "genie.redisPasswordSecretKey" . }}
+{{- end }}
+{{- with include "genie.redisSentinels" . }}
+- name: GENIE_BROKER_SENTINELS
+  value: {{ . | quote }}
+- name: GENIE_BROKER_SENTINEL_MASTER
+  value: {{ include "genie.redisSentinelMaster" $ | quote }}
+{{- if $.Values.redis.enabled }}
+- name: GENIE_BROKER_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "genie.redisPasswordSecretName" $ }}
+      key: {{ include "genie.redisPasswordSecretKey" $ }}
+{{- end }}
 {{- end }}
 {{- end }}
 
