@@ -59,7 +59,9 @@ def test_renewed_certificate_restarts_triton_and_a_broken_one_does_not(trained_w
         assert served() == _der(certs.server_cert)  # the server was not restarted onto it
         mount.publish({"tls.crt": renewed_cert.read_bytes(), "tls.key": renewed_key.read_bytes()})
         _wait_for(lambda: served() == _der(renewed_cert), 300, "Triton to serve the renewed certificate", proc)
-        assert "restarted with the renewed TLS files" in (tmp_path / "serve.log").read_text()
+        # gRPC answers before the launcher's readiness wait returns and says so: wait for the line, do not race it.
+        _wait_for(lambda: "restarted with the renewed TLS files" in (tmp_path / "serve.log").read_text(), 60,
+                  "the launcher to report the restart", proc)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
