@@ -148,11 +148,11 @@ class SecretMount:
         return str(self.root / name)
 
 
-def served_certificate(port: int, ca: Path, alpn: str) -> bytes:
-    """DER of the certificate a new TLS connection to 127.0.0.1:port is given (verified against `ca`); `alpn`: h2 for
-    a gRPC port, http/1.1 for HTTPS."""
+def served_certificate(port: int, ca: Path, alpn: str, server_name: str = "localhost") -> bytes:
+    """DER of the certificate a new TLS connection to 127.0.0.1:port is given (verified against `ca` and
+    `server_name`); `alpn`: h2 for a gRPC port, http/1.1 for HTTPS."""
     context = ssl.create_default_context(cafile=str(ca))
     context.set_alpn_protocols([alpn])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname="localhost") as tls:
+            context.wrap_socket(raw, server_hostname=server_name) as tls:
         return tls.getpeercert(binary_form=True)

@@ -140,7 +140,11 @@ class AsyncRunner:
                settings.triton_url, settings.triton_model_urls)
         if key not in self._backends:
             backend = factory()
-            self.run(backend.start())  # BackendUnavailable propagates: the task retries with backoff
+            try:
+                self.run(backend.start())  # BackendUnavailable propagates: the task retries with backoff
+            except BaseException:
+                self.run(backend.close())  # its channels: each retry would otherwise leave one set open
+                raise
             self._backends[key] = backend
         return self._backends[key]
 

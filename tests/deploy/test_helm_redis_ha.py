@@ -63,7 +63,7 @@ def test_lint_strict_and_every_object_validates(helm, ha):
 def test_three_redis_pods_each_with_a_sentinel(ha):
     sts = _named(ha, "StatefulSet", "t-genie-redis")
     assert sts["spec"]["replicas"] == 3
-    redis, sentinel = sts["spec"]["template"]["spec"]["containers"]
+    redis, sentinel = sts["spec"]["template"]["spec"]["containers"][:2]
     assert (redis["name"], sentinel["name"]) == ("redis", "sentinel")
     assert sentinel["ports"][0]["containerPort"] == 26379 and sentinel["readinessProbe"] and sentinel["livenessProbe"]
     script = sentinel["args"][0]
@@ -126,7 +126,7 @@ def test_tls_with_sentinel_lints_and_validates(helm, ha_tls):
 
 def test_with_tls_every_redis_and_sentinel_port_and_link_is_tls(ha_tls):
     pod = _named(ha_tls, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]
-    redis, sentinel = pod["containers"]
+    redis, sentinel = pod["containers"][:2]
     data, script = redis["args"][0], sentinel["args"][0]
     assert "--port 0 --tls-port 6379 --tls-replication yes" in data and "--tls-ca-cert-file /etc/genie/tls/ca.crt" in data
     for line in ("port 0", "tls-port 26379", "tls-replication yes", "tls-cert-file /etc/genie/tls/tls.crt",
@@ -145,7 +145,7 @@ def test_with_tls_every_redis_and_sentinel_port_and_link_is_tls(ha_tls):
 @pytest.mark.parametrize("tls", [False, True])
 def test_the_sentinels_require_the_password_from_the_secret_and_nowhere_else(helm, tls):
     docs = helm.render(*HA, *(TLS if tls else []))
-    redis, sentinel = _named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]["containers"]
+    redis, sentinel = _named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]["containers"][:2]
     script = sentinel["args"][0]
     assert 'requirepass "$REDIS_PASSWORD"' in script and 'sentinel sentinel-pass "$REDIS_PASSWORD"' in script
     assert "cat > /tmp/sentinel.conf" in script and "umask 077" in script  # a private file in /tmp
@@ -197,7 +197,7 @@ def test_without_sentinel_the_workers_get_no_sentinel_settings(helm):
 def _localised_pod(docs, root: Path, data_port: int, sentinel_port: int) -> tuple[dict, dict, Callable[[str], str]]:
     """The rendered Redis pod's two containers and a function that moves their scripts onto loopback: pod DNS names
     to 127.0.0.1, ports to free ones, /etc/genie/tls and /tmp into `root`, a quorum of 1 (one Sentinel here)."""
-    redis_c, sentinel_c = _named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]["containers"]
+    redis_c, sentinel_c = _named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]["containers"][:2]
     moves = {"$(hostname).t-genie-redis-headless": "127.0.0.1", "t-genie-redis-0.t-genie-redis-headless": "127.0.0.1",
              "-h t-genie-redis-sentinel -p 26379": f"-h 127.0.0.1 -p {sentinel_port}",
              "-h 127.0.0.1 -p 26379": f"-h 127.0.0.1 -p {sentinel_port}", "-h 127.0.0.1 ping": f"-h 127.0.0.1 -p {data_port} ping",

@@ -24,6 +24,16 @@ def named(docs: list[dict], kind: str, name: str) -> dict:
     return found
 
 
+def renewed_leaf(directory: Path) -> None:
+    """renewed.crt / renewed.key for 127.0.0.1 from the CA make_certs left in `directory`."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", "renewed.key", "-out", "renewed.csr")
+    run("x509", "-req", "-in", "renewed.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-extfile", "ext.cnf", "-out", "renewed.crt")
+
+
 def make_certs(directory: Path) -> None:
     """A CA and a server certificate for 127.0.0.1 signed by it: tls.crt, tls.key, ca.crt as in a TLS Secret."""
     def run(*args: str) -> None:
@@ -41,7 +51,8 @@ class RenderedRedis:
     """The chart's Redis container, its paths moved under a temporary directory and its port to a free one."""
 
     def __init__(self, docs: list[dict], root: Path, tls: bool) -> None:
-        (self.container,) = named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]["containers"]
+        containers = {c["name"]: c for c in named(docs, "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]["containers"]}
+        self.container, self.reloader = containers["redis"], containers.get("tls-reload")
         secret = named(docs, "Secret", "t-genie-redis-password")["data"]["redis-password"]
         self.password = base64.b64decode(secret).decode()
         self.root, self.tls = root, tls
@@ -64,6 +75,14 @@ class RenderedRedis:
         env = {**os.environ, "REDIS_PASSWORD": self.password}
         return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def start_reloader(self, log: Path) -> subprocess.Popen:
+        """The tls-reload sidecar's script, against this server."""
+        assert self.reloader is not None and self.reloader["command"] == ["sh", "-c"]
+        env = {**os.environ, "REDIS_PASSWORD": self.password}
+        with log.open("w") as out:
+            return subprocess.Popen(["sh", "-c", self.localise(self.reloader["args"][0])], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+
     def probe(self, password: str) -> int:
         sh, flag, command = self.container["readinessProbe"]["exec"]["command"]
         env = {**os.environ, "REDIS_PASSWORD": password}
@@ -78,7 +97,8 @@ class RenderedRedis:
 @pytest.fixture(params=["plain", "tls"])
 def running(request, helm, tmp_path):
     tls = request.param == "tls"
-    args = ["--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=redis-tls"] if tls else []
+    args = ["--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=redis-tls",
+            "--set", "redis.tls.reloadSeconds=1"] if tls else []
     server = RenderedRedis(helm.render(*args), tmp_path, tls)
     if tls:
         make_certs(server.root / "tls")
@@ -113,3 +133,57 @@ def test_rendered_redis_requires_the_generated_password(running):
     if server.tls:  # and nothing in the clear
         with pytest.raises(redis.ConnectionError):
             redis.Redis(host="127.0.0.1", port=server.port, password=server.password, socket_timeout=3).ping()
+
+
+def test_rendered_tls_reload_sidecar_serves_a_renewal_and_refuses_a_broken_one(running):
+    """The kubelet swaps a renewed Secret's files; the sidecar has redis-server re-read them. A certificate with a
+    key of another one is refused (Redis keeps serving the old pair) until the matching key arrives."""
+    import ssl
+
+    from tests.tls_certs import served_certificate
+
+    server, _ = running
+    if not server.tls:
+        assert server.reloader is None  # no TLS, no sidecar
+        return
+    tls = server.root / "tls"
+    renewed_leaf(tls)
+    der = lambda name: ssl.PEM_cert_to_DER_cert((tls / name).read_text())  # noqa: E731
+    served = lambda: served_certificate(server.port, tls / "ca.crt", "redis", "127.0.0.1")  # noqa: E731
+    assert served() == der("tls.crt")
+    original = (tls / "tls.crt").read_bytes()
+    reloader = server.start_reloader(server.root / "reload.log")
+    try:
+        time.sleep(1.5)  # the sidecar has taken the files' first sum
+        (tls / "tls.crt.new").write_bytes((tls / "renewed.crt").read_bytes())
+        os.replace(tls / "tls.crt.new", tls / "tls.crt")  # the new certificate, the old key: broken
+        deadline = time.monotonic() + 20
+        while "new TLS files not used" not in (server.root / "reload.log").read_text():
+            assert reloader.poll() is None and time.monotonic() < deadline, (server.root / "reload.log").read_text()
+            time.sleep(0.2)
+        assert served() == ssl.PEM_cert_to_DER_cert(original.decode())  # still the old pair
+        (tls / "tls.key.new").write_bytes((tls / "renewed.key").read_bytes())
+        os.replace(tls / "tls.key.new", tls / "tls.key")
+        while served() != der("renewed.crt"):
+            assert reloader.poll() is None and time.monotonic() < deadline + 20, (server.root / "reload.log").read_text()
+            time.sleep(0.2)
+        assert server.client(password=server.password).ping()  # and new clients get in over the renewal
+    finally:
+        reloader.terminate()
+        reloader.wait(timeout=10)
+
+
+def test_tls_reload_sidecar_restarts_only_a_sentinel_and_can_be_turned_off(helm):
+    base = ["--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=redis-tls"]
+
+    def sidecar(*extra: str) -> dict | None:
+        pod = named(helm.render(*base, *extra), "StatefulSet", "t-genie-redis")["spec"]["template"]["spec"]
+        return {c["name"]: c for c in pod["containers"]}.get("tls-reload")
+
+    plain = sidecar()["args"][0]
+    assert "CONFIG SET" in plain and "SHUTDOWN" not in plain and "sleep 30;" in plain
+    with_sentinel = sidecar("--set", "redis.sentinel.enabled=true", "--set", "redis.tls.sentinelRestartJitterSeconds=120")
+    script = with_sentinel["args"][0]
+    assert "-p 26379 SHUTDOWN" in script and "% 120" in script  # after a random 0..119 s
+    assert all(e.get("valueFrom") for e in with_sentinel["env"])  # the password only from the Secret
+    assert sidecar("--set", "redis.tls.reloadSeconds=0") is None

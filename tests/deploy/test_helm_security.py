@@ -128,7 +128,7 @@ def test_the_bundled_redis_password_is_generated_and_only_referenced(helm):
 
 def test_sentinels_authenticate_to_the_master(helm):
     docs = helm.render(*VALUES["redis-ha"])
-    redis, sentinel = pod_spec(named(docs, "StatefulSet", "t-genie-redis"))["containers"]
+    redis, sentinel = pod_spec(named(docs, "StatefulSet", "t-genie-redis"))["containers"][:2]
     assert 'masterauth "%s"' in redis["args"][0]  # replicas authenticate to the master
     assert "sentinel auth-pass genie $REDIS_PASSWORD" in sentinel["args"][0]
     assert [e["name"] for e in sentinel["env"]] == ["REDIS_PASSWORD"]

@@ -32,10 +32,12 @@ def _run(kit, root: Path, env: dict[str, str], name: str, spec: RolloutJobSpec, 
     client = kit.client(env)
     try:
         job = client.submit_rollout(spec, world)
-        return client.wait(job, timeout=timeout), worker.log_text()
+        status = client.wait(job, timeout=timeout)
     finally:
         client.close()
         worker.stop(timeout=15)
+    # Read after the worker stopped: it logs a task's failure after storing it, so reading at once could miss it.
+    return status, worker.log_text()
 
 
 def test_a_rollout_over_mutual_tls_matches_the_in_process_frames(kit, tls_env, trained_world_dir, tmp_path):
