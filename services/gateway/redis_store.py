@@ -254,6 +254,12 @@ def _misconfiguration(exc: BaseException, hop: tuple[str, str] = _DATA_HOP) -> s
     return None
 
 
+def _demoted(exc: ResponseError) -> bool:
+    """The node was demoted to a replica mid-failover. A write script that wrote nothing (a version that no longer
+    matches) still runs there, but the WAIT after it is refused: unavailable, like READONLY, and nothing changed."""
+    return "WAIT cannot be used with replica" in str(exc)
+
+
 class _RetryOutages(Retry):
     """redis-py's retry of a failed connection or command (its default backoff and count), except when the server
     refused our password or certificate: retrying those only delays the error (and a health check) by seconds."""
@@ -312,6 +318,10 @@ class RedisStore:
             return await op()
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {short_reason(exc)}") from exc
+        except ResponseError as exc:
+            if not _demoted(exc):
+                raise
+            raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {exc}") from exc
 
     async def _write(self, what: str, script, keys: list, args: list, version: int) -> int:
         """Runs a write script and, when asked, WAITs for replicas on the same connection (WAIT counts the

@@ -83,6 +83,24 @@ async def test_a_step_wait_cannot_confirm_is_unavailable_with_its_version_and_no
         await short.stop()
 
 
+async def test_a_commit_on_a_node_demoted_to_replica_is_unavailable(redis_ha):
+    """Mid-failover a connection can reach the old master after its demotion. A commit whose version no longer
+    matches writes nothing, so its script passes there, but the WAIT after it is refused: that must be UNAVAILABLE
+    (the client retries; seen as INTERNAL in a chaos run before), not an internal error."""
+    from services.gateway.store import StoreUnavailable
+    from tests.services.gateway.test_store_contract import _record
+
+    master = redis_ha.master_port()
+    replica = next(p for p in redis_ha.data_ports if p != master)
+    store = RedisStore(f"redis://127.0.0.1:{replica}/0", prefix=f"demoted-{uuid.uuid4().hex[:8]}:", wait_replicas=1,
+                       wait_ms=100, timeout_s=1.0)
+    try:
+        with pytest.raises(StoreUnavailable, match="replica"):
+            await store.commit(_record(), 0)  # no such session there: the script returns 0, then WAIT is refused
+    finally:
+        await store.close()
+
+
 async def test_kill_the_master_mid_soak_and_sessions_step_on_losing_nothing_acknowledged(trained_world_dir, redis_ha):
     prefix = f"genie-ha-{uuid.uuid4().hex[:8]}:"
     a, b = _gateway(trained_world_dir, redis_ha.target(), prefix), _gateway(trained_world_dir, redis_ha.target(), prefix)
