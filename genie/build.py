@@ -74,6 +74,10 @@ class BuildResult:
         if self.report is not None:
             out["eval"] = {k: self.report[k] for k in ("tokenizer", "lam") if k in self.report}
             out["eval"]["dynamics"] = {k: v for k, v in self.report["dynamics"].items() if not isinstance(v, list)}
+            if "control" in self.report:
+                from genie.eval.control import control_summary
+
+                out["eval"]["control"] = control_summary(self.report["control"])
         return out
 
 
@@ -239,4 +243,8 @@ def write_build_record(cfg: BuildConfig, result: BuildResult) -> Path:
     }
     if result.report is not None:
         record["eval"] = {k: result.report[k] for k in ("held_out", "tokenizer", "dynamics", "lam") if k in result.report}
+        if "control" in result.report:
+            from genie.eval.control import control_summary
+
+            record["eval"]["control"] = control_summary(result.report["control"])
     return write_json_atomic(Path(cfg.out) / BUILD_FILE, record)

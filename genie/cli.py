@@ -138,14 +138,22 @@ def data() -> None:
 @click.option("--num-levels", type=int, default=10_000, show_default=True, help="Levels the split draws from.")
 @click.option("--max-frames", type=int, default=500, show_default=True, help="Episodes are cut at this length.")
 @click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--policy", type=click.Choice(["sticky", "walk"]), default="sticky", show_default=True,
+              help="sticky: any of the game's actions; walk: arrow keys only (walk both ways, stand, jump).")
+@click.option("--hold", default="1-4", show_default=True, help="Frames each random action is held: MIN-MAX.")
 @click.option("--quiet", is_flag=True)
-def data_generate(env, split, episodes, out, workers, seed, num_levels, max_frames, distribution_mode, quiet) -> None:
+def data_generate(env, split, episodes, out, workers, seed, num_levels, max_frames, distribution_mode, policy, hold,
+                  quiet) -> None:
     """Record episodes of a Procgen game (random sticky policy, true actions kept for evaluation)."""
     from genie.data.procgen import ProcgenConfig, generate
 
     try:
+        lo, sep, hi = hold.partition("-")
+        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+            raise ValueError(f"--hold {hold!r} is not MIN-MAX (e.g. 4-12)")
         cfg = ProcgenConfig(env=env, split=split, episodes=episodes, seed=seed, num_levels=num_levels,
-                            max_frames=max_frames, distribution_mode=distribution_mode)
+                            max_frames=max_frames, distribution_mode=distribution_mode, policy=policy,
+                            hold_min=int(lo), hold_max=int(hi))
         summary = generate(cfg, out, workers=workers, progress=not quiet)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))
@@ -200,11 +208,16 @@ def data_import(videos, out, fps, height, width, static_threshold, static_frames
 @click.option("--atlas-prompts", type=int, default=4, show_default=True,
               help="Held-out prompts of the action atlas (atlas.png/gif: each latent action from each); 0 = off.")
 @click.option("--atlas-steps", type=int, default=8, show_default=True, help="Steps each action is held in the atlas.")
+@click.option("--control-levels", type=int, default=16, show_default=True,
+              help="Controllability against the real game (data from a Procgen game only): keys calibrated on this "
+                   "many validation levels, scored on as many test levels (report 'control'); 0 = off.")
+@click.option("--control-horizon", type=int, default=6, show_default=True, help="Frames each key is held there.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True)
 def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, drift_clips, atlas_prompts, atlas_steps,
-             out) -> None:
+             control_levels, control_horizon, out) -> None:
     """Evaluate a world: reconstruction PSNR/SSIM, ΔtPSNR, action consistency and the latent -> true action
-    mapping; writes report.json, compare.gif, atlas.png/gif (and drift.png with --drift-steps)."""
+    mapping; writes report.json, compare.gif, atlas.png/gif (and drift.png with --drift-steps). For worlds trained
+    on a Procgen game, also whether each arrow key does in the world what it does in the game ('control')."""
     from dataclasses import replace
 
     from genie.data import make_source
@@ -218,7 +231,8 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, d
         source = make_source(data_cfg, evaluation=True)
         sampling = replace(wcfg.sampling, steps=sampling_steps) if sampling_steps else None
         ecfg = EvalConfig(clips=clips, horizon=horizon, drift_steps=drift_steps, drift_clips=drift_clips,
-                          atlas_prompts=atlas_prompts, atlas_steps=atlas_steps)
+                          atlas_prompts=atlas_prompts, atlas_steps=atlas_steps, control_levels=control_levels,
+                          control_horizon=control_horizon)
         report = run_eval(world_dir, source, ecfg, out, sampling=sampling)
     except ValueError as exc:
         _fail(str(exc))
@@ -230,7 +244,12 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, d
             "majority": [e["majority_name"] for e in mapping["latents"]]}}
     if "atlas" in report:
         summary["atlas"] = {k: report["atlas"][k] for k in ("png", "gif", "mean_psnr_between_actions")}
+    if "control" in report:
+        from genie.eval.control import control_summary
+
+        summary["control"] = control_summary(report["control"])
     click.echo(json.dumps(summary))
+
 
 
 def _add_library_groups() -> None:

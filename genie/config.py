@@ -39,7 +39,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    bf16: bool = False  # autocast matmuls to bfloat16 (GPUs, and CPUs with AMX/AVX-512 BF16)
+    bf16: bool = False  # autocast matmuls to bfloat16 on GPUs and CPUs with AMX/AVX-512 BF16 (fp32 on other CPUs)
     tf32: bool = True  # on a GPU, fp32 matmuls and convolutions on TF32 tensor cores (no effect on the CPU)
     seed: int = 0
     log_every: int = 10

@@ -26,7 +26,7 @@ from typing import Any
 
 KEYS = ("left", "right", "up", "down")  # the arrow keys, in the order the play page lists them
 KEY_ALIASES = {"jump": "up"}  # CoinRun's (and most platformers') UP is a jump
-KEY_SOURCES = ("mapping", "user", "default")
+KEY_SOURCES = ("calibration", "mapping", "user", "default")  # calibration: against the real game (genie.eval.control)
 MIN_BINDING_COUNT = 8  # transitions a latent needs before it may bind a key (as genie.worlds.MIN_NAMING_COUNT)
 MIN_BINDING_LIFT = 1.5  # a bound latent presses its key at least this many times as often as the data does
 BINDING_Z = 1.645  # one-sided 95% for the Wilson lower bound
@@ -125,6 +125,31 @@ def key_bindings_from_mapping(
         best = chosen[0] if chosen else max(rows[k], key=lambda r: (r["lift_low"], -r["latent"]))
         evidence[k] = {**{f: (round(v, 4) if isinstance(v, float) else v) for f, v in best.items() if f != "candidate"},
                        "bound": keys[k] is not None}
+    return keys, evidence
+
+
+def key_bindings_from_control(control: dict[str, Any] | None) -> tuple[dict[str, int | None], dict[str, dict[str, Any]]]:
+    """The arrow key bindings a controllability eval calibrated against the real game (report["control"]), with
+    their evidence per bound key: the share of calibration levels where the latent's frame was nearest the key's game
+    frame ("calibration_share"), and the held-out test accuracy ("share", shown by the play page) and direction
+    agreement. ({all unbound}, {}) without a calibration."""
+    keys = unbound_keys()
+    if not control or not isinstance(control.get("keys"), dict):
+        return keys, {}
+    test = (control.get("test") or {}).get("keys") or {}
+    table = {row["latent"]: row for row in (control.get("calibration") or {}).get("latents", [])}
+    evidence: dict[str, dict[str, Any]] = {}
+    for key, latent in control["keys"].items():
+        if key not in keys or latent is None:
+            continue
+        keys[key] = int(latent)
+        scored = test.get(key) or {}
+        calibration_share = (table.get(latent) or {}).get("nearest", {}).get(key)
+        # "share" is what the play page shows beside the key: here, how often the latent did what the key does.
+        share = scored.get("accuracy") if scored.get("accuracy") is not None else calibration_share
+        evidence[key] = {"latent": int(latent), "share": share, "calibration_share": calibration_share,
+                         "test_accuracy": scored.get("accuracy"),
+                         "test_direction_agreement": scored.get("direction_agreement"), "bound": True}
     return keys, evidence
 
 

@@ -82,6 +82,30 @@ def demo() -> WorldConfig:
     return replace(world, data=data)
 
 
+def demo_walk() -> WorldConfig:
+    """The walking CoinRun world, trained on a 2-core CPU in <= 2.5 hours (`scripts/build_walking_world.sh`): data from
+    the arrow-key "walk" policy; a larger tokenizer (d=192, codebook 1024) whose decoder is a small part of a step; a
+    LAM that sees one past frame (context=1) so each latent must name the motion of its own step; the demo
+    world's dynamics size (d=192 x 4) so a step costs about what the demo's does. bf16 where the CPU has it."""
+    frame = FrameSpec(64, 64, 3)
+    tok_st = STTransformerConfig(dim=192, depth=3, heads=6, max_frames=8)
+    lam_st = STTransformerConfig(dim=128, depth=3, heads=4, max_frames=8)
+    dyn_st = STTransformerConfig(dim=192, depth=4, heads=6, max_frames=8)
+    tokenizer = VideoTokenizerConfig(frame, 8, tok_st, tok_st, VectorQuantizerConfig(1024, 32))
+    lam = LatentActionModelConfig(frame, 16, lam_st, lam_st, VectorQuantizerConfig(8, 32), context=1,
+                                  time_reversal=0.5, balance=0.1)
+    dynamics = DynamicsModelConfig(1024, tokenizer.tokens_per_frame, 8, dyn_st)
+
+    def run(steps: int) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=200, bf16=True, ckpt_every=250)
+
+    data = DataConfig(source="shards", path="data/coinrun-walk/train", eval_path="data/coinrun-walk/val",
+                      height=64, width=64, frames=8)
+    return WorldConfig(name="demo-walk", data=data, tokenizer=tokenizer, lam=lam, dynamics=dynamics,
+                       sampling=SamplingConfig(steps=8, temperature=1.0), train_tokenizer=run(4000),
+                       train_lam=run(4000), train_dynamics=run(2500))
+
+
 def peer_small() -> WorldConfig:
     """Matches jasmine's "peer-small" (../shared/DESIGN.md) so training/sampling speeds compare on equal work:
     64x64x3, T=16, batch 8, d=256, ffn 1024, 4 blocks, 8 heads; tokenizer patch 4, codebook 1024x32;
@@ -94,7 +118,8 @@ def peer_small() -> WorldConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], WorldConfig]] = {"tiny": tiny, "sprites": sprites, "demo": demo, "peer-small": peer_small}
+PRESETS: dict[str, Callable[[], WorldConfig]] = {"tiny": tiny, "sprites": sprites, "demo": demo, "demo-walk": demo_walk,
+                                                 "peer-small": peer_small}
 
 
 def get_preset(name: str) -> WorldConfig:

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict, write_json_atomic
-from genie.controls import KEY_SOURCES, KeyBinding, check_key_bindings, key_bindings_from_mapping, unbound_keys
+from genie.controls import (
+    KEY_SOURCES,
+    KeyBinding,
+    check_key_bindings,
+    key_bindings_from_control,
+    key_bindings_from_mapping,
+    unbound_keys,
+)
 from genie.data import make_source
 from genie.media import save_png
 from genie.sampling import SamplingConfig, World
@@ -181,7 +188,8 @@ def load_key_binding_list(world_dir: Path, num_actions: int) -> list[KeyBinding]
     """load_key_bindings as KeyBindings in KEYS order, each with its latent's share of transitions pressing the key
     when the bindings were derived from a mapping (None for bindings a user set)."""
     keys, source = load_key_bindings(world_dir, num_actions)
-    evidence = ((read_actions_file(world_dir) or {}).get("key_evidence") or {}) if source == "mapping" else {}
+    derived = source in ("mapping", "calibration")
+    evidence = ((read_actions_file(world_dir) or {}).get("key_evidence") or {}) if derived else {}
     out = []
     for key, action in keys.items():
         e = evidence.get(key) or {}
@@ -269,8 +277,14 @@ def apply_action_names_from_report(world_dir: Path, report: dict[str, Any], over
         source = "mapping" if names != default_action_names(num_actions) else "default"
         save_action_names(world_dir, names, source, evidence=_evidence(mapping) if mapping else None)
     if doc is None or doc.get("keys_source") != "user":
-        keys, key_evidence = key_bindings_from_mapping(mapping, num_actions)
-        save_key_bindings(world_dir, keys, "mapping" if any(a is not None for a in keys.values()) else "default",
+        # A calibration against the real game (where the data came from a simulator) beats the LAM's mapping: it
+        # binds what each latent does in the world, not what the LAM labelled it in the data.
+        keys, key_evidence = key_bindings_from_control(report.get("control"))
+        source = "calibration"
+        if not any(a is not None for a in keys.values()):
+            keys, key_evidence = key_bindings_from_mapping(mapping, num_actions)
+            source = "mapping"
+        save_key_bindings(world_dir, keys, source if any(a is not None for a in keys.values()) else "default",
                           key_evidence)
     return names
 

@@ -81,6 +81,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         ["serve", "--world", str(tmp_path / "nowhere"), "--tokens", "nocolon"],
         ["config", "--preset", "nope"],
         ["export", "--run-root", str(tmp_path / "empty"), "--out", str(tmp_path / "w")],
+        ["data", "generate", "--out", str(tmp_path / "d"), "--hold", "5"],
+        ["data", "generate", "--out", str(tmp_path / "d"), "--hold", "6-2"],
+        ["eval", "--world", str(tmp_path / "nowhere"), "--control-levels", "-1"],
     ]
     for args in cases:
         code, out = _run(args)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from genie.data.procgen import ACTION_NAMES, LEVELS_PER_SPLIT, SPLIT_LEVELS, combo_names
+from genie.data.procgen import ACTION_NAMES, LEVELS_PER_SPLIT, SPLIT_LEVELS, combo_names, procgen_env_class
 from genie.data.shards import ShardWriter
 
 # Macro actions the planner samples from, with their weights: mostly run or jump right, sometimes wait or back off.
@@ -64,7 +64,7 @@ def episode_level(split: str, seed: int, episode: int, num_levels: int) -> int:
 
 def make_env(env_name: str, level: int, distribution_mode: str, num: int = 1):
     """A Procgen env that plays only `level` (every reset returns to it)."""
-    from procgen import ProcgenGym3Env  # optional dependency, imported where used
+    ProcgenGym3Env = procgen_env_class()  # noqa: N806 - a class
 
     env = ProcgenGym3Env(num=num, env_name=env_name, start_level=level, num_levels=1,
                          distribution_mode=distribution_mode, rand_seed=0)

@@ -23,6 +23,12 @@ LEVELS_PER_SPLIT = 1_000_000
 # Procgen's 15 actions, in the order of its key combos (`ProcgenGym3Env.get_combos()`); () is NOOP.
 ACTION_NAMES = ("LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP",
                 "D", "A", "W", "S", "Q", "E")
+POLICIES = ("sticky", "walk")
+# The "walk" policy's actions and weights: the arrow keys a player uses, so the agent walks both ways, stands and
+# jumps in long runs (the uniform sticky policy spends 7 of 15 actions on keys CoinRun ignores, and its 1-4 frame
+# holds rarely let the agent get moving, so its data barely shows walking).
+WALK_ACTIONS = (7, 1, 4, 5, 8, 2)  # RIGHT, LEFT, NOOP, UP, RIGHT+UP, LEFT+UP
+WALK_WEIGHTS = (0.28, 0.24, 0.18, 0.10, 0.10, 0.10)
 
 
 def combo_names(combos) -> tuple[str, ...]:
@@ -40,6 +46,7 @@ class ProcgenConfig:
     distribution_mode: str = "easy"
     max_frames: int = 500  # episodes are cut here (a CoinRun episode can last 1000 frames)
     min_frames: int = 16  # shorter episodes are dropped: a training clip needs T frames
+    policy: str = "sticky"  # "sticky": any of the 15 actions; "walk": arrow keys only (WALK_ACTIONS)
     hold_min: int = 1  # the random policy holds each action for U{hold_min..hold_max} frames
     hold_max: int = 4
     episodes_per_env: int = 16
@@ -55,11 +62,30 @@ class ProcgenConfig:
             raise ValueError(f"need 1 <= hold_min <= hold_max, got {self.hold_min}, {self.hold_max}")
         if self.distribution_mode not in ("easy", "hard"):
             raise ValueError(f"distribution_mode must be easy or hard, got {self.distribution_mode!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
+
+    def draw_action(self, rng: np.random.Generator, num_actions: int) -> int:
+        """The policy's next action (held for U{hold_min..hold_max} frames)."""
+        if self.policy == "walk":
+            return WALK_ACTIONS[int(rng.choice(len(WALK_ACTIONS), p=WALK_WEIGHTS))]
+        return int(rng.integers(num_actions))
+
+
+def procgen_env_class():
+    """procgen's ProcgenGym3Env (an optional dependency, imported where used), without the four-line "Gym has been
+    unmaintained" notice that importing gym 0.26 prints to stderr on every start."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        from procgen import ProcgenGym3Env
+    return ProcgenGym3Env
 
 
 def _chunk(cfg: ProcgenConfig, chunk: int) -> list[tuple[np.ndarray, np.ndarray, dict]]:
     """Plays the episodes of one chunk; returns [(frames (F,64,64,3) uint8, actions (F-1,) int16, meta)]."""
-    from procgen import ProcgenGym3Env  # optional dependency, imported where used
+    ProcgenGym3Env = procgen_env_class()  # noqa: N806 - a class
 
     n = min(cfg.episodes_per_env, cfg.episodes - chunk * cfg.episodes_per_env)
     seq = np.random.SeedSequence([cfg.seed, SPLIT_LEVELS[cfg.split], chunk])
@@ -81,7 +107,7 @@ def _chunk(cfg: ProcgenConfig, chunk: int) -> list[tuple[np.ndarray, np.ndarray,
         action, hold = 0, 0
         while len(frames) < cfg.max_frames:
             if hold == 0:
-                action, hold = int(rng.integers(num_actions)), int(rng.integers(cfg.hold_min, cfg.hold_max + 1))
+                action, hold = cfg.draw_action(rng, num_actions), int(rng.integers(cfg.hold_min, cfg.hold_max + 1))
             env.act(np.array([action]))
             hold -= 1
             _, obs, first = env.observe()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 
 from genie.data.source import VideoSource
 from genie.eval.atlas import action_atlas
+from genie.eval.control import ControlConfig, evaluate_control
 from genie.eval.drift import drift
 from genie.eval.drift import rollout as _rollout
 from genie.eval.metrics import action_consistency, action_mapping, psnr, ssim
@@ -39,6 +40,10 @@ class EvalConfig:
     drift_clips: int = 16  # clips of drift_steps + 1 frames (shards: episodes that long)
     atlas_prompts: int = 4  # held-out first frames the action atlas starts from (atlas.png/gif); 0 = off
     atlas_steps: int = 8  # steps each latent action is held in the atlas
+    # Controllability against the real game (genie.eval.control), for worlds whose data a Procgen game recorded:
+    # keys are calibrated on `control_levels` validation levels and scored on as many test levels; 0 = off.
+    control_levels: int = 16
+    control_horizon: int = 6
 
     def __post_init__(self) -> None:
         if self.clips < 1 or self.batch_size < 1 or self.horizon < 1 or self.gif_clips < 0:
@@ -47,6 +52,9 @@ class EvalConfig:
             raise ValueError(f"drift_steps must be >= 0 and drift_clips >= 1, got {self.drift_steps}, {self.drift_clips}")
         if self.atlas_prompts < 0 or self.atlas_steps < 1:
             raise ValueError(f"atlas_prompts must be >= 0, atlas_steps >= 1, got {self.atlas_prompts}, {self.atlas_steps}")
+        if self.control_levels < 0 or self.control_horizon < 1:
+            raise ValueError(f"control_levels must be >= 0 and control_horizon >= 1, got {self.control_levels}, "
+                             f"{self.control_horizon}")
 
 
 @torch.no_grad()
@@ -141,8 +149,32 @@ def evaluate(
         )
     if cfg.drift_steps:
         report["drift"] = drift(world, lam, source, cfg.drift_steps, cfg.drift_clips, cfg.seed, cfg.batch_size, out_dir)
+    game = procgen_game_of(source)
+    if cfg.control_levels and game is not None:
+        report["control"] = controllability(world, lam, game, cfg.control_levels, cfg.control_horizon, cfg.seed)
     (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2))
     return report
+
+
+def procgen_game_of(source: VideoSource) -> tuple[str, str] | None:
+    """(env, distribution mode) of the Procgen game that recorded a dataset source; None for other sources
+    (imported videos, sprites), which have no simulator to check a world against."""
+    info = getattr(getattr(source, "data", None), "info", None) or {}
+    if info.get("source") != "procgen":
+        return None
+    game = info.get("config") or {}
+    return str(game.get("env", "coinrun")), str(game.get("distribution_mode", "easy"))
+
+
+def controllability(world, lam, game: tuple[str, str], levels: int, horizon: int, seed: int = 0) -> dict[str, Any]:
+    """Keys calibrated against the real game on validation levels, then scored on test levels with those bindings
+    (genie.eval.control): report["control"] = {"keys": the bindings, "calibration": ..., "test": ...}."""
+    env, mode = game
+    calib = ControlConfig(env=env, split="val", levels=levels, seed=seed, distribution_mode=mode, horizon=horizon)
+    calibration = evaluate_control(world, lam, calib)
+    keys = {**calibration["calibrated_keys"], "noop": calibration["keys_scored"]["noop"]}
+    test = evaluate_control(world, lam, replace(calib, split="test"), keys=keys)
+    return {"keys": calibration["calibrated_keys"], "calibration": calibration, "test": test}
 
 
 def _atlas_names(world_dir: Path, report: dict[str, Any], num_actions: int) -> list[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from genie.models.common import FrameSpec, Positions, check_video, patchify, to_model_range, unpatchify
@@ -20,9 +21,26 @@ class LatentActionModelConfig:
     encoder: STTransformerConfig = field(default_factory=lambda: STTransformerConfig(dim=256, depth=4, heads=8))
     decoder: STTransformerConfig = field(default_factory=lambda: STTransformerConfig(dim=256, depth=4, heads=8))
     vq: VectorQuantizerConfig = field(default_factory=lambda: VectorQuantizerConfig(num_codes=8, code_dim=32))
+    # Past frames the LAM sees for each transition: 0 = every earlier frame of the clip (causal); 1 = only the frame
+    # before (LAPO's forward model): its decoder cannot predict motion from momentum, so the latent must name it.
+    context: int = 0
+    # With context=1, the share of training pairs shown backwards (x_{t+1} -> x_t). One frame still tells a decoder
+    # which way the agent walks (its pose and facing), so the latent could name only surprises (starting, stopping,
+    # jumping); in a reversed pair the same pose moves the other way, so the latent must name the motion itself.
+    time_reversal: float = 0.0
+    # > 0: each transition's reconstruction MSE is divided by (its copy MSE + balance * the batch's mean copy MSE), so
+    # a 1-2 pixel scroll counts as much as a jump that changes the whole frame and the few codes are spent on every
+    # kind of motion, not only the biggest; 0 = plain MSE.
+    balance: float = 0.0
 
     def __post_init__(self) -> None:
         self.frame.check_patch(self.patch, "LAM")
+        if self.context not in (0, 1):
+            raise ValueError(f"LAM context must be 0 (all past frames) or 1 (the previous frame), got {self.context}")
+        if self.balance < 0:
+            raise ValueError(f"balance must be >= 0, got {self.balance}")
+        if not 0.0 <= self.time_reversal < 1.0 or (self.time_reversal and self.context != 1):
+            raise ValueError(f"time_reversal must be in [0, 1) and needs context=1, got {self.time_reversal}")
         if not self.encoder.causal_time or not self.decoder.causal_time:
             raise ValueError("the LAM's encoder and decoder must use causal temporal attention")
         if self.encoder.max_frames != self.decoder.max_frames:
@@ -69,6 +87,17 @@ class LatentActionModel(nn.Module):
         self.dec_out = nn.Linear(cfg.decoder.dim, patch_dim)
 
     def _encode(self, pixels: Tensor):
+        """context=0: clips (B, T, H, W, C); context=1: frame pairs (B, T-1, 2, H, W, C), each encoded on its own.
+        -> quantized actions with indices (B, T-1)."""
+        b = pixels.shape[0]
+        if self.cfg.context == 1:
+            q = self._encode_clips(rearrange(pixels, "b t two h w c -> (b t) two h w c"))  # (B*(T-1), 1)
+            q.indices = rearrange(q.indices, "(b t) one -> b (t one)", b=b)  # (B, T-1)
+            q.quantized = rearrange(q.quantized, "(b t) one d -> b (t one) d", b=b)  # (B, T-1, code_dim)
+            return q
+        return self._encode_clips(pixels)
+
+    def _encode_clips(self, pixels: Tensor):
         b, t = pixels.shape[:2]
         x = self.enc_in(patchify(pixels, self.cfg.patch))  # (B, T, N, D)
         query = self.action_query.expand(b, t, 1, -1)  # (B, T, 1, D)
@@ -76,24 +105,54 @@ class LatentActionModel(nn.Module):
         z = self.enc_out(h[:, 1:, -1])  # (B, T-1, code_dim): action into frame t+1
         return self.vq(z)
 
+    def _decode(self, past: Tensor, actions: Tensor) -> Tensor:
+        """past: (B, T-1, H, W, C) the frame before each prediction; actions (B, T-1, code_dim) -> predicted patches
+        of the frames after them (B, T-1, N, p*p*C)."""
+        x = self.dec_in(patchify(past, self.cfg.patch)) + self.dec_action(actions)[:, :, None]  # (B, T-1, N, D)
+        if self.cfg.context == 1:  # every prediction from the one frame before it
+            b = x.shape[0]
+            h = self.decoder(self.dec_pos(rearrange(x, "b t n d -> (b t) 1 n d")))  # (B*(T-1), 1, N, D)
+            return self.dec_out(rearrange(h, "(b t) 1 n d -> b t n d", b=b))
+        return self.dec_out(self.decoder(self.dec_pos(x)))
+
+    def _pairs(self, pixels: Tensor, reverse: Tensor | None = None) -> Tensor:
+        """(B, T, H, W, C) -> (B, T-1, 2, H, W, C): each transition's (before, after); rows of `reverse` (B, T-1)
+        bool swapped to (after, before)."""
+        pairs = torch.stack([pixels[:, :-1], pixels[:, 1:]], dim=2)
+        if reverse is not None:
+            pairs = torch.where(reverse[:, :, None, None, None, None], pairs.flip(2), pairs)
+        return pairs
+
     @torch.no_grad()
     def infer_actions(self, video: Tensor) -> Tensor:
         """video: (B, T, H, W, C) uint8 or float [0, 1], T >= 2 -> actions (B, T-1) int64 in [0, A)."""
         check_video(video, self.cfg.frame, self.cfg.max_frames, min_frames=2)
-        return self._encode(to_model_range(video)).indices
+        pixels = to_model_range(video)
+        return self._encode(self._pairs(pixels) if self.cfg.context == 1 else pixels).indices
 
     def forward(self, video: Tensor) -> LatentActionOutput:
         check_video(video, self.cfg.frame, self.cfg.max_frames, min_frames=2)
         pixels = to_model_range(video)  # (B, T, H, W, C)
-        q = self._encode(pixels)
-        past = self.dec_in(patchify(pixels[:, :-1], self.cfg.patch))  # (B, T-1, N, D)
-        h = self.dec_pos(past + self.dec_action(q.quantized)[:, :, None])  # action t added to all of frame t
-        pred = self.dec_out(self.decoder(h))  # (B, T-1, N, p*p*C)
-        target = patchify(pixels[:, 1:], self.cfg.patch)
-        mse = F.mse_loss(pred.float(), target)
-        loss = mse + q.loss
+        if self.cfg.context == 1:
+            reverse = None
+            if self.training and self.cfg.time_reversal > 0:  # drawn from the global generator (checkpointed)
+                reverse = (torch.rand(pixels.shape[0], pixels.shape[1] - 1) < self.cfg.time_reversal).to(pixels.device)
+            pairs = self._pairs(pixels, reverse)  # (B, T-1, 2, H, W, C)
+            q, past, after = self._encode(pairs), pairs[:, :, 0], pairs[:, :, 1]
+        else:
+            q, past, after = self._encode(pixels), pixels[:, :-1], pixels[:, 1:]
+        pred = self._decode(past, q.quantized)  # (B, T-1, N, p*p*C)
+        target = patchify(after, self.cfg.patch)  # (B, T-1, N, p*p*C)
+        before = patchify(past, self.cfg.patch)
+        err = (pred.float() - target).pow(2).mean((-2, -1))  # (B, T-1): each transition's MSE
+        mse = err.mean()
+        if self.cfg.balance > 0:
+            copy = (before - target).pow(2).mean((-2, -1))  # (B, T-1)
+            loss = (err / (copy + self.cfg.balance * copy.mean()).clamp_min(1e-6)).mean() + q.loss
+        else:
+            loss = mse + q.loss
         # How much the action helps over copying the last frame: the LAM is useless if this stays ~0.
-        copy_mse = F.mse_loss(patchify(pixels[:, :-1], self.cfg.patch), target)
+        copy_mse = F.mse_loss(before, target)
         logs = {
             "mse": mse.item(),
             "copy_mse": copy_mse.item(),

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from genie.config import MODEL_KINDS, TrainConfig, WorldConfig, to_dict
 from genie.data import make_source
 from genie.data.source import VideoBatch, VideoSource
+from genie.device import cpu_has_bf16
 from genie.models.dynamics import DynamicsModelConfig
 from genie.nn.maskgit import random_frame_mask
 from genie.nn.vq import full_precision
@@ -287,7 +288,11 @@ def _train(
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    """bf16 autocast where cfg.bf16 asks for it and the hardware has it: a CPU without bf16 units (AVX2 only) would
+    emulate it at ~1 GFLOP/s, so there bf16 means fp32 (a run resumed on such a machine goes on in fp32)."""
+    if not cfg.bf16 or (device.type == "cpu" and not cpu_has_bf16()):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _to(batch: VideoBatch, device: torch.device) -> VideoBatch:

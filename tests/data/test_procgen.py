@@ -52,3 +52,25 @@ def test_bad_config():
         ProcgenConfig(split="dev")
     with pytest.raises(ValueError, match="min_frames"):
         ProcgenConfig(min_frames=50, max_frames=40)
+
+
+def test_walk_policy_presses_arrow_keys_in_long_runs(tmp_path):
+    from genie.data.procgen import WALK_ACTIONS
+
+    cfg = ProcgenConfig(episodes=2, episodes_per_env=2, max_frames=120, policy="walk", hold_min=4, hold_max=8)
+    generate(cfg, tmp_path / "walk", progress=False)
+    ds = ShardedDataset(tmp_path / "walk")
+    assert ds.info["config"]["policy"] == "walk"
+    for i in range(len(ds.episodes)):
+        actions = ds.episode(i)[1]
+        assert set(actions.tolist()) <= set(WALK_ACTIONS)
+        runs = np.flatnonzero(np.diff(actions)) + 1  # where the held action changes
+        lengths = np.diff(np.concatenate([[0], runs, [len(actions)]]))
+        # A run of one key is held 4-8 frames; two draws of the same key in a row make a longer run, and the
+        # episode's end cuts the last one short.
+        assert lengths[:-1].min() >= 4
+
+
+def test_bad_policy():
+    with pytest.raises(ValueError, match="unknown policy"):
+        ProcgenConfig(policy="greedy")

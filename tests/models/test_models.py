@@ -71,6 +71,44 @@ def test_lam_decoder_does_not_see_the_future(tiny_world_cfg):
     assert torch.allclose(p1[:, :4], p2[:, :4], atol=1e-5)
 
 
+def test_pair_lam_sees_only_its_two_frames(tiny_world_cfg):
+    lam = LatentActionModel(replace(tiny_world_cfg.lam, context=1)).eval()
+    v = _video(t=6)
+    out = lam(v)
+    assert out.actions.shape == (2, 5) and out.prediction.shape == (2, 5, 16, 16, 3)
+    # Action t depends on frames t and t+1 alone: a clip's labels are those of its pairs labelled one by one.
+    pairs = torch.cat([lam.infer_actions(v[:, t : t + 2]) for t in range(5)], dim=1)
+    assert torch.equal(lam.infer_actions(v), pairs)
+    v2 = v.clone()
+    v2[:, 0] = _video(t=1, seed=5)[:, 0]  # frame 0 changes: only action 0 may change, and prediction 1 only
+    assert torch.equal(lam.infer_actions(v)[:, 1:], lam.infer_actions(v2)[:, 1:])
+    with torch.no_grad():
+        assert torch.allclose(lam(v).prediction[:, 1:], lam(v2).prediction[:, 1:], atol=1e-5)
+
+
+def test_pair_lam_reversal_and_balance_train_only(tiny_world_cfg):
+    cfg = replace(tiny_world_cfg.lam, context=1, time_reversal=0.5, balance=0.1)
+    lam = LatentActionModel(cfg)
+    v = _video(t=6)
+    torch.manual_seed(0)
+    a = lam.train()(v).loss
+    torch.manual_seed(1)
+    b = lam(v).loss
+    assert not torch.isclose(a, b)  # a different draw of reversed pairs gives another loss
+    lam.eval()
+    with torch.no_grad():  # no reversal at inference: the same labels whatever the global generator's state
+        torch.manual_seed(0)
+        x = lam(v)
+        torch.manual_seed(1)
+        y = lam(v)
+    assert torch.equal(x.actions, y.actions) and torch.equal(x.loss, y.loss)
+    # balance: a transition's error is weighed against how much that transition changed
+    plain = LatentActionModel(replace(cfg, time_reversal=0.0, balance=0.0))
+    plain.load_state_dict(lam.state_dict())
+    with torch.no_grad():
+        assert not torch.isclose(plain.eval()(v).loss, x.loss)
+
+
 def test_dynamics_shapes_causality_and_actions(tiny_world_cfg):
     dyn = DynamicsModel(tiny_world_cfg.dynamics).eval()
     c = tiny_world_cfg.dynamics
@@ -100,6 +138,10 @@ def test_dynamics_shapes_causality_and_actions(tiny_world_cfg):
         (lambda c: replace(c.tokenizer, decoder=replace(c.tokenizer.decoder, max_frames=3)), "max_frames differ"),
         (lambda c: replace(c.dynamics, transformer=replace(c.dynamics.transformer, causal_time=False)), "causal"),
         (lambda c: FrameSpec(0, 16, 3), "positive"),
+        (lambda c: replace(c.lam, context=2), "context must be 0"),
+        (lambda c: replace(c.lam, time_reversal=0.5), "needs context=1"),
+        (lambda c: replace(c.lam, context=1, time_reversal=1.0), "time_reversal"),
+        (lambda c: replace(c.lam, balance=-1.0), "balance"),
     ],
 )
 def test_bad_model_configs(tiny_world_cfg, make, message):

@@ -109,6 +109,19 @@ def test_bf16_autocast_runs(tiny_world_cfg, tmp_path):
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
+def test_bf16_is_fp32_on_a_cpu_without_bf16_units(tiny_world_cfg, monkeypatch):
+    from genie.train import loop
+
+    cfg = apply_overrides(tiny_world_cfg, ["train_tokenizer.bf16=true"]).train_tokenizer
+    x = torch.ones(2, 2)
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    with loop._autocast(cfg, torch.device("cpu")):
+        assert (x @ x).dtype == torch.float32  # emulated bf16 would run at ~1 GFLOP/s: never there
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    with loop._autocast(cfg, torch.device("cpu")):
+        assert (x @ x).dtype == torch.bfloat16
+
+
 def test_lr_schedule_warmup_then_cosine(tiny_world_cfg):
     cfg = apply_overrides(tiny_world_cfg, ["train_lam.lr=1.0", "train_lam.warmup_steps=10", "train_lam.steps=110",
                                             "train_lam.min_lr_ratio=0.1"]).train_lam
