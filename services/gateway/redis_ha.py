@@ -154,9 +154,20 @@ class RedisHA:
     def restart(self, port: int, timeout_s: float = 30.0) -> None:
         """Starts a killed data node again, as a replica of the current master (the way an operator rejoins it)."""
         self._start_data(port, self.master_port())
-        deadline = time.monotonic() + timeout_s
-        self._wait(lambda: self.client(port).info("replication").get("master_link_status") == "up", deadline,
-                   f"restarted node {port} to sync")
+
+        def synced() -> bool:
+            info = self.client(port).info("replication")
+            if info.get("master_link_status") == "up":
+                return True
+            # Restarted mid-failover, it may follow a master the Sentinels have since demoted (or one that died):
+            # point it at the master they name now, as an operator would.
+            with contextlib.suppress(RuntimeError):  # no Sentinel answers yet: try again on the next probe
+                master = self.master_port()
+                if int(info.get("master_port", -1)) != master:
+                    self.client(port).execute_command("REPLICAOF", LOCALHOST, str(master))
+            return False
+
+        self._wait(synced, time.monotonic() + timeout_s, f"restarted node {port} to sync")
 
     def target(self, db: int = 0) -> RedisTarget:
         """The set as the gateway's store sees it: through the Sentinels, with this set's passwords and TLS."""
