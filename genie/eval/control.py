@@ -55,7 +55,7 @@ class ControlConfig:
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.horizon < 1 or self.spots < 1 or self.prompt_frames < 1 or self.min_shift < 1:
-            raise ValueError("levels, horizon, spots and prompt_frames must be >= 1")
+            raise ValueError("levels, horizon, spots, prompt_frames and min_shift must be >= 1")
         if self.walk_frames < 1 or self.settle_frames < 1 or self.motion_frames < 1:
             raise ValueError("walk_frames, settle_frames and motion_frames must be >= 1")
         if self.distribution_mode not in ("easy", "hard"):
@@ -90,11 +90,17 @@ def best_shift(before: np.ndarray, after: np.ndarray, max_shift: int = MAX_SHIFT
     return best
 
 
-def scene_shift(start: np.ndarray, frames: np.ndarray, axis: int) -> int:
-    """How far the scene moved along `axis` (0 = vertical, 1 = horizontal) over `frames` (F, H, W, C) after
-    `start`: the sum of the best shifts between consecutive frames."""
+def scene_motion(start: np.ndarray, frames: np.ndarray) -> tuple[int, int]:
+    """How far the scene moved, (dy, dx), over `frames` (F, H, W, C) after `start`: the sum of the best shifts
+    between consecutive frames."""
     seq = [start, *frames]
-    return sum(best_shift(a, b)[axis] for a, b in zip(seq[:-1], seq[1:], strict=True))
+    steps = [best_shift(a, b) for a, b in zip(seq[:-1], seq[1:], strict=True)]
+    return sum(dy for dy, _ in steps), sum(dx for _, dx in steps)
+
+
+def scene_shift(start: np.ndarray, frames: np.ndarray, axis: int) -> int:
+    """scene_motion along one axis (0 = vertical, 1 = horizontal)."""
+    return scene_motion(start, frames)[axis]
 
 
 def _hold(env, action: int, frames: int) -> list[np.ndarray]:
@@ -124,19 +130,18 @@ def probe_level(env, level: int, cfg: ControlConfig) -> Probe | None:
         if _episode_ended(env):
             return None
         snapshot = env.get_state()
-        game, clips = {}, {}
-        for key, action in KEY_ACTIONS.items():
-            env.set_state(snapshot)
-            game[key] = np.stack(_hold(env, action, cfg.horizon))
-        for motion, action in MOTIONS.items():
-            env.set_state(snapshot)
-            clips[motion] = np.stack([history[-1], *_hold(env, action, cfg.motion_frames)])
-        env.set_state(snapshot)
         last = history[-1]
+        held = {}  # action -> the frames while holding it from the snapshot (keys and motions share actions)
+        for action in {*KEY_ACTIONS.values(), *MOTIONS.values()}:
+            env.set_state(snapshot)
+            held[action] = np.stack(_hold(env, action, max(cfg.horizon, cfg.motion_frames)))
+        env.set_state(snapshot)
+        game = {key: held[action][: cfg.horizon] for key, action in KEY_ACTIONS.items()}
+        clips = {m: np.concatenate([last[None], held[action][: cfg.motion_frames]]) for m, action in MOTIONS.items()}
         # A clean spot: RIGHT and LEFT each scroll the scene sideways and keep the agent on its floor (no fall off a
         # ledge, whose camera jump would blur what the key did).
-        flat = all(scene_shift(last, game[k], 0) == 0 for k in ("right", "left"))
-        if flat and min(abs(scene_shift(last, game[k], 1)) for k in ("right", "left")) >= cfg.min_shift:
+        moves = [scene_motion(last, game[k]) for k in ("right", "left")]
+        if all(dy == 0 for dy, _ in moves) and min(abs(dx) for _, dx in moves) >= cfg.min_shift:
             prompt = np.stack(history[-cfg.prompt_frames:])
             return Probe(level, prompt, game, clips)
     return None
@@ -194,8 +199,7 @@ def latent_table(frames: np.ndarray, probes: list[Probe]) -> list[dict[str, Any]
     table = []
     for a in range(frames.shape[0]):
         nearest = Counter(_nearest_key(frames[a, i], p.game) for i, p in enumerate(probes))
-        dx = [scene_shift(p.prompt[-1], frames[a, i], 1) for i, p in enumerate(probes)]
-        dy = [scene_shift(p.prompt[-1], frames[a, i], 0) for i, p in enumerate(probes)]
+        dy, dx = zip(*(scene_motion(p.prompt[-1], frames[a, i]) for i, p in enumerate(probes)), strict=True)
         table.append({
             "latent": a,
             "nearest": {k: nearest.get(k, 0) / len(probes) for k in KEY_ACTIONS},
@@ -212,7 +216,8 @@ def calibrate_keys(table: list[dict[str, Any]], keys: tuple[str, ...] = ("right"
     used: set[int] = set()
     for share, key, latent in pairs:
         if bound[key] is None and latent not in used and share > 0.25:
-            bound[key], _ = latent, used.add(latent)
+            bound[key] = latent
+            used.add(latent)
     return bound
 
 
