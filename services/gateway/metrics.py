@@ -27,6 +27,8 @@ class GatewayMetrics:
         self.errors = Counter("genie_gateway_errors", "Failed calls by method and gRPC status code", ["method", "code"], registry=r)
         self.tls_reloads = Counter("genie_gateway_tls_reloads", "Changed TLS files: served (ok) or refused (error)",
                                    ["result"], registry=r)
+        self.store_refusals = Counter("genie_gateway_store_refusals", "Calls the session store refused, by cause "
+                                      "(full, persistence, readonly, unreachable)", ["cause"], registry=r)
         self.in_flight = Gauge("genie_gateway_requests_in_flight", "Calls being served now", registry=r)
 
     def record(self, method: str, code: str) -> None:

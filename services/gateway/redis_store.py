@@ -44,19 +44,19 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, ReadOnlyError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, StoreUnavailable
+from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, StoreFull, StoreUnavailable
 from services.redis_errors import short_reason
 from services.tls_files import check_client_files
 
 SENTINEL_SCHEME = "redis+sentinel"
 TLS_SCHEME = "rediss"
 SENTINEL_TLS_SCHEME = "rediss+sentinel"
-# A master that died mid-call, one demoted to replica (READONLY), or no master known to the sentinels yet.
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+# A master that died mid-call, or no master known to the sentinels yet (ReadOnlyError, a demoted one, is told apart).
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -81,6 +81,15 @@ redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
 local t = redis.call('PEXPIRETIME', KEYS[2])
 if t < tonumber(ARGV[5]) then redis.call('PEXPIREAT', KEYS[2], ARGV[5]) end
 return 1
+"""
+
+# The per-client request counter of the rate limit. allow-oom: it runs when Redis is full too (Redis >= 7, as
+# PEXPIRETIME above), so a full store still rate-limits, and reads and closes, which free memory, get through; the
+# counter is a few bytes per client that expire within 2 s.
+_ALLOW = """#!lua flags=allow-oom
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], 2)
+return n
 """
 
 _DELETE = """
@@ -254,6 +263,22 @@ def _misconfiguration(exc: BaseException, hop: tuple[str, str] = _DATA_HOP) -> s
     return None
 
 
+def _refusal(exc: ResponseError, store: str, what: str) -> StoreUnavailable | None:
+    """What a Redis error that refuses the call (and changed nothing) means, or None for any other error. Redis
+    checks memory and persistence before a command writes (in a script: before its first write, and the scripts
+    here read before they write), so a refused write left the session as it was."""
+    text = str(exc)
+    if isinstance(exc, OutOfMemoryError) or text.startswith("OOM"):
+        return StoreFull(f"{store} is full during {what}: Redis is at its maxmemory and refuses writes (noeviction); "
+                         f"closing sessions frees memory, or raise maxmemory; retry later")
+    if text.startswith("MISCONF"):
+        return StoreUnavailable(f"{store} refuses writes during {what}: saving to disk failed (MISCONF; is its disk "
+                                f"full?); retry later", "persistence")
+    if isinstance(exc, ReadOnlyError) or _demoted(exc):
+        return StoreUnavailable(f"{store} unavailable during {what}: {exc} (a replica now, mid-failover)", "readonly")
+    return None
+
+
 def _demoted(exc: ResponseError) -> bool:
     """The node was demoted to a replica mid-failover. A write script that wrote nothing (a version that no longer
     matches) still runs there, but the WAIT after it is refused: unavailable, like READONLY, and nothing changed."""
@@ -306,6 +331,7 @@ class RedisStore:
         self._create = self._redis.register_script(_CREATE)
         self._commit = self._redis.register_script(_COMMIT)
         self._delete = self._redis.register_script(_DELETE)
+        self._allow = self._redis.register_script(_ALLOW)
 
     def _skey(self, session_id: str) -> str:
         return f"{self.prefix}s:{session_id}"
@@ -319,9 +345,10 @@ class RedisStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {short_reason(exc)}") from exc
         except ResponseError as exc:
-            if not _demoted(exc):
+            refusal = _refusal(exc, f"session store ({self.url})", what)
+            if refusal is None:
                 raise
-            raise StoreUnavailable(f"session store ({self.url}) unavailable during {what}: {exc}") from exc
+            raise refusal from exc
 
     async def _write(self, what: str, script, keys: list, args: list, version: int) -> int:
         """Runs a write script and, when asked, WAITs for replicas on the same connection (WAIT counts the
@@ -377,13 +404,7 @@ class RedisStore:
     async def allow(self, owner: str, per_second: int) -> bool:
         key = f"{self.prefix}r:{owner}:{math.floor(self._clock())}"
 
-        async def op() -> int:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, 2)
-                return (await pipe.execute())[0]
-
-        return await self._call("rate limit", op) <= per_second
+        return await self._call("rate limit", lambda: self._allow(keys=[key])) <= per_second
 
     async def verify(self) -> None:
         """Checks the credentials at startup: raises StoreMisconfigured on a refused password or a failed TLS

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import random
 import time
 import uuid
@@ -25,10 +26,13 @@ from services.gateway.admission import Overloaded, step_deadline
 from services.gateway.auth import Authenticator
 from services.gateway.backend import BackendError, BackendUnavailable, ModelBackend, WorldSpec
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.ratelog import RateLimitedLog
 from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, SessionStore, StoreUnavailable
 
 COMMITTED_VERSION_TRAILER = "genie-committed-version"  # on UNAVAILABLE: the step did commit, as this version
 PROMPT_FORMATS = ("PNG", "JPEG")
+REFUSAL_MEMORY_S = 10.0  # health names the store's last refusal this long, unless a write succeeds first
+log = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
@@ -76,6 +80,8 @@ class SessionService:
         self.backend, self.store, self.auth = backend, store, auth
         self.limits = limits or Limits()
         self.metrics = metrics or GatewayMetrics()
+        self.ratelog = RateLimitedLog(log)  # one line per refusal cause per period, however many calls it refuses
+        self._refusal: tuple[str, str, float] | None = None  # the store's last refusal: (cause, message, monotonic s)
 
     @property
     def spec(self) -> WorldSpec:
@@ -117,7 +123,7 @@ class SessionService:
         now = time.time()
         record = SessionRecord(state.session_id, client, state, sampling, now, now + self.limits.session_ttl_s)
         try:
-            await self._store(self.store.create(record, self.limits.max_sessions_per_client))
+            await self._store(self.store.create(record, self.limits.max_sessions_per_client), write=True)
         except LimitExceeded as exc:
             raise GatewayError("RESOURCE_EXHAUSTED", str(exc)) from exc
         except NotReplicated as exc:  # nobody saw this session yet: drop it, and a retry opens a fresh one
@@ -155,7 +161,7 @@ class SessionService:
             updated = record.advanced(new, time.time(), self.limits.session_ttl_s)
             t2 = time.perf_counter()
             try:
-                committed = await self._store(self.store.commit(updated, record.version))
+                committed = await self._store(self.store.commit(updated, record.version), write=True)
             except NotReplicated as exc:
                 # The step is on the primary but not confirmed on a replica: acknowledging it could show the
                 # client a frame a failover then loses; a plain retryable error would make a retry step twice.
@@ -200,6 +206,14 @@ class SessionService:
             return await self.backend.ready() and await self.store.ping()
         except Exception:
             return False
+
+    def store_refusal(self) -> tuple[str, str] | None:
+        """(cause, message) of the store's refusal of a call in the last REFUSAL_MEMORY_S seconds when no write has
+        succeeded since ("full", "persistence", "readonly", "unreachable"), else None: what health reports. A full
+        store keeps the gateway ready: reads and closes still work there, and closing sessions is what frees it."""
+        if self._refusal is None or time.monotonic() - self._refusal[2] > REFUSAL_MEMORY_S:
+            return None
+        return self._refusal[:2]
 
     # --- helpers -------------------------------------------------------------------------------------------
 
@@ -269,12 +283,19 @@ class SessionService:
         except Overloaded as exc:
             raise GatewayError(exc.code, f"overloaded: {exc}") from exc
 
-    @staticmethod
-    async def _store(op):
+    async def _store(self, op, write: bool = False):
+        """Awaits a store call; a refusal becomes its status (RESOURCE_EXHAUSTED when full, else UNAVAILABLE), is
+        counted by cause, logged once per cause per period, and remembered for health until a write succeeds."""
         try:
-            return await op
+            result = await op
         except StoreUnavailable as exc:
-            raise GatewayError("UNAVAILABLE", str(exc)) from exc
+            self.metrics.store_refusals.labels(exc.cause).inc()
+            self._refusal = (exc.cause, str(exc), time.monotonic())
+            self.ratelog.log(f"store {exc.cause}", logging.WARNING, "session store refused a call (%s): %s", exc.cause, exc)
+            raise GatewayError(exc.code, str(exc)) from exc
+        if write:
+            self._refusal = None
+        return result
 
     @staticmethod
     async def _model(op):

@@ -79,7 +79,27 @@ class SessionStore(Protocol):
 
 
 class StoreUnavailable(Exception):
-    """The session store cannot be reached; nothing was changed."""
+    """The session store cannot serve this call now; nothing was changed. Clients may retry.
+
+    `cause` names why in one word, for the log, the refusal metric and health: "unreachable" (down, or no master
+    known yet), "readonly" (a node demoted to replica mid-failover), "persistence" (Redis refuses writes because
+    saving to disk failed: MISCONF) or "full" (StoreFull). `code` is the gRPC status the call answers."""
+
+    code = "UNAVAILABLE"
+
+    def __init__(self, message: str, cause: str = "unreachable") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class StoreFull(StoreUnavailable):
+    """The store is at its memory limit and refuses writes (Redis `maxmemory` with the `noeviction` policy): the
+    call answers RESOURCE_EXHAUSTED. Reads and closes still work, and closing sessions frees the memory."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "full")
 
 
 class NotReplicated(Exception):

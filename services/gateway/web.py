@@ -3,7 +3,7 @@
 Routes (every /api call needs `Authorization: Bearer <token>`; the page and its static files do not):
     GET    /                          the play page (it reads the token from the URL fragment, `/#token=...`)
     GET    /static/{file}             its JS and CSS
-    GET    /healthz                   200 when the backend and store answer, else 503
+    GET    /healthz                   200 when the backend and store answer, else 503; "store" names a refusal (full)
     GET    /api/world                 {actions: [{id, name}], keys: [{key, action, share}], height, width, window,
                                       prompts}; keys: the four arrow keys, action null when unbound
     GET    /api/prompts/{i}           the world's i-th prompt image (PNG)
@@ -127,8 +127,13 @@ async def _index(request: web.Request) -> web.StreamResponse:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    ready = await request.app[SERVICE].ready()
-    return web.json_response({"ready": ready}, status=200 if ready else 503)
+    service = request.app[SERVICE]
+    ready = await service.ready()
+    body: dict[str, object] = {"ready": ready, "store": "ok"}
+    refusal = service.store_refusal()
+    if refusal is not None:  # e.g. full: still ready (reads and closes work), but say why writes are refused
+        body["store"], body["store_message"] = refusal
+    return web.json_response(body, status=200 if ready else 503)
 
 
 # --- API -------------------------------------------------------------------------------------------------

@@ -129,6 +129,9 @@ def test_rendered_redis_requires_the_generated_password(running):
     assert "redis-server" in cmdline and server.password not in cmdline  # `exec` replaced sh: this is Redis itself
     assert oct((server.root / "tmp" / "auth.conf").stat().st_mode & 0o777) == "0o600"
     assert server.probe(server.password) == 0 and server.probe("wrong-password") != 0
+    # Full is refused, never evicted: maxmemory from the values (768mb = 768 MiB) with noeviction.
+    config = server.client(password=server.password).config_get("maxmemory*")
+    assert (config["maxmemory"], config["maxmemory-policy"]) == (str(768 << 20), "noeviction")
 
     if server.tls:  # and nothing in the clear
         with pytest.raises(redis.ConnectionError):
