@@ -32,7 +32,21 @@ def _world_config(preset: str | None, config: Path | None, overrides: tuple[str,
     return apply_overrides(cfg, list(overrides))
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group; a full disk in any command (DiskFull) ends it with one line and exit code 1, not a
+    traceback. What it wrote is already cleaned up where it failed (genie/diskfull.py)."""
+
+    def invoke(self, ctx: click.Context):
+        from genie.diskfull import DiskFull
+
+        try:
+            return super().invoke(ctx)
+        except DiskFull as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Commands)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """Genie: generative interactive environments."""

@@ -202,14 +202,18 @@ def apply_overrides(cfg: C, overrides: list[str]) -> C:
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:
-    """Writes `data` as indented JSON under a temporary name and renames it: readers never see half a file."""
+    """Writes `data` as indented JSON under a temporary name and renames it: readers never see half a file, and a
+    failed write (DiskFull on a full disk) leaves nothing behind."""
     import os
     import uuid
 
+    from genie.diskfull import disk_full_as_error
+
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with disk_full_as_error(path, path.name, cleanup=tmp):
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
     return path
 
 

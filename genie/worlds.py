@@ -18,6 +18,7 @@ from genie.controls import (
     unbound_keys,
 )
 from genie.data import make_source
+from genie.diskfull import disk_full_as_error
 from genie.media import save_png
 from genie.sampling import SamplingConfig, World
 from genie.train.checkpoint import latest_checkpoint, load_model, read_meta
@@ -30,18 +31,20 @@ def export_world(run_root: Path, out: Path) -> Path:
     world = load_world_config(run_root / "dynamics" / "world.json")
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for kind in MODEL_KINDS:
-        ckpt = latest_checkpoint(run_root / kind)
-        if ckpt is None:
-            raise ValueError(f"no {kind} checkpoint under {run_root / kind}; train it first")
-        (tmp / kind).mkdir()
-        for name in ("model.safetensors", "config.json"):
-            shutil.copy2(ckpt / name, tmp / kind / name)
-    (tmp / "world.json").write_text(json.dumps(to_dict(world), indent=2))
-    _write_prompts(world, tmp / "prompts")
-    if (out / ACTIONS_FILE).is_file():  # names (maybe a user's edits) belong to the world, not to one export of it
-        shutil.copy2(out / ACTIONS_FILE, tmp / ACTIONS_FILE)
+    # Any failure (a full disk: DiskFull) removes the partial copy at once; a world already at `out` stays as it was.
+    with disk_full_as_error(out, "world", cleanup=tmp):
+        tmp.mkdir(parents=True)
+        for kind in MODEL_KINDS:
+            ckpt = latest_checkpoint(run_root / kind)
+            if ckpt is None:
+                raise ValueError(f"no {kind} checkpoint under {run_root / kind}; train it first")
+            (tmp / kind).mkdir()
+            for name in ("model.safetensors", "config.json"):
+                shutil.copy2(ckpt / name, tmp / kind / name)
+        (tmp / "world.json").write_text(json.dumps(to_dict(world), indent=2))
+        _write_prompts(world, tmp / "prompts")
+        if (out / ACTIONS_FILE).is_file():  # names (maybe a user's edits) belong to the world, not to one export of it
+            shutil.copy2(out / ACTIONS_FILE, tmp / ACTIONS_FILE)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,51 @@ def trained_run(tmp_path_factory, tiny_world_cfg) -> Path:
 @pytest.fixture(scope="session")
 def trained_world_dir(trained_run, tmp_path_factory) -> Path:
     return export_world(trained_run, tmp_path_factory.mktemp("worlds") / "tiny")
+
+
+class SmallDisk:
+    """A real filesystem a few MB large (tmpfs), for what a full disk does; `fill` leaves `leave` bytes free."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / ".filler"
+
+    def fill(self, leave: int = 0) -> None:
+        """Writes a filler file until the disk is full, then gives `leave` bytes back."""
+        with self.filler.open("ab", buffering=0) as f:  # unbuffered: nothing left to fail at close
+            try:
+                while True:
+                    f.write(b"\0" * (4 << 10))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+        if leave:
+            size = self.filler.stat().st_size
+            with self.filler.open("r+b") as f:
+                f.truncate(max(0, size - leave))
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def leftovers(self) -> list[str]:
+        """Temporary names anywhere on the disk: what a failed write must not leave behind."""
+        return sorted(str(p.relative_to(self.path)) for p in self.path.rglob(".tmp*"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(size="4m")` mounts a tmpfs of that size and returns a SmallDisk on it; unmounted after the test.
+    Needs root (as CI runs); skipped where mounting is not allowed."""
+    mounts: list[Path] = []
+
+    def make(size: str = "4m") -> SmallDisk:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small filesystem here: {done.stderr.decode().strip()}")
+        mounts.append(path)
+        return SmallDisk(path)
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)

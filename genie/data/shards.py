@@ -6,13 +6,15 @@ A dataset directory holds:
     actions-NNNNN.npy      (F,) int16: actions[k] is the true action taken after frame k, -1 after an episode's
                            last frame (and everywhere for sources without actions, e.g. imported video)
 Shards are written under temporary names and renamed, and index.json is written last, so a directory with an
-index is always complete.
+index is always complete; a full disk removes what the writer wrote (DiskFull).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from genie.data.source import VideoBatch
+from genie.diskfull import DiskFull, disk_full_as_error
 
 INDEX_FORMAT = 1
 
@@ -77,11 +80,12 @@ class ShardWriter:
         for name, parts in (("frames", self._frames), ("actions", self._actions)):
             final = self.out / f"{name}-{self._shard:05d}.npy"
             tmp = final.with_name(f".tmp-{final.name}")
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.concatenate(parts))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            with self._guard(tmp):
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.concatenate(parts))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
         self._frames, self._actions, self._count = [], [], 0
         self._shard += 1
 
@@ -95,9 +99,30 @@ class ShardWriter:
             "episodes": [{"shard": e.shard, "start": e.start, "length": e.length, **e.meta} for e in self.episodes],
         }
         tmp = self.out / ".tmp-index.json"
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, self.out / "index.json")
+        with self._guard(tmp):
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, self.out / "index.json")
         return self.out / "index.json"
+
+    @contextlib.contextmanager
+    def _guard(self, tmp: Path) -> Iterator[None]:
+        """A full disk while writing `tmp` removes every shard this writer wrote (a dataset without its index is
+        not one, and its shards hold the space that ran out) and raises DiskFull; a re-run starts it again."""
+        try:
+            with disk_full_as_error(self.out, "dataset", cleanup=tmp):
+                yield
+        except DiskFull:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Removes the shards written so far (and the directory, when that leaves it empty)."""
+        for shard in range(self._shard + 1):
+            for name in ("frames", "actions"):
+                for path in (self.out / f"{name}-{shard:05d}.npy", self.out / f".tmp-{name}-{shard:05d}.npy"):
+                    path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.out.rmdir()
 
 
 class ShardedDataset:

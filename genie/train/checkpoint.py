@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genie.config import WorldConfig, from_dict
+from genie.diskfull import disk_full_as_error
 from genie.models.dynamics import DynamicsModel, DynamicsModelConfig
 from genie.models.lam import LatentActionModel, LatentActionModelConfig
 from genie.models.tokenizer import VideoTokenizer, VideoTokenizerConfig
@@ -54,17 +55,19 @@ def save_checkpoint(
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
-    meta = {"format": CHECKPOINT_FORMAT, "kind": kind, "config": asdict(model.cfg), "step": step}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    if trainer_tensors is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainer_tensors.items()}, tmp / "trainer.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_meta or {}, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    # A full disk: the partial directory goes at once (it holds the space), the newest complete checkpoint stays.
+    with disk_full_as_error(directory, f"{kind} checkpoint (step {step})", cleanup=tmp):
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        meta = {"format": CHECKPOINT_FORMAT, "kind": kind, "config": asdict(model.cfg), "step": step}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        if trainer_tensors is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainer_tensors.items()}, tmp / "trainer.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps(trainer_meta or {}, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)

@@ -23,6 +23,7 @@ from genie.config import MODEL_KINDS, TrainConfig, WorldConfig, to_dict
 from genie.data import make_source
 from genie.data.source import VideoBatch, VideoSource
 from genie.device import cpu_has_bf16
+from genie.diskfull import disk_full_as_error
 from genie.models.dynamics import DynamicsModelConfig
 from genie.nn.maskgit import random_frame_mask
 from genie.nn.vq import full_precision
@@ -225,8 +226,9 @@ def _train(
         log.info("resuming %s from %s (step %d)", kind, latest, start)
     if topo.leader:  # written only once the config is accepted, so a refused resume leaves the record untouched
         tmp = run_dir / ".world.json.tmp"
-        tmp.write_text(json.dumps(to_dict(world), indent=2))
-        os.replace(tmp, run_dir / "world.json")
+        with disk_full_as_error(run_dir / "world.json", "run's world.json", cleanup=tmp):
+            tmp.write_text(json.dumps(to_dict(world), indent=2))
+            os.replace(tmp, run_dir / "world.json")
     # One process without accumulation runs exactly the original step; otherwise a step is split into rows.
     split = topo.distributed or cfg.grad_accum > 1
     resets = distributed.install_code_resets(model, topo) if split else []

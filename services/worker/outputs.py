@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from genie.diskfull import disk_full_as_error
 from genie.media import write_gif
 from services.worker.specs import RolloutItem, RolloutJobSpec
 
@@ -43,17 +44,18 @@ def write_item(out: Path, item: RolloutItem, frames: np.ndarray, tokens: np.ndar
     root.mkdir(parents=True, exist_ok=True)
     final = root / item.name
     tmp = root / f".tmp-{item.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        write_gif(frames, tmp / "rollout.gif")
-        np.save(tmp / "frames.npy", frames)
-        np.save(tmp / "tokens.npy", tokens)
-        info = {**asdict(item), "name": item.name, "frames_shape": list(frames.shape), "tokens_shape": list(tokens.shape),
-                **meta}
-        (tmp / "item.json").write_text(json.dumps(info, indent=2))
-        for name in ITEM_FILES:
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
+        with disk_full_as_error(final, "rollout item"):  # DiskFull: the job fails naming it, and is not retried
+            tmp.mkdir()
+            write_gif(frames, tmp / "rollout.gif")
+            np.save(tmp / "frames.npy", frames)
+            np.save(tmp / "tokens.npy", tokens)
+            info = {**asdict(item), "name": item.name, "frames_shape": list(frames.shape),
+                    "tokens_shape": list(tokens.shape), **meta}
+            (tmp / "item.json").write_text(json.dumps(info, indent=2))
+            for name in ITEM_FILES:
+                with open(tmp / name, "rb") as fh:
+                    os.fsync(fh.fileno())
         if item_done(out, item):
             return False
         try:

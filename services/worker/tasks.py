@@ -17,6 +17,7 @@ import redis
 from celery import chain, chord
 
 from genie.config import MODEL_KINDS, write_json_atomic
+from genie.diskfull import fails_when_disk_full
 from services.gateway.backend import BackendCredentialsRejected, BackendUnavailable
 from services.worker.app import app, settings
 from services.worker.metrics import METRICS
@@ -41,6 +42,7 @@ from services.worker.specs import (
 )
 
 log = logging.getLogger(__name__)
+# OSErrors retry with backoff; a full disk does not (fails_when_disk_full turns it into DiskFull, not an OSError).
 _TRANSIENT = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _RETRY = {"retry_backoff": True, "retry_backoff_max": min(600, settings.visibility // 2), "retry_jitter": True,
           "max_retries": 5}
@@ -51,6 +53,7 @@ class IncompleteRollout(Exception):
 
 
 @app.task(bind=True, base=JobTask, name="genie.train", autoretry_for=_TRANSIENT, **_RETRY)
+@fails_when_disk_full
 def train(self: JobTask, spec: dict[str, Any], parent: str | None = None) -> dict[str, Any]:
     """Trains spec.kind under RUN_ROOT/KIND; a redelivery (or a continuation) resumes from the newest checkpoint.
     `parent`: the world job this is a stage of (its cancel flag applies), None for a train job of its own."""
@@ -107,6 +110,7 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=JobTask, name="genie.agent", autoretry_for=_TRANSIENT, **_RETRY)
+@fails_when_disk_full
 def agent(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
     """Trains one BC policy (`genie agent train`) in OUT; a redelivery resumes from its newest checkpoint."""
     stored = self.stored_success()
@@ -135,6 +139,7 @@ def agent(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=JobTask, name="genie.world", autoretry_for=_TRANSIENT, **_RETRY)
+@fails_when_disk_full
 def world(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
     """Replaces itself by the chain train(tokenizer) -> train(lam) -> train(dynamics) -> world.finish; the finish
     task inherits this task's id, so the job id's final result is the built world's summary."""
@@ -153,6 +158,7 @@ def world(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=JobTask, name="genie.world.finish", autoretry_for=_TRANSIENT, **_RETRY)
+@fails_when_disk_full
 def world_finish(self: JobTask, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Exports the trained models to the world dir, evaluates it (report, atlas) and names its actions."""
     stored = self.stored_success()
@@ -186,6 +192,7 @@ def _with_threads(threads: int, fn):
 
 
 @app.task(bind=True, base=JobTask, name="genie.rollout", autoretry_for=_TRANSIENT, **_RETRY)
+@fails_when_disk_full
 def rollout(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
     """Writes the spec to the output dir and replaces itself by a chord of chunk tasks + the manifest task, which
     inherits this task's id: the job id's final result is the manifest summary."""
@@ -213,6 +220,7 @@ def _load_spec(out: str) -> RolloutJobSpec:
 # Triton being down or busy passes; a TLS certificate it refuses (or that does not verify) does not: fail the job now.
 @app.task(bind=True, base=JobTask, name="genie.rollout.chunk", autoretry_for=(BackendUnavailable, *_TRANSIENT),
           dont_autoretry_for=(BackendCredentialsRejected,), **_RETRY)
+@fails_when_disk_full
 def rollout_chunk(self: JobTask, job_id: str, out: str, index: int) -> dict[str, Any]:
     """Generates the chunk's items that are not on disk yet; each is written whole under its deterministic name."""
     stored = self.stored_success()
@@ -288,6 +296,7 @@ def _run_chunk(run: Execution, job: RolloutJobSpec, out: Path, index: int, items
 
 @app.task(bind=True, base=JobTask, name="genie.rollout.manifest", autoretry_for=(IncompleteRollout, *_TRANSIENT),
           **{**_RETRY, "max_retries": 12})
+@fails_when_disk_full
 def rollout_manifest(self: JobTask, job_id: str, out: str) -> dict[str, Any]:
     """Checks every item is on disk, then writes manifest.json (rewriting it identically when redelivered)."""
     stored = self.stored_success()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import io
 import logging
 import socket
@@ -175,31 +174,6 @@ async def test_a_full_redis_answers_resource_exhausted_keeps_every_session_and_r
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str):
-    """A tmpfs of `size` mounted at `path` (needs root, as CI has); skips the test where mounting is not allowed."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill_disk(path: Path) -> Path:
-    """Writes `path` until its filesystem has no space left."""
-    with path.open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (64 << 10))
-                f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    return path
-
-
 def _bgsave(own: OwnRedis, ok: bool, timeout_s: float = 10.0) -> None:
     """Runs a BGSAVE and waits until it finished with the expected outcome."""
     with contextlib.suppress(redis.exceptions.ResponseError):  # "already in progress"
@@ -213,40 +187,40 @@ def _bgsave(own: OwnRedis, ok: bool, timeout_s: float = 10.0) -> None:
     raise AssertionError(f"BGSAVE did not {'succeed' if ok else 'fail'}: {own.client.info('persistence')}")
 
 
-async def test_redis_whose_disk_is_full_refuses_writes_as_unavailable_and_recovers(trained_world_dir, tmp_path, caplog):
+async def test_redis_whose_disk_is_full_refuses_writes_as_unavailable_and_recovers(trained_world_dir, small_disk, caplog):
     caplog.set_level(logging.INFO)
-    with small_filesystem(tmp_path / "disk", "2m") as disk:
-        # An RDB save point and the default stop-writes-on-bgsave-error: Redis refuses writes (MISCONF) while its
-        # last save failed, so acknowledged data cannot outrun what is on disk.
-        own = OwnRedis(disk, "--save", "3600 1", "--appendonly", "no")
-        own.start()
-        gw = _gateway(trained_world_dir, own.url)
-        await gw.start()
-        try:
-            async with GatewayClient(gw.grpc_address, ALICE) as client:
-                sid = (await client.open(image=_png(trained_world_dir), seed=5)).session.session_id
-                await client.step(sid, 1)
-                stored = _session_bytes(own, gw, sid)
-                filler = _fill_disk(disk / "filler")  # the disk fills up: the next snapshot fails
-                _bgsave(own, ok=False)
+    disk = small_disk("2m")
+    # An RDB save point and the default stop-writes-on-bgsave-error: Redis refuses writes (MISCONF) while its
+    # last save failed, so acknowledged data cannot outrun what is on disk.
+    own = OwnRedis(disk.path, "--save", "3600 1", "--appendonly", "no")
+    own.start()
+    gw = _gateway(trained_world_dir, own.url)
+    await gw.start()
+    try:
+        async with GatewayClient(gw.grpc_address, ALICE) as client:
+            sid = (await client.open(image=_png(trained_world_dir), seed=5)).session.session_id
+            await client.step(sid, 1)
+            stored = _session_bytes(own, gw, sid)
+            disk.fill()  # the disk fills up: the next snapshot fails
+            _bgsave(own, ok=False)
 
-                message = await _refused(client.step(sid, 2), grpc.StatusCode.UNAVAILABLE)
-                assert "MISCONF" in message and "disk" in message, message
-                # Redis refuses every write now, the rate limit's request counter included: every call is refused.
-                await _refused(client.open(image=_png(trained_world_dir)), grpc.StatusCode.UNAVAILABLE)
-                await _refused(client.get(sid), grpc.StatusCode.UNAVAILABLE)
-                assert _session_bytes(own, gw, sid) == stored
-                assert _refusals(gw, "persistence") == 3
-                assert (await _healthz(gw))[1]["store"] == "persistence"
+            message = await _refused(client.step(sid, 2), grpc.StatusCode.UNAVAILABLE)
+            assert "MISCONF" in message and "disk" in message, message
+            # Redis refuses every write now, the rate limit's request counter included: every call is refused.
+            await _refused(client.open(image=_png(trained_world_dir)), grpc.StatusCode.UNAVAILABLE)
+            await _refused(client.get(sid), grpc.StatusCode.UNAVAILABLE)
+            assert _session_bytes(own, gw, sid) == stored
+            assert _refusals(gw, "persistence") == 3
+            assert (await _healthz(gw))[1]["store"] == "persistence"
 
-                filler.unlink()  # space again: the next save succeeds and writes are accepted
-                _bgsave(own, ok=True)
-                response, waited = await _until_ok(lambda: client.step(sid, 2))
-                assert response.step == 2 and waited < 5.0
-                assert list((await client.get(sid)).actions)[-2:] == [1, 2]
-        finally:
-            await gw.stop()
-            own.stop()
+            disk.free()  # space again: the next save succeeds and writes are accepted
+            _bgsave(own, ok=True)
+            response, waited = await _until_ok(lambda: client.step(sid, 2))
+            assert response.step == 2 and waited < 5.0
+            assert list((await client.get(sid)).actions)[-2:] == [1, 2]
+    finally:
+        await gw.stop()
+        own.stop()
     lines = [r for r in caplog.records if "session store refused" in r.getMessage()]
     assert len(lines) == 1 and "(persistence)" in lines[0].getMessage()
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

@@ -221,3 +221,21 @@ def test_worker_metrics_count_tasks(deployed):
 def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+
+
+def test_a_rollout_onto_a_full_disk_fails_naming_it_at_once_and_runs_when_there_is_space(deployed, small_disk, kit):
+    env, client = deployed["env"], deployed["client"]
+    disk = small_disk("1m")
+    disk.fill()
+    args = ["submit", "rollout", "--seed", "7", "--out", str(disk.path / "out"), "--prompt", "0", "--actions", "0,1,2"]
+    job = kit.submitted(kit.cli(env, *args))
+    st = client.wait(job, timeout=60)
+    assert st.state == "FAILURE" and "no space left" in st.error, st.to_json()
+    # Failed, not retried: a full disk is not an outage that waiting fixes (OSErrors otherwise retry with backoff).
+    logs = deployed["train"].log_text() + deployed["rollout"].log_text()
+    assert not [line for line in logs.splitlines() if job in line and "retry" in line.lower()]
+    assert disk.leftovers() == []
+    disk.free()
+    job = kit.submitted(kit.cli(env, *args))
+    st = client.wait(job, timeout=120)
+    assert st.state == "SUCCESS" and st.result["items"] == 1, st.to_json()
