@@ -41,6 +41,15 @@ class KVPool:
         self._lock = threading.Lock()
         self.hits = self.misses = self.gathers = 0
 
+    def require(self, batch: int, what: str) -> None:
+        """Raises ValueError, naming the budget, when a batch of `batch` sessions cannot fit in `max_bytes` (the pool
+        would otherwise grow past its budget to run it); below that, the budget evicts idle caches (LRU)."""
+        if batch > self.max_slots:
+            mib = self.max_slots * self.slot_bytes / 2**20
+            raise ValueError(f"the {what} K/V cache budget holds {self.max_slots} sessions ({self.slot_bytes / 2**20:.1f} "
+                             f"MiB each, {mib:.0f} MiB), fewer than a batch of {batch}: raise the cache budget to at "
+                             f"least {batch * self.slot_bytes / 2**20:.0f} MiB or lower the batch size")
+
     @property
     def capacity(self) -> int:
         return self.k.shape[1]

@@ -256,14 +256,18 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
 @click.option("--tokens", envvar="GENIE_TOKENS", default="", help="client:token,... or @tokens.json (env GENIE_TOKENS).")
 @click.option("--session-ttl", type=float, default=600.0, show_default=True, help="Idle seconds before a session expires.")
 @click.option("--max-sessions", type=int, default=16, show_default=True, help="Open sessions per client.")
+@click.option("--max-streams", type=int, default=16, show_default=True,
+              help="Open Play streams per client on this gateway; past it a new stream is refused (RESOURCE_EXHAUSTED).")
 @click.option("--rate", type=int, default=100, show_default=True, help="Requests per second per client.")
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
+@click.option("--kv-cache-mb", type=int, default=1024, show_default=True,
+              help="In-process backend: K/V cache budget of each engine; idle sessions' caches are evicted (LRU) past it.")
 @_device_options
 def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s,
           backend, triton_url, triton_model_urls, triton_tls, triton_ca, triton_cert, triton_key, store, redis_url,
           redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, redis_password, redis_ca, redis_cert,
           redis_key, max_in_flight, max_queue, queue_timeout,
-          step_deadline, tokens, session_ttl, max_sessions, rate, threads, device, precision) -> None:
+          step_deadline, tokens, session_ttl, max_sessions, max_streams, rate, threads, kv_cache_mb, device, precision) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
     in-memory session store. Replicas sharing one Redis serve any session."""
     from services.gateway.admission import AdmissionConfig
@@ -272,7 +276,7 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key
 
     try:
         limits = Limits(session_ttl_s=session_ttl, max_sessions_per_client=max_sessions, requests_per_second=rate,
-                        step_deadline_s=step_deadline)
+                        step_deadline_s=step_deadline, max_streams_per_client=max_streams)
         admission = AdmissionConfig(max_in_flight, max_queue, queue_timeout) if max_in_flight else None
         cfg = GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url, triton_model_urls=triton_model_urls,
                             triton_tls=triton_tls, triton_ca=triton_ca, triton_cert=triton_cert, triton_key=triton_key,
@@ -282,7 +286,8 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key
                             redis_sentinel_password=os.environ.get("GENIE_REDIS_SENTINEL_PASSWORD", ""),
                             admission=admission,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
-                            threads=threads, device=device, precision=precision, limits=limits,
+                            threads=threads, cache_bytes=kv_cache_mb << 20, device=device, precision=precision,
+                            limits=limits,
                             **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s))
     except ValueError as exc:
         _fail(str(exc))

@@ -65,3 +65,14 @@ def test_consecutive_slots_are_a_view_others_a_gather_written_through_on_commit(
     assert torch.equal(pool.k[:, a, :, :, 1], gathered.k[:, 1, :, :, 1])
     assert torch.equal(pool.k[:, a, :, :, 0], view.k[:, 0, :, :, 0])
     assert torch.equal(pool.k[:, picked[0], :, :, 0], gathered.k[:, 0, :, :, 0])
+
+
+def test_a_budget_too_small_for_one_batch_is_refused_by_name():
+    pool = _pool(slots=4)
+    pool.require(4, "dynamics")  # fits: below it, the budget evicts idle caches
+    try:
+        pool.require(5, "dynamics")
+    except ValueError as exc:
+        assert "dynamics K/V cache budget holds 4 sessions" in str(exc) and "batch of 5" in str(exc)
+    else:
+        raise AssertionError("a batch of 5 in a 4-session budget must be refused")

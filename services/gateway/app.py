@@ -54,6 +54,7 @@ class GatewayConfig:
     metrics_port: int = 9090  # Prometheus /metrics; -1 = off
     tokens: str = ""  # "client:token,..." or "@tokens.json"; empty = one fresh token for client "local"
     threads: int = 0  # torch threads of the in-process backend (0 = torch's default)
+    cache_bytes: int = 1 << 30  # in-process backend: K/V cache budget of each engine (idle caches evicted, LRU)
     device: str = "auto"  # in-process backend: auto (a GPU when torch sees one) | cpu | cuda | cuda:N
     precision: str = "auto"  # in-process backend: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16
     # TLS on the client-facing ports (PEM paths; "" = GENIE_TLS_CERT/KEY/CLIENT_CA, and none of them = plaintext).
@@ -92,7 +93,8 @@ def make_backend(cfg: GatewayConfig, registry=None) -> ModelBackend:
                              tls=triton_tls(cfg))
     from services.gateway.inprocess import InProcessBackend
 
-    return InProcessBackend(Path(cfg.world), threads=cfg.threads, device=cfg.device, precision=cfg.precision)
+    return InProcessBackend(Path(cfg.world), threads=cfg.threads, device=cfg.device, precision=cfg.precision,
+                            cache_bytes=cfg.cache_bytes)
 
 
 def parse_model_urls(spec: str) -> dict[str, str]:

@@ -148,8 +148,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return await self._serve("Step", request, context, lambda client: self._step(client, request, _expect_step(context)))
 
     async def Play(self, request_iterator: AsyncIterator[pb.StepRequest], context) -> AsyncIterator[pb.StepResponse]:
-        async for request in request_iterator:
-            yield await self._serve("Play", request, context, lambda client, request=request: self._step(client, request))
+        # The stream is authenticated and counted against the client's open streams when it opens, not at its
+        # first message: a client cannot hold thousands of idle streams (UNAUTHENTICATED / RESOURCE_EXHAUSTED).
+        slot = await self._serve("Play", None, context, self.service.open_stream)
+        try:
+            async for request in request_iterator:
+                yield await self._serve("Play", request, context, lambda client, request=request: self._step(client, request))
+        finally:
+            slot.close()
 
     async def _step(self, client: str, request: pb.StepRequest, expect_step: int | None = None) -> pb.StepResponse:
         fmt = _format(request.frame_format)

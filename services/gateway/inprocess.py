@@ -52,6 +52,9 @@ class InProcessBackend:
                                     self.precision)
         # fp32 whatever the precision: the LAM's nearest-code search must not flip with rounding
         self.lam = load_model(self.world_dir / "lam", "lam").eval().to(self.engine.device)
+        if self.cache_bytes > 0:  # a budget that cannot hold one batch is refused here (0: no caching between steps)
+            self.engine.pool.require(self.max_batch, "dynamics")
+            self.decoder.pool.require(self.max_batch, "decoder")
         make = lambda fn: MicroBatcher(fn, self._executor, self.max_batch, self.max_wait_s)  # noqa: E731
         self._next = make(self._next_batch)
         self._decode = make(self._decode_batch)

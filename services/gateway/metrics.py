@@ -29,6 +29,7 @@ class GatewayMetrics:
                                    ["result"], registry=r)
         self.store_refusals = Counter("genie_gateway_store_refusals", "Calls the session store refused, by cause "
                                       "(full, persistence, readonly, unreachable)", ["cause"], registry=r)
+        self.play_streams = Gauge("genie_gateway_play_streams", "Play streams open now", registry=r)
         self.in_flight = Gauge("genie_gateway_requests_in_flight", "Calls being served now", registry=r)
 
     def record(self, method: str, code: str) -> None:

@@ -57,10 +57,13 @@ class Limits:
     max_temperature: float = 10.0
     commit_retries: int = 8  # optimistic-concurrency retries when another replica stepped the session first
     step_deadline_s: float = 0.0  # a step not admitted to the models this long after it arrived: UNAVAILABLE (0 = none)
+    max_streams_per_client: int = 16  # open Play streams per client on one gateway: idle ones cost memory, not steps
 
     def __post_init__(self) -> None:
         if self.session_ttl_s <= 0 or self.max_sessions_per_client < 1 or self.requests_per_second < 1:
             raise ValueError("ttl, max sessions and rate limit must be positive")
+        if self.max_streams_per_client < 1:
+            raise ValueError(f"max_streams_per_client must be >= 1, got {self.max_streams_per_client}")
         if self.step_deadline_s < 0:
             raise ValueError(f"step_deadline_s must be >= 0, got {self.step_deadline_s}")
 
@@ -82,6 +85,7 @@ class SessionService:
         self.metrics = metrics or GatewayMetrics()
         self.ratelog = RateLimitedLog(log)  # one line per refusal cause per period, however many calls it refuses
         self._refusal: tuple[str, str, float] | None = None  # the store's last refusal: (cause, message, monotonic s)
+        self._streams: dict[str, int] = {}  # client -> Play streams open on this gateway
 
     @property
     def spec(self) -> WorldSpec:
@@ -103,6 +107,26 @@ class SessionService:
         if not await self._store(self.store.allow(client, self.limits.requests_per_second)):
             raise GatewayError("RESOURCE_EXHAUSTED", f"rate limit: at most {self.limits.requests_per_second} requests/s per client")
         return client
+
+    async def open_stream(self, client: str) -> StreamSlot:
+        """A slot for one Play stream of `client`, held while the stream is open (StreamSlot.close gives it back);
+        RESOURCE_EXHAUSTED when the client already holds Limits.max_streams_per_client. A stream is checked when it
+        opens, before any message, so idle streams cannot pile up."""
+        held = self._streams.get(client, 0)
+        if held >= self.limits.max_streams_per_client:
+            raise GatewayError("RESOURCE_EXHAUSTED", f"at most {self.limits.max_streams_per_client} open Play streams per "
+                                                     f"client on one gateway; close one, or use Step")
+        self._streams[client] = held + 1
+        self.metrics.play_streams.inc()
+        return StreamSlot(self, client)
+
+    def _close_stream(self, client: str) -> None:
+        held = self._streams.get(client, 0) - 1
+        if held > 0:
+            self._streams[client] = held
+        else:
+            self._streams.pop(client, None)
+        self.metrics.play_streams.dec()
 
     async def open(self, client: str, image: bytes | None = None, frames: np.ndarray | None = None, steps: int = 0,
                    temperature: float | None = None, seed: int | None = None) -> Outcome:
@@ -309,6 +333,18 @@ class SessionService:
             raise GatewayError("INVALID_ARGUMENT", str(exc)) from exc
         except BackendError as exc:
             raise GatewayError("INTERNAL", f"model service failed: {exc}") from exc
+
+
+class StreamSlot:
+    """One open Play stream of a client (SessionService.open_stream); close() gives it back, once."""
+
+    def __init__(self, service: SessionService, client: str) -> None:
+        self._service, self.client, self._open = service, client, True
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._service._close_stream(self.client)
 
 
 def encode_png(frame: np.ndarray) -> bytes:

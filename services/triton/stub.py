@@ -38,6 +38,16 @@ def model_setup(args: dict[str, str]) -> tuple[Path, dict[str, str]]:
     return Path(world_dir), params
 
 
+def check_cache_budget(pool, args: dict[str, str], what: str) -> None:
+    """Refuses to load (TritonModelException, in Triton's log) when the K/V cache budget cannot hold one batch of
+    the model's max_batch_size: the pool would otherwise grow past its budget."""
+    batch = int(json.loads(args["model_config"]).get("max_batch_size") or 1)
+    try:
+        pool.require(batch, what)
+    except ValueError as exc:
+        raise pb_utils.TritonModelException(f"{exc} (model parameter {P.PARAM_CACHE_BYTES}; launcher --cache-bytes)") from exc
+
+
 def instance_device(args: dict[str, str]) -> str:
     """The device of this model instance: its GPU for a KIND_GPU instance group, else the CPU."""
     if args.get("model_instance_kind") == "GPU":

@@ -16,6 +16,7 @@ from genie.train.checkpoint import load_model
 from genie.worlds import load_world_config_of
 from services.triton import protocol as P
 from services.triton.stub import (
+    check_cache_budget,
     check_tokens,
     execute_batched,
     instance_device,
@@ -35,6 +36,8 @@ class TritonPythonModel:
                                      int(params.get(P.PARAM_CACHE_BYTES) or 1 << 30), instance_device(args),
                                      params.get(P.PARAM_PRECISION) or "auto")
         self.keep_frames = keep_frames
+        if self.engine.caching:
+            check_cache_budget(self.engine.pool, args, "dynamics")
 
     def execute(self, requests: list) -> list:
         return execute_batched(requests, self._parse, self._run, lambda tokens: respond(**{P.NEXT_TOKENS: tokens}))

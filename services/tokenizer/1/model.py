@@ -16,6 +16,7 @@ from genie.state import WorldState
 from genie.train.checkpoint import load_model
 from services.triton import protocol as P
 from services.triton.stub import (
+    check_cache_budget,
     check_tokens,
     execute_batched,
     instance_device,
@@ -33,6 +34,8 @@ class TritonPythonModel:
         cache_bytes = int(params.get(P.PARAM_CACHE_BYTES) or 1 << 30)
         self.decoder = FrameDecoder(load_model(world_dir / "tokenizer", "tokenizer"), cache_bytes, instance_device(args),
                                     params.get(P.PARAM_PRECISION) or "auto")
+        if cache_bytes > 0:
+            check_cache_budget(self.decoder.pool, args, "decoder")
 
     def execute(self, requests: list) -> list:
         return execute_batched(requests, self._parse, self._run, self._pack)

@@ -241,3 +241,54 @@ async def test_default_sampling_is_the_worlds(alice, trained_world_dir, tiny_wor
     info = (await alice.open(image=_png(trained_world_dir))).session
     default: SamplingConfig = tiny_world_cfg.sampling
     assert (info.options.steps, info.options.temperature) == (default.steps, pytest.approx(default.temperature))
+
+
+async def test_two_thousand_idle_play_streams_from_one_client_cost_another_client_nothing(trained_world_dir):
+    limits = Limits(max_sessions_per_client=3, requests_per_second=100_000, max_streams_per_client=4)
+    cfg = GatewayConfig(world=str(trained_world_dir), grpc_port=0, http_port=-1, metrics_port=-1, tokens=TOKENS,
+                        limits=limits)
+    gw = Gateway(cfg, backend=InProcessBackend(trained_world_dir), store=MemoryStore())
+    await gw.start()
+    try:
+        async with GatewayClient(gw.grpc_address, ALICE) as alice, GatewayClient(gw.grpc_address, BOB) as bob:
+            sid = (await bob.open(image=_png(trained_world_dir), seed=1)).session.session_id
+            # Alice opens 2,000 Play streams and sends nothing on them: 4 first (held open), then 1,996 more.
+            calls = [alice.stub.Play(metadata=alice._metadata, timeout=60) for _ in range(4)]
+            await _until(lambda: gw.service.metrics.play_streams._value.get() == 4)
+            calls += [alice.stub.Play(metadata=alice._metadata, timeout=60) for _ in range(1996)]
+            refused = await asyncio.gather(*(_code(call.read()) for call in calls[4:]))
+            assert {code for code, _ in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert "at most 4 open Play streams per client" in refused[0][1]
+            assert gw.service.metrics.play_streams._value.get() == 4  # the first 4 stay open, idle
+            # Bob is not held up: his own streams and steps are served while Alice's 4 idle streams stay open.
+            steps = [r.step async for r in bob.play(sid, [0, 1, 2])]
+            assert steps == [1, 2, 3] and (await bob.step(sid, 3)).step == 4
+            # Alice's open streams work, and a closed one frees its slot.
+            alice_sid = (await alice.open(image=_png(trained_world_dir), seed=2)).session.session_id
+            await calls[0].write(pb.StepRequest(session_id=alice_sid, action=1))
+            assert (await calls[0].read()).step == 1
+            await calls[0].done_writing()
+            assert await calls[0].read() == grpc.aio.EOF
+            await _until(lambda: gw.service.metrics.play_streams._value.get() == 3)
+            assert [r.step async for r in alice.play(alice_sid, [2])] == [2]
+            code, _ = await _code(alice.stub.Play(metadata=(("authorization", "Bearer nope-0123456789abcdef"),)).read())
+            assert code == grpc.StatusCode.UNAUTHENTICATED  # refused when it opens, not at its first message
+            for call in calls[1:4]:
+                call.cancel()
+    finally:
+        await gw.stop()
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_kv_cache_budget_smaller_than_one_batch_is_refused_at_start(trained_world_dir):
+    backend = InProcessBackend(trained_world_dir, max_batch=16, cache_bytes=1 << 10)
+    with pytest.raises(ValueError, match="K/V cache budget holds 1 sessions .* fewer than a batch of 16"):
+        await backend.start()
+    await backend.close()
