@@ -35,10 +35,27 @@ def _broker(client) -> str:
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable broker or a Redis that refuses writes (full, or its disk failing) raises."""
     import kombu.exceptions
     import redis
 
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
+            redis.exceptions.ResponseError)
+
+
+def _broker_failure(exc: BaseException, where: str) -> str:
+    """The one-line reason for a failed broker call; any other Redis error is re-raised (a bug, not an outage)."""
+    import redis
+
+    text = short_reason(exc)
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or text.startswith("OOM"):
+        return (f"the broker at {where} is full: Redis is at its maxmemory and refuses writes (noeviction); "
+                f"finished jobs' records expire, or raise maxmemory; nothing was changed")
+    if text.startswith("MISCONF"):
+        return f"the broker at {where} refuses writes: saving to disk failed (MISCONF; is its disk full?); nothing was changed"
+    if isinstance(exc, redis.exceptions.ResponseError) and not isinstance(exc, redis.exceptions.ReadOnlyError):
+        raise exc
+    return f"cannot reach the broker at {where}: {text}"
 
 
 def _job_call(client, method, job_id: str):
@@ -48,7 +65,7 @@ def _job_call(client, method, job_id: str):
     except KeyError as exc:
         _fail(exc.args[0])
     except _connection_errors() as exc:
-        _fail(f"cannot reach the result backend at {client.store.url}: {short_reason(exc)}")
+        _fail(_broker_failure(exc, client.store.url).replace("the broker", "the result backend", 1))
 
 
 @click.group("jobs")
@@ -108,7 +125,7 @@ def submit_train(ctx, kind, preset, config, overrides, run_root, tokenizer_ckpt,
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
-        _fail(f"cannot reach the broker at {_broker(client)}: {short_reason(exc)}")
+        _fail(_broker_failure(exc, _broker(client)))
     click.echo(json.dumps({"job": job_id, "queue": "train", "kind": kind, "steps": spec.steps}))
     if wait:
         _follow(client, job_id)
@@ -147,7 +164,7 @@ def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed,
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
-        _fail(f"cannot reach the broker at {_broker(client)}: {short_reason(exc)}")
+        _fail(_broker_failure(exc, _broker(client)))
     click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "agent", "target": target, "steps": steps}))
     if wait:
         _follow(client, job_id)
@@ -185,7 +202,7 @@ def submit_world(ctx, data_dir, eval_data, preset, config, overrides, out, run_r
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
-        _fail(f"cannot reach the broker at {_broker(client)}: {short_reason(exc)}")
+        _fail(_broker_failure(exc, _broker(client)))
     click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "world", "steps": spec.stage_steps}))
     if wait:
         _follow(client, job_id)
@@ -222,7 +239,7 @@ def submit_rollout(ctx, world_dir, prompts, actions, seed, sampling_steps, chunk
     except ValueError as exc:
         _fail(str(exc))
     except _connection_errors() as exc:
-        _fail(f"cannot reach the broker at {_broker(client)}: {short_reason(exc)}")
+        _fail(_broker_failure(exc, _broker(client)))
     click.echo(json.dumps({"job": job_id, "queue": "rollout", "items": spec.total, "chunks": spec.num_chunks}))
     if wait:
         _follow(client, job_id)

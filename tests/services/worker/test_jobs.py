@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from genie.train.checkpoint import latest_checkpoint, list_checkpoints
 from services.worker.specs import RolloutJobSpec
+from tests.own_redis import OwnRedis
 
 PROMPTS = ("0", "1", "2")
 ACTIONS = ("0,1,2,3,3,2", "random:5")
@@ -239,3 +241,19 @@ def test_a_rollout_onto_a_full_disk_fails_naming_it_at_once_and_runs_when_there_
     job = kit.submitted(kit.cli(env, *args))
     st = client.wait(job, timeout=120)
     assert st.state == "SUCCESS" and st.result["items"] == 1, st.to_json()
+
+
+def test_submitting_to_a_full_broker_is_one_line_and_queues_nothing(tmp_path, kit):
+    own = OwnRedis(tmp_path, "--save", "", "--appendonly", "no", "--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    own.start()
+    try:
+        own.fill()
+        env = kit.env(tmp_path / "jobs", GENIE_BROKER_URL=f"{own.url[:-2]}/1")
+        result = kit.cli(env, "submit", "train", "lam", "--preset", "tiny")
+        assert result.exit_code == 2 and result.output.count("error: ") == 1, result.output
+        assert "is full" in result.output and "maxmemory" in result.output and "Traceback" not in result.output
+        broker_db = redis.Redis(port=own.port, db=1)
+        assert broker_db.dbsize() == 0  # nothing queued, no job record
+        broker_db.close()
+    finally:
+        own.stop()
