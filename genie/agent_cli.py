@@ -35,7 +35,7 @@ def expert(split, episodes, out, seed, num_levels, max_frames, distribution_mode
     """Record CoinRun expert episodes (a search planner over procgen's state save/restore) in the shard format; the
     true actions are kept for the oracle and the labelled transitions only."""
     from genie.agent.expert import ExpertConfig, record
-    from genie.cli import _fail
+    from genie.cli_common import fail as _fail
 
     try:
         cfg = ExpertConfig(split=split, episodes=episodes, seed=seed, num_levels=num_levels, max_frames=max_frames,
@@ -72,7 +72,8 @@ def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelle
 
     from genie.agent.policy import PolicyConfig
     from genie.agent.train import AgentTrainConfig, train_agent
-    from genie.cli import DEFAULT_WORLD, _fail
+    from genie.cli_common import DEFAULT_WORLD
+    from genie.cli_common import fail as _fail
 
     if threads:
         torch.set_num_threads(threads)
@@ -106,7 +107,7 @@ def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_
 
     from genie.agent.eval import AgentEvalConfig, evaluate_agents, write_report
     from genie.agent.train import expert_action_counts, load_mappings, load_policy
-    from genie.cli import _fail
+    from genie.cli_common import fail as _fail
     from genie.data.procgen import ACTION_NAMES
 
     if threads:
@@ -141,7 +142,8 @@ def gif(lam_run, world_dir, k, level_index, steps, seed, out, threads) -> None:
 
     from genie.agent.showcase import write_showcase
     from genie.agent.train import load_mappings, load_policy
-    from genie.cli import DEFAULT_WORLD, _fail
+    from genie.cli_common import DEFAULT_WORLD
+    from genie.cli_common import fail as _fail
     from genie.envs import load_engine
 
     if threads:

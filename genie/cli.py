@@ -13,23 +13,8 @@ from pathlib import Path
 
 import click
 
-# The shipped demo world; GENIE_WORLD overrides it (an installed package has no worlds/ beside it, e.g. in the image).
-DEFAULT_WORLD = Path(os.environ.get("GENIE_WORLD") or Path(__file__).resolve().parent.parent / "worlds" / "demo")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def _world_config(preset: str | None, config: Path | None, overrides: tuple[str, ...]):
-    from genie.config import apply_overrides, load_world_config
-    from genie.presets import get_preset
-
-    if preset and config:
-        raise ValueError("give --preset or --config, not both")
-    cfg = load_world_config(config) if config else get_preset(preset or "demo")
-    return apply_overrides(cfg, list(overrides))
+from genie.cli_common import DEFAULT_WORLD, world_config
+from genie.cli_common import fail as _fail
 
 
 class _Commands(click.Group):
@@ -91,7 +76,7 @@ def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, s
     if threads:
         torch.set_num_threads(threads)
     try:
-        world = _world_config(preset, config, overrides)
+        world = world_config(preset, config, overrides)
         frozen = {}
         if kind == "dynamics":
             frozen = {
@@ -119,7 +104,7 @@ def show_config(preset, overrides) -> None:
     from genie.config import to_dict
 
     try:
-        click.echo(json.dumps(to_dict(_world_config(preset, None, overrides)), indent=2))
+        click.echo(json.dumps(to_dict(world_config(preset, None, overrides)), indent=2))
     except ValueError as exc:
         _fail(str(exc))
 
@@ -265,9 +250,9 @@ def evaluate(world_dir, data_dir, clips, horizon, sampling_steps, drift_steps, d
     click.echo(json.dumps(summary))
 
 
-
 def _add_library_groups() -> None:
-    from genie.agent_cli import agent  # both import genie.cli: registered once every module exists
+    # The world and agent groups live in modules of their own (which import genie.cli_common, not this module).
+    from genie.agent_cli import agent
     from genie.world_cli import world
 
     main.add_command(world)

@@ -37,7 +37,8 @@ def build(data_dir, eval_data, preset, config, overrides, out, run_root, eval_cl
     import torch
 
     from genie.build import BuildConfig, build_world, with_data
-    from genie.cli import _fail, _world_config
+    from genie.cli_common import fail as _fail
+    from genie.cli_common import world_config as _world_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -70,7 +71,7 @@ def build(data_dir, eval_data, preset, config, overrides, out, run_root, eval_cl
 def names(world_dir, edits, key_edits, report_path) -> None:
     """Print the world's action names and arrow key bindings (WORLD/actions.json) as JSON, or edit them. The
     gateway, the play page and `genie rollout` use them."""
-    from genie.cli import _fail
+    from genie.cli_common import fail as _fail
     from genie.worlds import (
         apply_action_names_from_report,
         load_action_names,

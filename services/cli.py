@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from genie.cli import DEFAULT_WORLD, _fail, main
+from genie.cli import main
+from genie.cli_common import DEFAULT_WORLD
+from genie.cli_common import fail as _fail
 from services.triton.cli import triton
 from services.worker.cli import jobs
 

@@ -188,3 +188,81 @@ def test_library_imports_no_service():
     assert out == "[]", out
     help_text = subprocess.run([sys.executable, "-m", "genie.cli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "train" in help_text and "world" in help_text and "serve" not in help_text
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every module of genie/ and services/ -> the modules of those trees it imports (at the top or in a function)."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    modules = {}
+    for tree in ("genie", "services"):
+        for path in (repo / tree).rglob("*.py"):
+            parts = list(path.relative_to(repo).with_suffix("").parts)
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str | None:  # the module `name` is, or is defined in
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *([base] if base else [])])
+                names = [base, *(f"{base}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for name in names:
+                target = owner(name)
+                if target and target != module and not module.startswith(target + "."):  # a package's own __init__
+                    graph[module].add(target)
+    return graph
+
+
+def test_no_import_circles_and_nothing_imports_the_command_layer():
+    """genie/ and services/ form no import circle (lazy imports inside functions count), and only command modules
+    (cli.py, *_cli.py, cli_common.py) import command modules: the library and the services never reach up to them."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not circles, circles
+
+    def command(m: str) -> bool:
+        leaf = m.rpartition(".")[2]
+        return leaf in ("cli", "cli_common") or leaf.endswith("_cli")
+
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if command(t) and not command(m))
+    assert not upward, upward

@@ -104,7 +104,12 @@ def label_latent_actions(lam: nn.Module, frames: np.ndarray | Tensor, batch: int
     one (transitions [0, W-1), [W-1, 2W-2), ...), and every transition is read from its window (causal in time, so
     transition t sees the frames of its window up to t+1).
     """
-    video = torch.as_tensor(np.asarray(frames))
+    # A read-only array (a memory-mapped shard) is copied: torch warns on, and must not write through, such a view.
+    if isinstance(frames, Tensor):
+        video = frames
+    else:
+        array = np.asarray(frames)
+        video = torch.from_numpy(array if array.flags.writeable else array.copy())
     if video.ndim != 4 or video.dtype != torch.uint8:
         raise ValueError(f"expected (F, H, W, C) uint8 frames, got {tuple(video.shape)} {video.dtype}")
     n, w = video.shape[0], lam.cfg.max_frames

@@ -12,13 +12,7 @@ GENIE_BROKER_SENTINEL_PASSWORD.
 
 from __future__ import annotations
 
-from services.worker import metrics
-from services.worker.runtime import JobTask
-from services.worker.settings import WorkerSettings, make_app
+import services.worker.tasks  # noqa: F401  registers the tasks on `app`
+from services.worker.celery_app import app, settings
 
-settings = WorkerSettings.from_env()
-app = make_app(settings)
-JobTask.settings = settings
-metrics.connect(settings.metrics_port, settings.metrics_host)
-
-import services.worker.tasks  # noqa: E402,F401  registers the tasks on `app`
+__all__ = ["app", "settings"]

@@ -36,7 +36,7 @@ def _on_shutdown(**_) -> None:
 
 
 class JobTask(Task):
-    """Base class of the job tasks (bind=True). `settings` is set by services.worker.app."""
+    """Base class of the job tasks (bind=True). `settings` is set by services.worker.celery_app."""
 
     settings: WorkerSettings
     _store: JobStore | None = None

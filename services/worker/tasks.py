@@ -19,7 +19,7 @@ from celery import chain, chord
 from genie.config import MODEL_KINDS, write_json_atomic
 from genie.diskfull import fails_when_disk_full
 from services.gateway.backend import BackendCredentialsRejected, BackendUnavailable
-from services.worker.app import app, settings
+from services.worker.celery_app import app, settings
 from services.worker.metrics import METRICS
 from services.worker.outputs import (
     build_manifest,
