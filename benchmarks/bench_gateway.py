@@ -217,10 +217,10 @@ async def redis_idle_memory(gw: GatewayProcess, image: bytes, redis_url: str, co
 
 def make_backend(kind: str, world: Path, triton_url: str):
     if kind == "triton":
-        from services.gateway.triton_backend import TritonBackend
+        from services.backends.triton_backend import TritonBackend
 
         return TritonBackend(triton_url)
-    from services.gateway.inprocess import InProcessBackend
+    from services.backends.inprocess import InProcessBackend
 
     return InProcessBackend(world)
 

@@ -53,7 +53,7 @@ async def _run_shard(shard: Shard) -> tuple[list[dict], dict[str, float]]:
 
     from genie.media import load_image
     from genie.sampling import advance, new_state
-    from services.gateway.triton_backend import TritonBackend
+    from services.backends.triton_backend import TritonBackend
 
     backend = TritonBackend(shard.url, timeout_s=120.0)
     await backend.start()
@@ -104,7 +104,7 @@ def run_shard(shard: Shard) -> tuple[list[dict], dict[str, float]]:
 
 async def _batch_stats(url: str) -> dict[str, tuple[int, int]]:
     """{model: (inferences, executions)} summed over every endpoint of `url`."""
-    from services.gateway.triton_backend import TritonBackend
+    from services.backends.triton_backend import TritonBackend
     from services.triton import protocol as P
 
     backend = TritonBackend(url)

@@ -21,7 +21,7 @@ from services.triton.cli import triton
 from services.worker.cli import jobs
 
 if TYPE_CHECKING:
-    from services.gateway.backend import WorldSpec
+    from genie.spec import WorldSpec
 
 main.add_command(triton)
 main.add_command(jobs)
@@ -80,12 +80,12 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
 
     from genie.media import load_image, write_gif
     from genie.worlds import load_prompts
-    from services.gateway.app import GatewayConfig, make_backend
-    from services.gateway.backend import BackendUnavailable
+    from services.backends.backend import BackendUnavailable
+    from services.backends.factory import BackendConfig, make_backend
     from services.rollout import rollout_one
 
     async def run(image: Path):
-        models = make_backend(GatewayConfig(world=str(world_dir), backend=backend, triton_url=triton_url,
+        models = make_backend(BackendConfig(world=str(world_dir), backend=backend, triton_url=triton_url,
                                             triton_model_urls=triton_model_urls, triton_tls=triton_tls, triton_ca=triton_ca,
                                             triton_cert=triton_cert, triton_key=triton_key, device=device,
                                             precision=precision))
@@ -113,7 +113,7 @@ def rollout(world_dir, steps, actions, prompt, seed, sampling_steps, out, backen
 
 
 def _action_sequence(actions: str, steps: int, spec: WorldSpec, seed: int) -> list[int]:
-    """The latent actions of --actions for a world (services.gateway.backend.WorldSpec): `steps` seeded random ones
+    """The latent actions of --actions for a world (services.backends.backend.WorldSpec): `steps` seeded random ones
     for 'random'; else each comma-separated item resolved, case-insensitively, as a latent action id, an arrow key
     the world binds (a bound key wins over an action name that spells it), or one of the world's action names.
     ValueError listing the valid names for an unbound key, an unknown or ambiguous name, or an id out of range."""
@@ -272,7 +272,7 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key
           step_deadline, tokens, session_ttl, max_sessions, max_streams, rate, threads, kv_cache_mb, device, precision) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
     in-memory session store. Replicas sharing one Redis serve any session."""
-    from services.gateway.admission import AdmissionConfig
+    from services.backends.admission import AdmissionConfig
     from services.gateway.app import GatewayConfig
     from services.gateway.sessions import Limits
 
@@ -308,8 +308,8 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key
 def _run_gateway(cfg, ready) -> None:
     import asyncio
 
+    from services.backends.backend import BackendUnavailable
     from services.gateway.app import Gateway, serve_forever
-    from services.gateway.backend import BackendUnavailable
 
     try:
         asyncio.run(serve_forever(Gateway(cfg), on_ready=ready))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from genie.sampling import SamplingConfig, advance, new_state
-from services.gateway.backend import ModelBackend
+from services.backends.backend import ModelBackend
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genie.device import resolve_inference_device, resolve_precision
-from services.gateway.admission import AdmissionBackend, AdmissionConfig
+from services.backends.admission import AdmissionBackend, AdmissionConfig
+from services.backends.backend import BackendUnavailable, ModelBackend
+from services.backends.factory import BackendConfig, make_backend, triton_tls
 from services.gateway.auth import Authenticator, new_token
-from services.gateway.backend import BackendUnavailable, ModelBackend
 from services.gateway.grpc_server import GrpcServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.sessions import Limits, SessionService
@@ -28,7 +29,7 @@ class GatewayConfig:
     world: str = "worlds/demo"  # world dir: the in-process backend's models, and the page's prompt images
     backend: str = "inprocess"  # "inprocess" (embedded default) or "triton"
     # Triton endpoints: "host:port", several comma-separated replicas, or "dns:name:port" (every A record of a
-    # headless Service); a session's calls stick to one replica (services/gateway/routing.py).
+    # headless Service); a session's calls stick to one replica (services/backends/routing.py).
     triton_url: str = "127.0.0.1:8001"
     triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=a:port,b:port,lam=...": endpoints per model
     triton_tls: bool = False  # gRPC over TLS to Triton (implied by triton_ca / triton_cert)
@@ -67,6 +68,13 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     admission: AdmissionConfig | None = field(default_factory=AdmissionConfig)  # None = model calls never shed
 
+    def backend_config(self) -> BackendConfig:
+        """The model backend's part of this config."""
+        return BackendConfig(world=self.world, backend=self.backend, triton_url=self.triton_url,
+                             triton_model_urls=self.triton_model_urls, triton_tls=self.triton_tls, triton_ca=self.triton_ca,
+                             triton_cert=self.triton_cert, triton_key=self.triton_key, threads=self.threads,
+                             cache_bytes=self.cache_bytes, device=self.device, precision=self.precision)
+
     def __post_init__(self) -> None:
         if self.backend not in ("inprocess", "triton"):
             raise ValueError(f"backend must be inprocess or triton, got {self.backend!r}")
@@ -79,50 +87,9 @@ class GatewayConfig:
         if self.redis_wait_replicas < 0 or self.redis_wait_ms < 0:
             raise ValueError(f"redis wait replicas/ms must be >= 0, got {self.redis_wait_replicas}, {self.redis_wait_ms}")
         if self.backend == "triton":
-            triton_tls(self)  # unreadable certificate files fail at startup
+            triton_tls(self.backend_config())  # unreadable certificate files fail at startup
         if self.store == "redis":
             redis_target(self)  # a bad spec fails at startup
-
-
-def make_backend(cfg: GatewayConfig, registry=None) -> ModelBackend:
-    """The configured backend; `registry` (a prometheus CollectorRegistry) receives the Triton routing counters."""
-    if cfg.backend == "triton":
-        from services.gateway.triton_backend import TritonBackend
-
-        return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls), registry=registry,
-                             tls=triton_tls(cfg))
-    from services.gateway.inprocess import InProcessBackend
-
-    return InProcessBackend(Path(cfg.world), threads=cfg.threads, device=cfg.device, precision=cfg.precision,
-                            cache_bytes=cfg.cache_bytes)
-
-
-def parse_model_urls(spec: str) -> dict[str, str]:
-    """"tokenizer=host:port,dynamics=a:port,b:port" -> {"tokenizer": "host:port", "dynamics": "a:port,b:port"}:
-    an item without "model=" is one more endpoint of the model named before it."""
-    urls: dict[str, list[str]] = {}
-    model = None
-    for item in (p.strip() for p in spec.split(",")):
-        if not item:
-            continue
-        if "=" in item:
-            model, _, url = (x.strip() for x in item.partition("="))
-            urls.setdefault(model, [])
-        else:
-            url = item
-        if model is None or not url:
-            raise ValueError(f"Triton model URLs must be model=host:port[,host:port...][,model=host:port...], got {spec!r}")
-        urls[model].append(url)
-    return {name: ",".join(u) for name, u in urls.items()}
-
-
-def triton_tls(cfg: GatewayConfig):
-    """The TritonClientTLS the config asks for, or None for plaintext gRPC."""
-    if not (cfg.triton_tls or cfg.triton_ca or cfg.triton_cert or cfg.triton_key):
-        return None
-    from services.gateway.triton_backend import TritonClientTLS
-
-    return TritonClientTLS(cfg.triton_ca, cfg.triton_cert, cfg.triton_key)
 
 
 def redis_target(cfg: GatewayConfig):
@@ -164,7 +131,7 @@ class Gateway:
         self.certificates = None if self.tls is None else CertificateReloader(
             self.tls, on_result=lambda result: metrics.tls_reloads.labels(result).inc())
         self._reload_task: asyncio.Task | None = None
-        self.backend = backend or make_backend(cfg, metrics.registry)
+        self.backend = backend or make_backend(cfg.backend_config(), metrics.registry)
         if cfg.admission is not None:
             self.backend = AdmissionBackend(self.backend, cfg.admission)
         self.store = store or make_store(cfg)

@@ -22,9 +22,10 @@ from PIL import Image
 
 from genie.media import load_image
 from genie.sampling import SamplingConfig, advance, new_state
-from services.gateway.admission import Overloaded, step_deadline
+from genie.spec import WorldSpec
+from services.backends.admission import Overloaded, step_deadline
+from services.backends.backend import BackendError, BackendUnavailable, ModelBackend
 from services.gateway.auth import Authenticator
-from services.gateway.backend import BackendError, BackendUnavailable, ModelBackend, WorldSpec
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ratelog import RateLimitedLog
 from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, SessionStore, StoreUnavailable

@@ -28,9 +28,9 @@ from typing import Any
 
 from aiohttp import web
 
+from genie.spec import WorldSpec
 from genie.worlds import load_prompts
 from services.gateway.auth import bearer
-from services.gateway.backend import WorldSpec
 from services.gateway.sessions import GatewayError, Outcome, SessionService, encode_png
 
 log = logging.getLogger(__name__)

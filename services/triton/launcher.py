@@ -30,8 +30,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from genie.spec import world_spec_of
 from genie.worlds import load_world_config_of
-from services.gateway.backend import world_spec_of
 from services.triton import protocol as P
 
 log = logging.getLogger(__name__)

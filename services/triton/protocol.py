@@ -1,6 +1,6 @@
 """The wire contract between the Triton model services and their client: model and tensor names, parameters.
 
-Shared by `services/*/1/model.py` (inside the Triton stub) and `services/gateway/triton_backend.py`, so the two
+Shared by `services/*/1/model.py` (inside the Triton stub) and `services/backends/triton_backend.py`, so the two
 sides never spell a name differently; `tests/services/triton/test_triton_server.py` checks the pbtxt files
 declare exactly these. Every request carries one item (batch dimension 1); Triton's dynamic batcher groups
 requests of equal shapes into one execute() call, which is why windows are padded to a fixed size.
@@ -44,7 +44,7 @@ LAM_INPUTS = (FRAMES, NUM_FRAMES)
 PARAM_WORLD_DIR = "world_dir"  # the world directory the model loads (else env GENIE_WORLD_DIR)
 PARAM_THREADS = "threads"  # torch intra-op threads per model instance; 0 = torch's default
 PARAM_CACHE_BYTES = "cache_bytes"  # bytes cap of an instance's soft K/V cache (tokenizer, dynamics)
-PARAM_WORLD_SPEC = "world_spec"  # dynamics: services.gateway.backend.WorldSpec as JSON, read by clients
+PARAM_WORLD_SPEC = "world_spec"  # dynamics: services.backends.backend.WorldSpec as JSON, read by clients
 PARAM_MAX_FRAMES = "max_frames"  # lam: the clip length it accepts at most
 PARAM_PRECISION = "precision"  # auto | fp32 | bf16: the engines' compute precision (auto: bf16 on a GPU, fp32 on a CPU)
 WORLD_DIR_ENV = "GENIE_WORLD_DIR"

@@ -18,7 +18,7 @@ from celery import chain, chord
 
 from genie.config import MODEL_KINDS, write_json_atomic
 from genie.diskfull import fails_when_disk_full
-from services.gateway.backend import BackendCredentialsRejected, BackendUnavailable
+from services.backends.backend import BackendCredentialsRejected, BackendUnavailable
 from services.worker.celery_app import app, settings
 from services.worker.metrics import METRICS
 from services.worker.outputs import (
@@ -235,10 +235,10 @@ def rollout_chunk(self: JobTask, job_id: str, out: str, index: int) -> dict[str,
 
 
 def rollout_backend_config(worker: WorkerSettings, world: str):
-    """The GatewayConfig of a rollout chunk's model backend: in process, or Triton (over TLS when configured)."""
-    from services.gateway.app import GatewayConfig
+    """The BackendConfig of a rollout chunk's model backend: in process, or Triton (over TLS when configured)."""
+    from services.backends.factory import BackendConfig
 
-    return GatewayConfig(world=world, backend=worker.rollout_backend, triton_url=worker.triton_url,
+    return BackendConfig(world=world, backend=worker.rollout_backend, triton_url=worker.triton_url,
                          triton_model_urls=worker.triton_model_urls, device=worker.rollout_device,
                          precision=worker.rollout_precision, triton_tls=worker.triton_tls, triton_ca=worker.triton_ca,
                          triton_cert=worker.triton_cert, triton_key=worker.triton_key)
@@ -246,7 +246,7 @@ def rollout_backend_config(worker: WorkerSettings, world: str):
 
 def _run_chunk(run: Execution, job: RolloutJobSpec, out: Path, index: int, items: list[RolloutItem]) -> dict[str, Any]:
     from genie.media import load_image
-    from services.gateway.app import make_backend
+    from services.backends.factory import make_backend
     from services.rollout import rollout_trace
 
     t0 = time.perf_counter()

@@ -32,8 +32,8 @@ def untrained_world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(untrained_world):
+    from services.backends.inprocess import InProcessBackend
     from services.gateway.app import Gateway, GatewayConfig
-    from services.gateway.inprocess import InProcessBackend
     from services.gateway.memory_store import MemoryStore
     from services.gateway.sessions import Limits
 

@@ -6,8 +6,8 @@ import pytest
 import pytest_asyncio
 import redis
 
-from services.gateway.inprocess import InProcessBackend
-from services.gateway.triton_backend import TritonBackend
+from services.backends.inprocess import InProcessBackend
+from services.backends.triton_backend import TritonBackend
 from services.triton import TritonServer, assemble_repository, free_ports
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from genie.controls import KeyBinding
+from genie.spec import WorldSpec
 from services.cli import _action_sequence
-from services.gateway.backend import WorldSpec
 
 NAMES = ("Q (22%)", "UP (68%)", "jump far", "action 3")
 

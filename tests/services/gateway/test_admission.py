@@ -16,11 +16,11 @@ from PIL import Image
 
 from genie.sampling import SamplingConfig, new_state
 from genie.worlds import load_prompts
+from services.backends.admission import AdmissionBackend, AdmissionConfig, Overloaded, step_deadline
+from services.backends.inprocess import InProcessBackend
 from services.cli import main as genie_cli
-from services.gateway.admission import AdmissionBackend, AdmissionConfig, Overloaded, step_deadline
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.client import GatewayClient
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
 from services.gateway.sessions import Limits
 

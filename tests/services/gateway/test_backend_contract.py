@@ -11,10 +11,10 @@ import torch
 
 from genie.data.synthetic import MovingSprites
 from genie.sampling import SamplingConfig, advance, new_state
+from genie.spec import world_spec
 from genie.state import WorldState
 from genie.worlds import load_world_config_of
-from services.gateway.backend import world_spec
-from services.gateway.triton_backend import TritonBackend
+from services.backends.triton_backend import TritonBackend
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -25,12 +25,12 @@ from PIL import Image
 from genie.worlds import load_prompts
 from genie_api.v1 import gateway_pb2 as pb
 from genie_api.v1 import gateway_pb2_grpc as pb_grpc
+from services.backends.inprocess import InProcessBackend
+from services.backends.triton_backend import TritonBackend
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
 from services.gateway.redis_store import RedisStore
 from services.gateway.sessions import Limits
-from services.gateway.triton_backend import TritonBackend
 from tests.services.gateway.fuzz_requests import requests
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"

@@ -12,11 +12,11 @@ from PIL import Image
 
 from genie.worlds import load_prompts
 from genie_api.v1 import gateway_pb2 as pb
+from services.backends.inprocess import InProcessBackend
+from services.backends.triton_backend import TritonBackend
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.client import GatewayClient, frame_array
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
-from services.gateway.triton_backend import TritonBackend
 
 ALICE = "alice-token-0123456789"
 

@@ -19,9 +19,9 @@ from genie.media import load_image
 from genie.sampling import SamplingConfig
 from genie.worlds import load_prompts, load_world
 from genie_api.v1 import gateway_pb2 as pb
+from services.backends.inprocess import InProcessBackend
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.client import GatewayClient, frame_array
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
 from services.gateway.sessions import Limits
 

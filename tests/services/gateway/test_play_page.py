@@ -18,8 +18,8 @@ from aiohttp import web
 from PIL import Image
 
 from genie.worlds import apply_action_names_from_report, load_prompts
+from services.backends.inprocess import InProcessBackend
 from services.gateway.auth import Authenticator
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
 from services.gateway.sessions import Limits, SessionService
 from services.gateway.web import create_web_app

@@ -191,9 +191,9 @@ async def test_a_gateway_steps_over_tls_redis_and_turns_unavailable_when_the_pas
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from services.backends.inprocess import InProcessBackend
     from services.gateway.app import Gateway, GatewayConfig
     from services.gateway.client import GatewayClient
-    from services.gateway.inprocess import InProcessBackend
     from tests.services.gateway.test_gateway_redis import ALICE, _png
 
     port, admin = tls_redis

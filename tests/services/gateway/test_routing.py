@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from services.gateway.app import parse_model_urls
-from services.gateway.routing import EndpointSet, HealthPolicy, parse_endpoints, rendezvous_rank, score
+from services.backends.factory import parse_model_urls
+from services.backends.routing import EndpointSet, HealthPolicy, parse_endpoints, rendezvous_rank, score
 
 ENDPOINTS = [f"10.0.0.{i}:8001" for i in range(1, 6)]
 SESSIONS = [f"session-{i}" for i in range(5000)]

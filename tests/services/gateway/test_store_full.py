@@ -20,9 +20,9 @@ import redis
 from PIL import Image
 
 from genie.worlds import load_prompts
+from services.backends.inprocess import InProcessBackend
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.client import GatewayClient
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.redis_store import RedisStore
 from tests.own_redis import OwnRedis
 

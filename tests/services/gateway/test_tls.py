@@ -16,9 +16,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.backends.inprocess import InProcessBackend
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.client import GatewayClient, frame_array
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
 from services.gateway.tls import ClientTLS, ServerTLS
 from tests.services.gateway.test_grpc_gateway import _png

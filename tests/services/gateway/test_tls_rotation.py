@@ -16,9 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.backends.inprocess import InProcessBackend
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.client import GatewayClient
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
 from services.gateway.tls import CertificateReloader, ClientTLS, ServerTLS
 from tests.services.gateway.test_grpc_gateway import _png

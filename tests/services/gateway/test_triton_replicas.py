@@ -16,8 +16,8 @@ import torch
 from genie.data.synthetic import MovingSprites
 from genie.sampling import advance, new_state
 from genie.worlds import load_world_config_of
-from services.gateway.routing import HealthPolicy, rendezvous_rank
-from services.gateway.triton_backend import TritonBackend
+from services.backends.routing import HealthPolicy, rendezvous_rank
+from services.backends.triton_backend import TritonBackend
 from services.triton import TritonServer, free_ports
 from services.triton import protocol as P
 

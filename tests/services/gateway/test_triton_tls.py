@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.backend import BackendCredentialsRejected, BackendUnavailable
-from services.gateway.triton_backend import TritonBackend, TritonClientTLS
+from services.backends.backend import BackendCredentialsRejected, BackendUnavailable
+from services.backends.triton_backend import TritonBackend, TritonClientTLS
 from services.triton import TritonTLS
 from tests.tls_certs import make_certs
 

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from genie.worlds import load_prompts
+from services.backends.inprocess import InProcessBackend
 from services.gateway.auth import Authenticator
-from services.gateway.inprocess import InProcessBackend
 from services.gateway.memory_store import MemoryStore
 from services.gateway.sessions import Limits, SessionService
 from services.gateway.web import SERVICE, create_web_app
@@ -262,7 +262,7 @@ async def test_rate_limit_is_429(trained_world_dir):
 
 async def test_unreachable_model_services_are_503(trained_world_dir):
     """Model services that are not up (yet): the page's API answers 503 and the health check says not ready."""
-    from services.gateway.triton_backend import TritonBackend
+    from services.backends.triton_backend import TritonBackend
     from services.triton import free_ports
 
     async with serve(trained_world_dir, backend=TritonBackend(f"127.0.0.1:{free_ports(1)[0]}", timeout_s=2.0)) as client:

@@ -16,9 +16,10 @@ from tritonclient.grpc import model_config_pb2
 
 from genie.data.synthetic import MovingSprites
 from genie.sampling import new_state
+from genie.spec import WorldSpec, world_spec
 from genie.worlds import load_world_config_of
-from services.gateway.backend import BackendUnavailable, WorldSpec, world_spec
-from services.gateway.triton_backend import TritonBackend, _step_inputs, _tensor, _window
+from services.backends.backend import BackendUnavailable
+from services.backends.triton_backend import TritonBackend, _step_inputs, _tensor, _window
 from services.triton import assemble_repository, free_ports
 from services.triton import protocol as P
 from services.triton.launcher import SERVICES_DIR

@@ -95,7 +95,7 @@ def test_rollout_job_writes_every_output_and_a_manifest(deployed, trained_world_
 
 async def _reference(world_dir, item):
     from genie.media import load_image
-    from services.gateway.inprocess import InProcessBackend
+    from services.backends.inprocess import InProcessBackend
     from services.rollout import rollout_trace
 
     backend = InProcessBackend(world_dir)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.backend import BackendUnavailable
-from services.gateway.triton_backend import TritonBackend
+from services.backends.backend import BackendUnavailable
+from services.backends.triton_backend import TritonBackend
 from services.triton import free_ports
 from services.worker.runtime import AsyncRunner
 from services.worker.settings import WorkerSettings

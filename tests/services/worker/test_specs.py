@@ -117,7 +117,7 @@ def test_a_lease_is_exclusive_renewed_while_held_and_lapses_when_its_holder_dies
 
 
 def test_tasks_ack_late_retry_transient_errors_with_backoff_and_route_to_their_queues():
-    from services.gateway.backend import BackendUnavailable
+    from services.backends.backend import BackendUnavailable
     from services.worker.app import app
 
     chunk = app.tasks["genie.rollout.chunk"]
@@ -133,7 +133,7 @@ def test_tasks_ack_late_retry_transient_errors_with_backoff_and_route_to_their_q
 
 
 def test_rollout_workers_reach_triton_over_tls_when_the_env_says_so(tmp_path):
-    from services.gateway.app import triton_tls
+    from services.backends.factory import triton_tls
     from services.worker.tasks import rollout_backend_config
 
     ca = tmp_path / "ca.crt"

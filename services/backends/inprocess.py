@@ -12,11 +12,12 @@ import torch
 
 from genie.config import WorldConfig
 from genie.sampling import DynamicsEngine, FrameDecoder, SamplingConfig
+from genie.spec import WorldSpec, world_spec_of
 from genie.state import WorldState
 from genie.train.checkpoint import load_model
 from genie.worlds import load_world_config_of
-from services.gateway.backend import WorldSpec, check_frames, check_state, world_spec_of
-from services.gateway.batcher import MicroBatcher
+from services.backends.backend import check_frames, check_state
+from services.backends.batcher import MicroBatcher
 
 
 class InProcessBackend:

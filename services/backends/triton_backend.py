@@ -1,6 +1,6 @@
 """The remote model backend: the world's models behind NVIDIA Triton (services/{tokenizer,lam,dynamics}), over gRPC.
 
-Same contract as InProcessBackend (services/gateway/backend.py). Each call is one Triton request; Triton's
+Same contract as InProcessBackend (services/backends/backend.py). Each call is one Triton request; Triton's
 dynamic batcher batches concurrent calls across sessions. Windows are padded to fixed shapes
 (services/triton/protocol.py) so that concurrent requests are equal in shape and can batch.
 
@@ -10,7 +10,7 @@ becomes ValueError; anything else BackendError. While Triton is down the gRPC ch
 `reconnect_s` apart (gRPC's default backoff grows to 2 minutes), and a call's retries span longer than that, so the
 first call after Triton is back succeeds: a gateway recovers by itself, without a restart.
 
-Replicas (services/gateway/routing.py): each model may have several endpoints ("a:8001,b:8001", or
+Replicas (services/backends/routing.py): each model may have several endpoints ("a:8001,b:8001", or
 "dns:svc:8001" for every pod behind a headless Service). Calls of one session (next_tokens, decode_last) go to
 its rendezvous-hash home among the healthy endpoints, so its K/V cache hits; encode and infer_actions spread over
 all. An endpoint that answers UNAVAILABLE, times out or lacks the model is marked down and the call moves on to the
@@ -36,16 +36,16 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from genie.sampling import SamplingConfig
+from genie.spec import WorldSpec
 from genie.state import WorldState
-from services.gateway.backend import (
+from services.backends.backend import (
     BackendCredentialsRejected,
     BackendError,
     BackendUnavailable,
-    WorldSpec,
     check_frames,
     check_state,
 )
-from services.gateway.routing import EndpointSet, HealthPolicy, parse_endpoints
+from services.backends.routing import EndpointSet, HealthPolicy, parse_endpoints
 from services.tls_files import check_client_files, files_digest
 from services.tls_probe import certificate_problem
 from services.triton import protocol as P

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from genie.sampling import SamplingConfig
+from genie.spec import WorldSpec
 from genie.state import WorldState
-from services.gateway.backend import BackendUnavailable, ModelBackend, WorldSpec
+from services.backends.backend import BackendUnavailable, ModelBackend
 
 # Monotonic time by which the current step must have been admitted to every model call it makes (None: none).
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("genie_step_deadline", default=None)
