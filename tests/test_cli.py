@@ -266,3 +266,21 @@ def test_no_import_circles_and_nothing_imports_the_command_layer():
 
     upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if command(t) and not command(m))
     assert not upward, upward
+
+
+def test_the_product_imports_no_harness():
+    """harness/ (servers started for tests and benchmarks) is used by tests/ and benchmarks/, never by genie/ or
+    services/."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for tree in ("genie", "services"):
+        for path in (repo / tree).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names = [node.module]
+                offenders += [f"{path.relative_to(repo)}: {n}" for n in names if n.split(".")[0] == "harness"]
+    assert not offenders, offenders

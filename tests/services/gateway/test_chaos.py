@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from services.gateway.chaos import ChaosConfig, run_chaos
+from harness.chaos import ChaosConfig, run_chaos
 
 
 async def test_kill_a_gateway_the_redis_master_and_triton_and_lose_nothing(trained_world_dir, tmp_path):

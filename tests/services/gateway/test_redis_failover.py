@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from genie.worlds import load_prompts
+from harness.redis_ha import RedisHA
 from services.backends.inprocess import InProcessBackend
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.client import GatewayClient, committed_step, step_exactly_once
-from services.gateway.redis_ha import RedisHA
 from services.gateway.redis_store import RedisStore, RedisTarget
 
 ALICE = "alice-token-0123456789"

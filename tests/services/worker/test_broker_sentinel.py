@@ -9,7 +9,7 @@ import ssl
 
 import pytest
 
-from services.gateway.redis_ha import RedisHA, ServerTLS
+from harness.redis_ha import RedisHA, ServerTLS
 from services.worker.jobs import JobClient
 from services.worker.settings import WorkerSettings, celery_config
 from services.worker.specs import RolloutJobSpec
