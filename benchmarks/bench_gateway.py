@@ -32,9 +32,9 @@ from common import base_parser, emit, rounded, setup_run
 from genie.media import load_image
 from genie.sampling import advance, new_state
 from genie.worlds import load_prompts
-from services.gateway.auth import new_token
-from services.gateway.client import GatewayClient
-from services.gateway.tls import ClientTLS
+from services.gateway.api.client import GatewayClient
+from services.gateway.security.auth import new_token
+from services.gateway.security.tls import ClientTLS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,8 +29,8 @@ from common import base_parser, emit, setup_run
 from PIL import Image
 
 from genie.worlds import load_prompts
-from services.gateway.auth import new_token
-from services.gateway.client import GatewayClient
+from services.gateway.api.client import GatewayClient
+from services.gateway.security.auth import new_token
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,8 +25,8 @@ import numpy as np
 from common import base_parser, emit, setup_run
 
 from genie.worlds import load_prompts
-from services.gateway.auth import new_token
-from services.gateway.client import GatewayClient
+from services.gateway.api.client import GatewayClient
+from services.gateway.security.auth import new_token
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from harness.redis_ha import RedisHA
-from services.gateway.client import GatewayClient, step_exactly_once
+from services.gateway.api.client import GatewayClient, step_exactly_once
 
 TOKEN = "chaos-token-0123456789abcdef"
 REPO = Path(__file__).resolve().parents[2]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import redis
 
-from services.gateway.redis_store import RedisTarget, RedisTLS
+from services.gateway.stores.redis_store import RedisTarget, RedisTLS
 
 LOCALHOST = "127.0.0.1"
 

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from genie_api.v1 import gateway_pb2 as pb
-from services.gateway.client import GatewayClient, frame_array
+from services.gateway.api.client import GatewayClient, frame_array
 
 
 class GatewayEngine:

@@ -105,7 +105,7 @@ def test_play_serves_the_page_and_the_grpc_api_until_interrupted(trained_world_d
     import sys
     import urllib.request
 
-    from services.gateway.client import GatewayClient
+    from services.gateway.api.client import GatewayClient
 
     args = [sys.executable, "-m", "services.cli", "play", "--world", str(trained_world_dir), "--no-browser",
             "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1", "--threads", "1"]

@@ -14,12 +14,12 @@ from genie.device import resolve_inference_device, resolve_precision
 from services.backends.admission import AdmissionBackend, AdmissionConfig
 from services.backends.backend import BackendUnavailable, ModelBackend
 from services.backends.factory import BackendConfig, make_backend, triton_tls
-from services.gateway.auth import Authenticator, new_token
-from services.gateway.grpc_server import GrpcServer
+from services.gateway.api.grpc_server import GrpcServer
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.security.auth import Authenticator, new_token
+from services.gateway.security.tls import CertificateReloader, server_tls_from
 from services.gateway.sessions import Limits, SessionService
-from services.gateway.store import SessionStore, StoreUnavailable
-from services.gateway.tls import CertificateReloader, server_tls_from
+from services.gateway.stores.store import SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class GatewayConfig:
 
 def redis_target(cfg: GatewayConfig):
     """The RedisTarget the config names: URL or Sentinel set, plus passwords and TLS files."""
-    from services.gateway.redis_store import RedisTarget, RedisTLS
+    from services.gateway.stores.redis_store import RedisTarget, RedisTLS
 
     target = RedisTarget.parse(cfg.redis_url, cfg.redis_sentinels, cfg.redis_master)
     tls = RedisTLS(cfg.redis_ca, cfg.redis_cert, cfg.redis_key) if (cfg.redis_ca or cfg.redis_cert) else None
@@ -103,10 +103,10 @@ def redis_target(cfg: GatewayConfig):
 
 def make_store(cfg: GatewayConfig) -> SessionStore:
     if cfg.store == "redis":
-        from services.gateway.redis_store import RedisStore
+        from services.gateway.stores.redis_store import RedisStore
 
         return RedisStore(redis_target(cfg), wait_replicas=cfg.redis_wait_replicas, wait_ms=cfg.redis_wait_ms)
-    from services.gateway.memory_store import MemoryStore
+    from services.gateway.stores.memory_store import MemoryStore
 
     return MemoryStore()
 
@@ -160,7 +160,7 @@ class Gateway:
         if self.cfg.http_port >= 0:
             from aiohttp import web
 
-            from services.gateway.web import create_web_app
+            from services.gateway.api.web import create_web_app
 
             self._web_runner = web.AppRunner(create_web_app(self.service, Path(self.cfg.world)), access_log=None)
             await self._web_runner.setup()

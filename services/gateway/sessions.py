@@ -25,10 +25,10 @@ from genie.sampling import SamplingConfig, advance, new_state
 from genie.spec import WorldSpec
 from services.backends.admission import Overloaded, step_deadline
 from services.backends.backend import BackendError, BackendUnavailable, ModelBackend
-from services.gateway.auth import Authenticator
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ratelog import RateLimitedLog
-from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, SessionStore, StoreUnavailable
+from services.gateway.security.auth import Authenticator
+from services.gateway.stores.store import LimitExceeded, NotReplicated, SessionRecord, SessionStore, StoreUnavailable
 
 COMMITTED_VERSION_TRAILER = "genie-committed-version"  # on UNAVAILABLE: the step did commit, as this version
 PROMPT_FORMATS = ("PNG", "JPEG")

@@ -34,8 +34,8 @@ def untrained_world(tmp_path_factory):
 def gateway(untrained_world):
     from services.backends.inprocess import InProcessBackend
     from services.gateway.app import Gateway, GatewayConfig
-    from services.gateway.memory_store import MemoryStore
     from services.gateway.sessions import Limits
+    from services.gateway.stores.memory_store import MemoryStore
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -13,9 +13,9 @@ from tritonclient.grpc import model_config_pb2
 from genie.spec import WorldSpec, world_spec_of
 from genie.worlds import apply_action_names_from_report, save_action_names, save_key_bindings
 from services.backends.inprocess import InProcessBackend
+from services.gateway.api.client import GatewayClient
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient
-from services.gateway.memory_store import MemoryStore
+from services.gateway.stores.memory_store import MemoryStore
 from services.triton import assemble_repository
 from services.triton import protocol as P
 

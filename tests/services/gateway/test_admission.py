@@ -19,10 +19,10 @@ from genie.worlds import load_prompts
 from services.backends.admission import AdmissionBackend, AdmissionConfig, Overloaded, step_deadline
 from services.backends.inprocess import InProcessBackend
 from services.cli import main as genie_cli
+from services.gateway.api.client import GatewayClient
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient
-from services.gateway.memory_store import MemoryStore
 from services.gateway.sessions import Limits
+from services.gateway.stores.memory_store import MemoryStore
 
 ALICE = "alice-token-0123456789"
 

@@ -28,9 +28,9 @@ from genie_api.v1 import gateway_pb2_grpc as pb_grpc
 from services.backends.inprocess import InProcessBackend
 from services.backends.triton_backend import TritonBackend
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.memory_store import MemoryStore
-from services.gateway.redis_store import RedisStore
 from services.gateway.sessions import Limits
+from services.gateway.stores.memory_store import MemoryStore
+from services.gateway.stores.redis_store import RedisStore
 from tests.services.gateway.fuzz_requests import requests
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"

@@ -19,9 +19,9 @@ from PIL import Image
 from genie.worlds import load_prompts
 from genie_api.v1 import gateway_pb2 as pb
 from services.backends.inprocess import InProcessBackend
+from services.gateway.api.client import GatewayClient, frame_array
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient, frame_array
-from services.gateway.redis_store import RedisStore
+from services.gateway.stores.redis_store import RedisStore
 
 ALICE = "alice-token-0123456789"
 

@@ -14,9 +14,9 @@ from genie.worlds import load_prompts
 from genie_api.v1 import gateway_pb2 as pb
 from services.backends.inprocess import InProcessBackend
 from services.backends.triton_backend import TritonBackend
+from services.gateway.api.client import GatewayClient, frame_array
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient, frame_array
-from services.gateway.memory_store import MemoryStore
+from services.gateway.stores.memory_store import MemoryStore
 
 ALICE = "alice-token-0123456789"
 

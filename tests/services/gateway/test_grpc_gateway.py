@@ -20,10 +20,10 @@ from genie.sampling import SamplingConfig
 from genie.worlds import load_prompts, load_world
 from genie_api.v1 import gateway_pb2 as pb
 from services.backends.inprocess import InProcessBackend
+from services.gateway.api.client import GatewayClient, frame_array
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient, frame_array
-from services.gateway.memory_store import MemoryStore
 from services.gateway.sessions import Limits
+from services.gateway.stores.memory_store import MemoryStore
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
 TOKENS = f"alice:{ALICE},bob:{BOB}"

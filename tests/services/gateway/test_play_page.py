@@ -19,10 +19,10 @@ from PIL import Image
 
 from genie.worlds import apply_action_names_from_report, load_prompts
 from services.backends.inprocess import InProcessBackend
-from services.gateway.auth import Authenticator
-from services.gateway.memory_store import MemoryStore
+from services.gateway.api.web import create_web_app
+from services.gateway.security.auth import Authenticator
 from services.gateway.sessions import Limits, SessionService
-from services.gateway.web import create_web_app
+from services.gateway.stores.memory_store import MemoryStore
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TOKEN = "page-test-token-0123456789"

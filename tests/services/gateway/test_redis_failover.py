@@ -15,9 +15,9 @@ from PIL import Image
 from genie.worlds import load_prompts
 from harness.redis_ha import RedisHA
 from services.backends.inprocess import InProcessBackend
+from services.gateway.api.client import GatewayClient, committed_step, step_exactly_once
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient, committed_step, step_exactly_once
-from services.gateway.redis_store import RedisStore, RedisTarget
+from services.gateway.stores.redis_store import RedisStore, RedisTarget
 
 ALICE = "alice-token-0123456789"
 
@@ -87,7 +87,7 @@ async def test_a_commit_on_a_node_demoted_to_replica_is_unavailable(redis_ha):
     """Mid-failover a connection can reach the old master after its demotion. A commit whose version no longer
     matches writes nothing, so its script passes there, but the WAIT after it is refused: that must be UNAVAILABLE
     (the client retries; seen as INTERNAL in a chaos run before), not an internal error."""
-    from services.gateway.store import StoreUnavailable
+    from services.gateway.stores.store import StoreUnavailable
     from tests.services.gateway.test_store_contract import _record
 
     master = redis_ha.master_port()

@@ -16,10 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness.redis_ha import RedisHA, ServerTLS
+from services.gateway.api.client import GatewayClient, step_exactly_once
 from services.gateway.app import GatewayConfig, redis_target
-from services.gateway.client import GatewayClient, step_exactly_once
-from services.gateway.redis_store import RedisStore, RedisTarget, RedisTLS, StoreMisconfigured
-from services.gateway.store import StoreUnavailable
+from services.gateway.stores.redis_store import RedisStore, RedisTarget, RedisTLS, StoreMisconfigured
+from services.gateway.stores.store import StoreUnavailable
 from services.triton import free_ports
 from tests.services.gateway.test_redis_failover import ALICE, _gateway, _png
 from tests.services.gateway.test_store_contract import _record

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.gateway.redis_store import RedisStore, RedisTarget, RedisTLS, StoreMisconfigured
-from services.gateway.store import StoreUnavailable
+from services.gateway.stores.redis_store import RedisStore, RedisTarget, RedisTLS, StoreMisconfigured
+from services.gateway.stores.store import StoreUnavailable
 from services.triton import free_ports
 from tests.services.gateway.test_store_contract import _record
 from tests.tls_certs import make_certs, tls_redis_server
@@ -192,8 +192,8 @@ async def test_a_gateway_steps_over_tls_redis_and_turns_unavailable_when_the_pas
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from services.backends.inprocess import InProcessBackend
+    from services.gateway.api.client import GatewayClient
     from services.gateway.app import Gateway, GatewayConfig
-    from services.gateway.client import GatewayClient
     from tests.services.gateway.test_gateway_redis import ALICE, _png
 
     port, admin = tls_redis

@@ -12,9 +12,9 @@ from PIL import Image
 from genie.worlds import load_prompts
 from genie_api.v1 import gateway_pb2 as pb
 from services.backends.inprocess import InProcessBackend
+from services.gateway.api.client import EXPECT_STEP, GatewayClient, step_exactly_once
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import EXPECT_STEP, GatewayClient, step_exactly_once
-from services.gateway.memory_store import MemoryStore
+from services.gateway.stores.memory_store import MemoryStore
 
 ALICE = "alice-token-0123456789"
 

@@ -11,9 +11,9 @@ import torch
 
 from genie.sampling import SamplingConfig
 from genie.state import WorldState
-from services.gateway.memory_store import MemoryStore
-from services.gateway.redis_store import RedisStore
-from services.gateway.store import LimitExceeded, SessionRecord, StoreUnavailable
+from services.gateway.stores.memory_store import MemoryStore
+from services.gateway.stores.redis_store import RedisStore
+from services.gateway.stores.store import LimitExceeded, SessionRecord, StoreUnavailable
 
 
 class Clock:

@@ -21,9 +21,9 @@ from PIL import Image
 
 from genie.worlds import load_prompts
 from services.backends.inprocess import InProcessBackend
+from services.gateway.api.client import GatewayClient
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient
-from services.gateway.redis_store import RedisStore
+from services.gateway.stores.redis_store import RedisStore
 from tests.own_redis import OwnRedis
 
 ALICE = "alice-token-0123456789"

@@ -17,10 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.backends.inprocess import InProcessBackend
+from services.gateway.api.client import GatewayClient, frame_array
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient, frame_array
-from services.gateway.memory_store import MemoryStore
-from services.gateway.tls import ClientTLS, ServerTLS
+from services.gateway.security.tls import ClientTLS, ServerTLS
+from services.gateway.stores.memory_store import MemoryStore
 from tests.services.gateway.test_grpc_gateway import _png
 
 TOKEN = "tls-token-0123456789abcdef"

@@ -17,10 +17,10 @@ import grpc
 import pytest
 
 from services.backends.inprocess import InProcessBackend
+from services.gateway.api.client import GatewayClient
 from services.gateway.app import Gateway, GatewayConfig
-from services.gateway.client import GatewayClient
-from services.gateway.memory_store import MemoryStore
-from services.gateway.tls import CertificateReloader, ClientTLS, ServerTLS
+from services.gateway.security.tls import CertificateReloader, ClientTLS, ServerTLS
+from services.gateway.stores.memory_store import MemoryStore
 from tests.services.gateway.test_grpc_gateway import _png
 from tests.services.gateway.test_tls import _ca, _leaf
 from tests.tls_certs import SecretMount, served_certificate

@@ -1,4 +1,4 @@
-"""The web JSON API (services/gateway/web.py) against a real SessionService over the tiny trained world."""
+"""The web JSON API (services/gateway/api/web.py) against a real SessionService over the tiny trained world."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from PIL import Image
 
 from genie.worlds import load_prompts
 from services.backends.inprocess import InProcessBackend
-from services.gateway.auth import Authenticator
-from services.gateway.memory_store import MemoryStore
+from services.gateway.api.web import SERVICE, create_web_app
+from services.gateway.security.auth import Authenticator
 from services.gateway.sessions import Limits, SessionService
-from services.gateway.web import SERVICE, create_web_app
+from services.gateway.stores.memory_store import MemoryStore
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789abc"
 MAX_PROMPT = 64 << 10  # a small body limit keeps the oversized-body tests cheap

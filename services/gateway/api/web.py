@@ -30,7 +30,7 @@ from aiohttp import web
 
 from genie.spec import WorldSpec
 from genie.worlds import load_prompts
-from services.gateway.auth import bearer
+from services.gateway.security.auth import bearer
 from services.gateway.sessions import GatewayError, Outcome, SessionService, encode_png
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 
-from services.gateway.store import LimitExceeded, SessionRecord
+from services.gateway.stores.store import LimitExceeded, SessionRecord
 
 
 class MemoryStore:

@@ -48,7 +48,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemory
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.gateway.store import LimitExceeded, NotReplicated, SessionRecord, StoreFull, StoreUnavailable
+from services.gateway.stores.store import LimitExceeded, NotReplicated, SessionRecord, StoreFull, StoreUnavailable
 from services.redis_errors import short_reason
 from services.tls_files import check_client_files
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from genie_api.v1 import gateway_pb2 as pb
 from genie_api.v1 import gateway_pb2_grpc as pb_grpc
-from services.gateway.tls import ClientTLS
+from services.gateway.security.tls import ClientTLS
 
 # The retry contract: these codes mean "not done, or done and not confirmed: look before you retry". A Step that
 # failed with one of them changed nothing, except an UNAVAILABLE carrying COMMITTED_VERSION: that step committed

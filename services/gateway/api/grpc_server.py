@@ -16,10 +16,10 @@ from grpc_reflection.v1alpha import reflection
 
 from genie_api.v1 import gateway_pb2 as pb
 from genie_api.v1 import gateway_pb2_grpc as pb_grpc
-from services.gateway.auth import bearer
 from services.gateway.ratelog import RateLimitedLog
+from services.gateway.security.auth import bearer
 from services.gateway.sessions import GatewayError, Outcome, SessionService, encode_png
-from services.gateway.store import SessionRecord
+from services.gateway.stores.store import SessionRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
