@@ -14,8 +14,10 @@ cache restored before each call vs recomputed from tokens), and for "peer-small"
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from common import Timing, base_parser, count_flops, emit, gpu_matmul_peak, matmul_peak, rounded, setup_run, sprites_for, time_it
@@ -27,8 +29,6 @@ from genie.models.tokenizer import VideoTokenizer
 from genie.presets import PRESETS, get_preset
 from genie.sampling import World
 
-# jasmine on this machine, "peer-small", B=1, no cache: ms per frame by MaskGIT steps (../shared/DESIGN.md).
-JASMINE_MS_PER_FRAME = {8: 5977.0, 25: 18858.0}
 FPS_TARGET, JASMINE_SPEEDUP_TARGET, PEAK_TARGET = 12.0, 20.0, 0.35  # issue 15, for the 2-core AVX2 EPYC
 
 
@@ -134,9 +134,22 @@ class Bench:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), file=sys.stderr)
 
 
+def jasmine_ms_per_frame(path: Path) -> dict[int, float]:
+    """MaskGIT steps -> jasmine's jitted ms per generated frame (the best call) from run_baseline.sh's sample.json."""
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        return {int(r["maskgit_steps"]): float(r["jit_ms_per_frame_min"]) for r in runs}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"error: cannot read jasmine's results {path}: {exc}")
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--jasmine-results", type=Path,
+                        help="jasmine's sample.json from ../shared/peers/jasmine/run_baseline.sh run on THIS machine: "
+                             "peer-small rows then carry speedup_vs_jasmine (jitted sampler, ms per frame by MaskGIT "
+                             "steps); without it no ratio is printed, as a figure from another machine is not one")
     parser.add_argument("--sampling-steps", type=int, default=0, help="MaskGIT steps per frame (0 = the preset's)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--modes", nargs="+", default=["cache", "nocache"], choices=["cache", "nocache"])
@@ -153,6 +166,7 @@ def main() -> None:
                         help="dotted world-config override, e.g. dynamics.transformer.depth=12 (a paper-size world)")
     args = parser.parse_args()
     machine = setup_run(args)
+    jasmine_ms = jasmine_ms_per_frame(args.jasmine_results) if args.jasmine_results else {}
     bench = Bench(args.preset, args.sampling_steps, args.device, args.precision, args.fixed_shapes, args.overrides)
     on_gpu = bench.engine_device.type == "cuda"
     precision = "bfloat16" if bench.engine_dtype == torch.bfloat16 else "float32"
@@ -175,9 +189,10 @@ def main() -> None:
             elif mode in b1_cost:
                 row["per_session_vs_b1"] = row["ms_per_frame"] / b1_cost[mode]
                 row["target_batching_met"] = row["per_session_vs_b1"] <= 1.0
-            jasmine = JASMINE_MS_PER_FRAME.get(bench.sampling.steps) if args.preset == "peer-small" else None
+            jasmine = jasmine_ms.get(bench.sampling.steps) if args.preset == "peer-small" else None
             if jasmine is not None and batch == 1:
                 row["jasmine_ms_per_frame"], row["speedup_vs_jasmine"] = jasmine, jasmine / row["ms_per_frame"]
+                row["jasmine_results"] = str(args.jasmine_results)
                 row["target_20x_met"] = row["speedup_vs_jasmine"] >= JASMINE_SPEEDUP_TARGET
             emit(rounded(row), machine, args.out)
 
