@@ -103,7 +103,7 @@ def demo_walk() -> WorldConfig:
                       height=64, width=64, frames=8)
     return WorldConfig(name="demo-walk", data=data, tokenizer=tokenizer, lam=lam, dynamics=dynamics,
                        sampling=SamplingConfig(steps=8, temperature=1.0), train_tokenizer=run(4000),
-                       train_lam=run(4000), train_dynamics=run(2500))
+                       train_lam=run(4000), train_dynamics=run(6000))
 
 
 def peer_small() -> WorldConfig:
