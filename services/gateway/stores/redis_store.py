@@ -379,8 +379,35 @@ class RedisStore:
     async def get(self, session_id: str) -> SessionRecord | None:
         state, meta = await self._call("get", lambda: self._redis.hmget(self._skey(session_id), "state", "meta"))
         if state is None or meta is None:
+            if self._sentinel is not None:
+                return await self._confirmed_miss(session_id)
             return None
         return SessionRecord.from_parts(session_id, state, meta)
+
+    async def _confirmed_miss(self, session_id: str) -> SessionRecord | None:
+        """A miss through Sentinel, read again with ROLE on the same connection. Mid-failover a connection can reach
+        the old master restarted as a replica that has not synced yet: it answers reads from an empty dataset, and
+        the session would look gone (NOT_FOUND, which clients do not retry). Such a miss is UNAVAILABLE instead."""
+
+        async def op() -> list:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(self._skey(session_id), "state", "meta")
+                pipe.execute_command("ROLE")
+                return await pipe.execute(raise_on_error=False)
+
+        (fields, role) = await self._call("get", op)
+        if isinstance(fields, Exception):
+            raise StoreUnavailable(f"session store ({self.url}) unavailable during get: {fields}")
+        state, meta = fields
+        if state is not None and meta is not None:
+            return SessionRecord.from_parts(session_id, state, meta)
+        role_name = role[0] if isinstance(role, (list, tuple)) and role else None
+        if isinstance(role_name, bytes):
+            role_name = role_name.decode()
+        if role_name is not None and role_name != "master":  # (an ACL without ROLE: the miss stands, as before)
+            raise StoreUnavailable(f"session store ({self.url}) unavailable during get: the node that answered is a "
+                                   f"{role_name}, not the master (mid-failover)", "readonly")
+        return None
 
     async def commit(self, record: SessionRecord, expected_version: int) -> bool:
         keys = [self._skey(record.session_id), self._okey(record.owner)]

@@ -101,6 +101,29 @@ async def test_a_commit_on_a_node_demoted_to_replica_is_unavailable(redis_ha):
         await store.close()
 
 
+async def test_a_miss_read_from_a_replica_mid_failover_is_unavailable_not_not_found(redis_ha):
+    """Mid-failover a connection can land on the old master restarted as a replica that has not synced yet: it
+    answers reads from an empty dataset. Through Sentinel a miss is confirmed with ROLE on the same connection: on a
+    replica it is UNAVAILABLE (clients retry), on the master it stays a miss (None, NOT_FOUND)."""
+    from services.gateway.stores.store import StoreUnavailable
+
+    master = redis_ha.master_port()
+    replica = next(p for p in redis_ha.data_ports if p != master)
+    store = RedisStore(redis_ha.target(), prefix=f"miss-{uuid.uuid4().hex[:8]}:", timeout_s=1.0)
+    try:
+        assert await store.get("no-such-session") is None  # on the master: a real miss
+        await store._redis.connection_pool.disconnect()
+
+        async def stale_address():  # the Sentinels' answer a moment too late: the node that was master
+            return "127.0.0.1", replica
+
+        store._redis.connection_pool.get_master_address = stale_address
+        with pytest.raises(StoreUnavailable, match="not the master"):
+            await store.get("no-such-session")
+    finally:
+        await store.close()
+
+
 async def test_kill_the_master_mid_soak_and_sessions_step_on_losing_nothing_acknowledged(trained_world_dir, redis_ha):
     prefix = f"genie-ha-{uuid.uuid4().hex[:8]}:"
     a, b = _gateway(trained_world_dir, redis_ha.target(), prefix), _gateway(trained_world_dir, redis_ha.target(), prefix)
