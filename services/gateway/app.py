@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from genie.device import resolve_inference_device, resolve_precision
@@ -70,10 +70,7 @@ class GatewayConfig:
 
     def backend_config(self) -> BackendConfig:
         """The model backend's part of this config."""
-        return BackendConfig(world=self.world, backend=self.backend, triton_url=self.triton_url,
-                             triton_model_urls=self.triton_model_urls, triton_tls=self.triton_tls, triton_ca=self.triton_ca,
-                             triton_cert=self.triton_cert, triton_key=self.triton_key, threads=self.threads,
-                             cache_bytes=self.cache_bytes, device=self.device, precision=self.precision)
+        return BackendConfig(**{f.name: getattr(self, f.name) for f in fields(BackendConfig)})
 
     def __post_init__(self) -> None:
         if self.backend not in ("inprocess", "triton"):

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-import socket
-import subprocess
-import time
 import uuid
 
 import grpc
 import numpy as np
 import pytest
-import redis
 from PIL import Image
 
 from genie.worlds import load_prompts
@@ -22,6 +17,7 @@ from services.backends.inprocess import InProcessBackend
 from services.gateway.api.client import GatewayClient, frame_array
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.stores.redis_store import RedisStore
+from tests.own_redis import OwnRedis
 
 ALICE = "alice-token-0123456789"
 
@@ -96,41 +92,9 @@ async def test_a_gateway_restart_mid_session_loses_nothing(trained_world_dir, re
     assert all(np.array_equal(x, y) for x, y in zip(uninterrupted, restarted, strict=True))
 
 
-class OwnRedis:
-    """A redis-server of this test's own on a free port, with an append-only file so a restart keeps the data."""
-
-    def __init__(self, folder) -> None:
-        self.folder, self.port, self.proc = folder, _free_port(), None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                "--appendfsync", "always", "--dir", str(self.folder)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.exceptions.ConnectionError):
-                if redis.Redis(port=self.port).ping():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_redis_down_is_unavailable_and_the_session_survives_its_restart(trained_world_dir, tmp_path, redis_url):
-    own = OwnRedis(tmp_path)
+    # An append-only file of its own, so a restart keeps the data.
+    own = OwnRedis(tmp_path, "--save", "", "--appendonly", "yes", "--appendfsync", "always")
     own.start()
     gw = _gateway(trained_world_dir, own.url, "genie:")
     await gw.start()
