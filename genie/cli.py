@@ -48,6 +48,9 @@ def main(verbose: bool) -> None:
 @click.option("--tokenizer", "tokenizer_ckpt", type=click.Path(path_type=Path), help="Tokenizer checkpoint dir.")
 @click.option("--lam", "lam_ckpt", type=click.Path(path_type=Path), help="LAM checkpoint dir.")
 @click.option("--stop-after", type=int, help="Stop after this many total steps (train in parts; resume later).")
+@click.option("--init", "init", type=click.Path(path_type=Path),
+              help="Warm start: a new run starts from this checkpoint dir's weights (same model config), with a fresh "
+                   "optimizer and schedule; a run that has checkpoints resumes from them instead.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (a GPU when torch sees one, else the CPU), cpu, or cuda (GPU LOCAL_RANK; an error without one).")
@@ -55,8 +58,8 @@ def main(verbose: bool) -> None:
 @click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
               help="TensorBoard scalars under RUN_ROOT/KIND/tb.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, stop_after, threads, device, data_workers,
-          tensorboard, quiet) -> None:
+def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, stop_after, init, threads, device,
+          data_workers, tensorboard, quiet) -> None:
     """Train one model; re-running the same command resumes from the newest checkpoint.
 
     Runs unchanged under `torchrun --nproc-per-node N` (nccl on GPUs, gloo on CPU): DDP, each rank a slice of
@@ -84,7 +87,7 @@ def train(kind, preset, config, overrides, run_root, tokenizer_ckpt, lam_ckpt, s
                 "lam": lam_ckpt or latest_checkpoint(run_root / "lam"),
             }
         result = run_train(kind, world, run_root / kind, frozen=frozen, stop_after=stop_after, progress=not quiet,
-                           device=device, data_workers=data_workers, tensorboard=tensorboard)
+                           device=device, data_workers=data_workers, tensorboard=tensorboard, init=init)
     except (ValueError, FloatingPointError) as exc:
         _fail(str(exc))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the same result: rank 0 reports it

@@ -36,6 +36,11 @@ class SamplingConfig:
     schedule: str = "cosine"
     choice_temperature: float = 0.0  # Gumbel noise on confidences, annealed (MaskGIT); 0 = off
     keep_frames: int = 0  # frames kept when the window is full and slides; 0 = half the window
+    # Classifier-free guidance on the action: logits = null + g * (action - null), where "null" is the same frame
+    # predicted with no action (the dynamics trains with action dropout, so it knows both). g > 1 amplifies what the
+    # action changes over what the past alone predicts (a walk from a standstill); 1 = off (one pass per iteration,
+    # g != 1 costs a second).
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -46,6 +51,8 @@ class SamplingConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
         if self.keep_frames < 0:
             raise ValueError(f"keep_frames must be >= 0, got {self.keep_frames}")
+        if not 0.0 <= self.guidance <= 10.0:
+            raise ValueError(f"guidance must be in [0, 10], got {self.guidance}")
 
     def keep(self, window: int) -> int:
         """Frames kept when a window of `window` frames slides."""
@@ -180,7 +187,7 @@ class DynamicsEngine(_Engine):
             n, mask_id = self.dynamics.cfg.tokens_per_frame, self.dynamics.cfg.mask_id
             with self.autocast():
                 tokens = maskgit_decode(
-                    lambda x: self.dynamics.frame_logits(x, action_in, cache),
+                    self._logits_fn(action_in, cache, sampling.guidance),
                     torch.full((len(rows), n), mask_id, dtype=torch.long, device=self.device),
                     mask_id,
                     lambda iteration, stream, count: counter_uniform(keys, iteration, stream, count),
@@ -202,6 +209,19 @@ class DynamicsEngine(_Engine):
         else:
             self._release(slots, None)
         return out
+
+    def _logits_fn(self, action_in: Tensor, cache, guidance: float):
+        """tokens (B, N) -> logits (B, N, K) of the next frame, guided towards the action when guidance != 1."""
+        if guidance == 1.0:
+            return lambda x: self.dynamics.frame_logits(x, action_in, cache)
+        null_in = torch.full_like(action_in, self.dynamics.cfg.null_action)
+
+        def guided(x: Tensor) -> Tensor:
+            cond = self.dynamics.frame_logits(x, action_in, cache).float()  # (B, N, K)
+            null = self.dynamics.frame_logits(x, null_in, cache).float()
+            return null + guidance * (cond - null)
+
+        return guided
 
     @torch.no_grad()
     def prime(self, states: Sequence[WorldState]) -> None:

@@ -137,3 +137,25 @@ def test_no_cache_pool_keeps_nothing_between_steps(random_world, tiny_world_cfg)
     states, _ = no_cache.reset(_prompt(tiny_world_cfg, b=2), seeds=[1, 2])
     _play(no_cache, states, [[0, 1], [2, 3]])
     assert no_cache.cache_counts[0] == 0 and len(no_cache.engine.pool) == 0 and len(no_cache.decoder.pool) == 0
+
+
+def test_guidance_one_is_the_plain_step_and_other_values_change_the_frames(random_world, tiny_world_cfg):
+    """guidance=1 is exactly the unguided step; g != 1 mixes in the no-action prediction (still deterministic and
+    independent of batch mates)."""
+    prompts = _prompt(tiny_world_cfg, b=2, t0=2)
+    states, _ = random_world.reset(prompts, seeds=[3, 4])
+    actions = [[a % 4, (a + 1) % 4] for a in range(5)]
+    plain = _play(random_world, states, actions)[1]
+    one = World(random_world.tokenizer, random_world.dynamics, SamplingConfig(steps=3, temperature=1.0, guidance=1.0))
+    assert torch.equal(_play(one, states, actions)[1], plain)
+    guided = World(random_world.tokenizer, random_world.dynamics, SamplingConfig(steps=3, temperature=1.0, guidance=3.0))
+    frames = _play(guided, states, actions)[1]
+    assert not torch.equal(frames, plain)
+    assert torch.equal(_play(guided, states, actions)[1], frames)
+    alone = _play(guided, [states[1]], [[a[1]] for a in actions])[1]
+    assert torch.equal(alone[0], frames[1])
+
+
+def test_guidance_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="guidance"):
+        SamplingConfig(guidance=-1.0)

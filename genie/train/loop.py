@@ -150,6 +150,7 @@ def train(
     on_step: Callable[[int, dict[str, float]], bool | None] | None = None,
     device: str = "auto",
     data_workers: int | None = None,
+    init: Path | None = None,
 ) -> TrainResult:
     """Trains one model of `world`, resuming from the newest checkpoint in `run_dir` if there is one.
 
@@ -158,6 +159,9 @@ def train(
     on_step: called after every step with (steps done, that step's scalars); returning True stops the run there
         with a checkpoint, as stop_after does. Jobs use it to report progress and to stop on cancel or time limit.
     device: "auto" (a GPU when torch sees one, else the CPU), "cpu" or "cuda" (cuda:LOCAL_RANK).
+    init: a checkpoint dir (config.json + model.safetensors, e.g. a world's dynamics/) whose weights a new run starts
+        from (a warm start: fresh optimizer, the schedule of `world` from step 0); ignored once `run_dir` has a
+        checkpoint, so a warm-started run resumes like any other. Its model config must equal this run's.
     data_workers: processes that build the next batches while a step runs (genie.train.batches; None = 0 on the
         CPU, and on a GPU half the node's CPUs per local rank, 2 to 8). The scalar `data_s` is the time a step waited for its batch.
 
@@ -180,7 +184,7 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     try:
         return _train(kind, world, cfg, topo, micro, workers, Path(run_dir), frozen, source, stop_after, progress,
-                      tensorboard, on_step)
+                      tensorboard, on_step, init)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if owns_group:
@@ -201,6 +205,7 @@ def _train(
     progress: bool,
     tensorboard: bool,
     on_step: Callable[[int, dict[str, float]], bool | None] | None,
+    init: Path | None = None,
 ) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -224,6 +229,9 @@ def _train(
     if latest is not None:
         start = _resume(latest, kind, model, opt, topo.device)
         log.info("resuming %s from %s (step %d)", kind, latest, start)
+    elif init is not None:
+        _warm_start(Path(init), kind, model)
+        log.info("warm start of %s from the weights in %s", kind, init)
     if topo.leader:  # written only once the config is accepted, so a refused resume leaves the record untouched
         tmp = run_dir / ".world.json.tmp"
         with disk_full_as_error(run_dir / "world.json", "run's world.json", cleanup=tmp):
@@ -352,6 +360,19 @@ def _save(run_dir: Path, kind: str, model: nn.Module, opt: torch.optim.Optimizer
     path = save_checkpoint(checkpoint_dir(run_dir, step), kind, model, step, tensors, {"param_groups": groups, "step": step})
     prune_checkpoints(run_dir, cfg.keep_checkpoints)
     return path
+
+
+def _warm_start(path: Path, kind: str, model: nn.Module) -> None:
+    """Loads the weights of another run's checkpoint (same kind and model config) into a new run's model."""
+    meta = read_meta(path)
+    if meta["kind"] != kind:
+        raise ValueError(f"{path} is a {meta['kind']} checkpoint; cannot warm-start {kind} from it")
+    if meta["config"] != to_dict(model.cfg):
+        raise ValueError(f"{path} has a different {kind} config than this run; a warm start needs the same model")
+    try:
+        model.load_state_dict(load_file(path / "model.safetensors"))
+    except Exception as exc:  # OSError, SafetensorError (corrupt file)
+        raise ValueError(f"cannot load weights from {path}: {exc}") from exc
 
 
 def _resume(path: Path, kind: str, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> int:

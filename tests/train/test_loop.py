@@ -143,3 +143,26 @@ def test_on_step_sees_every_step_and_stops_with_a_checkpoint(tiny_world_cfg, tmp
     assert first.step == 4 and first.checkpoint == latest_checkpoint(tmp_path / "b") and first.checkpoint.name == "step_00000004"
     rest = train("lam", cfg, tmp_path / "b", progress=False, tensorboard=False, on_step=lambda done, logs: False)
     assert rest.resumed_from == 4 and rest.step == 10 and first.losses + rest.losses == straight.losses
+
+
+def test_warm_start_begins_from_the_given_weights_and_then_resumes_normally(tiny_world_cfg, tmp_path):
+    cfg = apply_overrides(tiny_world_cfg, ["train_tokenizer.steps=4", "train_tokenizer.ckpt_every=2"])
+    base = train("tokenizer", cfg, tmp_path / "base", progress=False, tensorboard=False)
+    warm = train("tokenizer", cfg, tmp_path / "warm", init=base.checkpoint, stop_after=2, progress=False, tensorboard=False)
+    cold = train("tokenizer", cfg, tmp_path / "cold", stop_after=2, progress=False, tensorboard=False)
+    # Starting from trained weights, the first loss is the trained model's, far below a fresh init's.
+    assert warm.losses[0] < 0.8 * cold.losses[0], (warm.losses[0], cold.losses[0])
+    # Once the run has its own checkpoint, `init` is ignored: it resumes at step 2 like any run.
+    rest = train("tokenizer", cfg, tmp_path / "warm", init=tmp_path / "nowhere", progress=False, tensorboard=False)
+    assert rest.resumed_from == 2 and rest.step == 4
+
+
+def test_warm_start_refuses_another_kind_or_config(tiny_world_cfg, tmp_path):
+    cfg = apply_overrides(tiny_world_cfg, ["train_lam.steps=1", "train_tokenizer.steps=1"])
+    lam = train("lam", cfg, tmp_path / "lam", progress=False, tensorboard=False)
+    with pytest.raises(ValueError, match="is a lam checkpoint"):
+        train("tokenizer", cfg, tmp_path / "tok", init=lam.checkpoint, progress=False, tensorboard=False)
+    changed = replace(cfg, lam=replace(cfg.lam, vq=replace(cfg.lam.vq, beta=0.5)))
+    with pytest.raises(ValueError, match="different lam config"):
+        train("lam", changed, tmp_path / "lam2", init=lam.checkpoint, progress=False, tensorboard=False)
+    assert not list((tmp_path / "lam2").glob("checkpoints/step_*"))
