@@ -59,14 +59,19 @@ class EvalConfig:
 
 @torch.no_grad()
 def evaluate(
-    world_dir: Path, source: VideoSource, cfg: EvalConfig, out_dir: Path, sampling: SamplingConfig | None = None
+    world_dir: Path, source: VideoSource, cfg: EvalConfig, out_dir: Path, sampling: SamplingConfig | None = None,
+    precision: str = "auto", control_keys: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """Evaluates a world directory on held-out clips; writes report.json, compare.gif and atlas.png/gif into `out_dir`.
+
+    sampling/precision: the step's settings (default: the world's sampling, fp32 on a CPU). control_keys: score the
+    controllability eval with these key bindings on the test levels only (a speed setting judged by the reference's
+    bindings); None calibrates them on validation levels first.
 
     report["lam"]["mapping"] (with true actions) is genie.eval.metrics.action_mapping; report["atlas"] holds the
     atlas files and per-action numbers (genie.eval.atlas.action_atlas).
     """
-    world, wcfg = load_world(world_dir, sampling=sampling)
+    world, wcfg = load_world(world_dir, sampling=sampling, precision=precision)
     lam = load_model(Path(world_dir) / "lam", "lam")
     tokenizer = world.tokenizer
     if cfg.horizon >= wcfg.data.frames:
@@ -151,7 +156,8 @@ def evaluate(
         report["drift"] = drift(world, lam, source, cfg.drift_steps, cfg.drift_clips, cfg.seed, cfg.batch_size, out_dir)
     game = procgen_game_of(source)
     if cfg.control_levels and game is not None:
-        report["control"] = controllability(world, lam, game, cfg.control_levels, cfg.control_horizon, cfg.seed)
+        report["control"] = controllability(world, lam, game, cfg.control_levels, cfg.control_horizon, cfg.seed,
+                                            keys=control_keys)
     (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2))
     return report
 
@@ -166,11 +172,16 @@ def procgen_game_of(source: VideoSource) -> tuple[str, str] | None:
     return str(game.get("env", "coinrun")), str(game.get("distribution_mode", "easy"))
 
 
-def controllability(world, lam, game: tuple[str, str], levels: int, horizon: int, seed: int = 0) -> dict[str, Any]:
+def controllability(world, lam, game: tuple[str, str], levels: int, horizon: int, seed: int = 0,
+                    keys: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Keys calibrated against the real game on validation levels, then scored on test levels with those bindings
-    (genie.eval.control): report["control"] = {"keys": the bindings, "calibration": ..., "test": ...}."""
+    (genie.eval.control): report["control"] = {"keys": the bindings, "calibration": ..., "test": ...}. With `keys`
+    given, no calibration: the test levels are scored with those bindings ("calibration": None)."""
     env, mode = game
     calib = ControlConfig(env=env, split="val", levels=levels, seed=seed, distribution_mode=mode, horizon=horizon)
+    if keys is not None:
+        test = evaluate_control(world, lam, replace(calib, split="test"), keys=keys)
+        return {"keys": dict(keys), "calibration": None, "test": test}
     calibration = evaluate_control(world, lam, calib)
     keys = {**calibration["calibrated_keys"], "noop": calibration["keys_scored"]["noop"]}
     test = evaluate_control(world, lam, replace(calib, split="test"), keys=keys)

@@ -87,6 +87,10 @@ class SessionService:
         self.ratelog = RateLimitedLog(log)  # one line per refusal cause per period, however many calls it refuses
         self._refusal: tuple[str, str, float] | None = None  # the store's last refusal: (cause, message, monotonic s)
         self._streams: dict[str, int] = {}  # client -> Play streams open on this gateway
+        # session -> [lock, waiters]: steps of one session on this gateway run one after another, in arrival order, so a
+        # client may send the next step before the last one's reply (a page holding a key) without the two computing
+        # the same frame and one of them retrying. Replicas still serialise through the store's versioned commit.
+        self._stepping: dict[str, list] = {}
 
     @property
     def spec(self) -> WorldSpec:
@@ -168,8 +172,20 @@ class SessionService:
         if not 0 <= action < spec.num_actions:
             raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions 0..{spec.num_actions - 1}")
         with step_deadline(self.limits.step_deadline_s):
-            async with self._admit():
+            async with self._one_step_at_a_time(session_id), self._admit():
                 return await self._step(client, session_id, action, spec, expect_step)
+
+    @contextlib.asynccontextmanager
+    async def _one_step_at_a_time(self, session_id: str):
+        entry = self._stepping.setdefault(session_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._stepping[session_id]
 
     async def _step(self, client: str, session_id: str, action: int, spec: WorldSpec, expect_step: int | None) -> Outcome:
         started = time.perf_counter()

@@ -160,3 +160,11 @@ def test_eval_of_a_coinrun_world_calibrates_keys_on_val_and_scores_on_test(tmp_p
         assert doc["keys_source"] == "calibration" and all(doc["keys"][k] == v for k, v in bound.items())
         assert set(doc["key_evidence"]) == set(bound)
     assert doc["keys"]["down"] is None or doc["keys_source"] != "calibration"
+    # Given bindings (a speed setting judged by the reference's keys): no calibration, the test levels scored with them.
+    given = {"right": 1, "left": 0, "up": None, "noop": 2}
+    again = evaluate(world, make_source(cfg.data, evaluation=True),
+                     EvalConfig(clips=2, batch_size=2, atlas_prompts=0, control_levels=2), tmp_path / "eval2",
+                     precision="fp32", control_keys=given)
+    assert again["control"]["calibration"] is None and again["control"]["keys"] == given
+    assert again["control"]["test"]["levels"] == test["levels"]
+    assert {k: v["latent"] for k, v in again["control"]["test"]["keys"].items()} == given

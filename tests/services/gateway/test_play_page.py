@@ -5,24 +5,17 @@ Needs Debian's `chromium` and `chromium-driver`; skipped without them unless GEN
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from aiohttp import web
 from PIL import Image
 
 from genie.worlds import apply_action_names_from_report, load_prompts
-from services.backends.inprocess import InProcessBackend
-from services.gateway.api.web import create_web_app
-from services.gateway.security.auth import Authenticator
-from services.gateway.sessions import Limits, SessionService
-from services.gateway.stores.memory_store import MemoryStore
+from harness.page_server import PageServer
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TOKEN = "page-test-token-0123456789"
@@ -44,66 +37,6 @@ def _browser_installed() -> None:
         pytest.skip(reason)
 
 
-class ServerThread:
-    """The web app on 127.0.0.1 (a free port), served by its own asyncio loop: selenium blocks, the server must not."""
-
-    def __init__(self, world_dir: Path) -> None:
-        self.world_dir = world_dir
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="web-test-server", daemon=True)
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.stepped: list[int] = []  # actions in the order the service received them
-
-    def start(self) -> str:
-        self.thread.start()
-        if not self.ready.wait(60) or self.error is not None:
-            raise RuntimeError(f"the test server did not start: {self.error!r}")
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._start())
-        except BaseException as exc:  # reported by start(), in the test's thread
-            self.error = exc
-            self.ready.set()
-            return
-        self.ready.set()
-        self.loop.run_forever()
-
-    async def _start(self) -> None:
-        self.backend = InProcessBackend(self.world_dir)
-        await self.backend.start()
-        self.service = SessionService(self.backend, MemoryStore(), Authenticator({TOKEN: "player"}),
-                                      Limits(requests_per_second=1000))
-        step = self.service.step
-
-        async def recording_step(client: str, session_id: str, action: int):
-            self.stepped.append(action)
-            return await step(client, session_id, action)
-
-        self.service.step = recording_step  # type: ignore[method-assign]
-        self.runner = web.AppRunner(create_web_app(self.service, self.world_dir))
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()  # port 0: the OS picks a free one
-        self.port = self.runner.addresses[0][1]
-
-    def call(self, coro):
-        """Runs a coroutine on the server's loop and returns its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT_S)
-
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            await self.runner.cleanup()
-            await self.backend.close()
-
-        self.call(shutdown())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(WAIT_S)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def keyed_world(trained_world_dir, tmp_path_factory) -> Path:
     """The tiny world (4 latents) with an eval mapping that binds right -> 3 (28 of 40 transitions press RIGHT) and
@@ -119,9 +52,9 @@ def keyed_world(trained_world_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(keyed_world) -> Iterator[ServerThread]:
-    srv = ServerThread(keyed_world)
-    srv.url = srv.start()
+def server(keyed_world) -> Iterator[PageServer]:
+    srv = PageServer(keyed_world, TOKEN)
+    srv.start()
     yield srv
     srv.stop()
 
@@ -171,7 +104,7 @@ def open_page(driver, server, fragment: str = f"#token={TOKEN}") -> None:
     driver.get(f"{server.url}/{fragment}")
 
 
-def start_session(driver, server: ServerThread, prompt: int) -> str:
+def start_session(driver, server: PageServer, prompt: int) -> str:
     """Clicks a prompt thumbnail once all have loaded; returns the new session's id."""
     from selenium.webdriver.common.by import By
 
@@ -246,6 +179,42 @@ def test_keys_and_buttons_step_the_world_in_order(driver, server, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(io.BytesIO(data)) as im:
         assert im.size[0] >= 800 and len(np.unique(np.asarray(im.convert("L")))) > 10  # a rendered page, not a blank one
+
+
+def test_a_held_key_steps_the_world_until_released_and_shows_the_frame_rate(driver, server):
+    """Held down (one keydown, no auto-repeat, as WebDriver sends it), a bound arrow steps the world again as soon as
+    each frame arrives, and stops when released; the HUD shows the frames/s a held key reaches."""
+    import time
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(driver, server)
+    start_session(driver, server, prompt=1)
+    server.stepped.clear()
+    ActionChains(driver).key_down(Keys.ARROW_RIGHT).perform()
+    wait(driver, lambda d: int(text(d, "step")) >= 6, "a held key did not keep stepping")
+    t0, first = time.monotonic(), int(text(driver, "step"))
+    time.sleep(1.0)
+    held_steps, held_s = int(text(driver, "step")) - first, time.monotonic() - t0
+    ActionChains(driver).key_up(Keys.ARROW_RIGHT).perform()
+    time.sleep(0.3)  # at most the step in flight lands after the release
+    stopped = int(text(driver, "step"))
+    time.sleep(0.5)
+    assert int(text(driver, "step")) == stopped, "the world kept stepping after the key was released"
+    assert set(server.stepped) == {3} and len(server.stepped) == stopped  # right's latent, once per frame shown
+    rate = float(driver.execute_script("return document.body.dataset.fps"))
+    print(f"held key: {held_steps / held_s:.1f} steps/s over {held_s:.2f} s; the HUD showed {rate:.1f} frames/s")
+    assert held_steps >= 3 and rate > 0 and text(driver, "fps") not in ("", "–")
+    # Two keys held: the newer one repeats; releasing it goes back to the older one.
+    server.stepped.clear()
+    ActionChains(driver).key_down(Keys.ARROW_RIGHT).key_down(Keys.ARROW_UP).perform()
+    wait(driver, lambda d: server.stepped.count(1) >= 3, "the newer held key did not take over")
+    ActionChains(driver).key_up(Keys.ARROW_UP).perform()
+    count = len(server.stepped)
+    wait(driver, lambda d: len(server.stepped) >= count + 3, "releasing the newer key stopped the older one")
+    ActionChains(driver).key_up(Keys.ARROW_RIGHT).perform()
+    assert server.stepped[-1] == 3
 
 
 def test_closed_session_shows_error_and_restart_recovers(driver, server):

@@ -137,6 +137,23 @@ async def test_open_from_prompt_then_step_get_and_close(client):
     await expect_error(await client.post(f"/api/sessions/{sid}/step", json={"action": 0}, headers=auth()), 404, "NOT_FOUND")
 
 
+async def test_steps_sent_before_the_last_reply_run_one_after_another(client):
+    """A page holding a key keeps two steps of one session in flight: the gateway runs them in turn (consecutive step
+    numbers, no commit conflict, no frame computed twice) and frees its per-session lock afterwards."""
+    import asyncio
+
+    service = service_of(client)
+    sid = (await open_session(client))["session_id"]
+    conflicts = service.metrics.commit_conflicts._value.get()
+    replies = await asyncio.gather(*(client.post(f"/api/sessions/{sid}/step", json={"action": 1}, headers=auth())
+                                     for _ in range(4)))
+    assert [r.status for r in replies] == [200] * 4
+    steps = sorted([(await r.json())["step"] for r in replies])
+    assert steps == [1, 2, 3, 4]
+    assert service.metrics.commit_conflicts._value.get() == conflicts
+    assert service._stepping == {}  # nothing left behind per session
+
+
 async def test_same_prompt_and_seed_give_the_same_frames(client):
     a, b = await open_session(client, seed=11), await open_session(client, seed=11)
     for reply in (a, b):

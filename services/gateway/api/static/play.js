@@ -1,8 +1,12 @@
 // Genie play page: picks a starting frame, opens a session over the gateway's JSON API and steps it with keys.
-// Steps are strictly ordered: key presses go into a queue and one loop sends them, one request at a time.
+// Steps are strictly ordered: key presses go into a queue and one loop sends them, one request at a time. A held key
+// steps the world as fast as it answers: when the queue runs dry, the loop sends the held key's action again at
+// once (it does not wait for the keyboard's auto-repeat, which is slower than a fast world and starts half a second
+// late), until the key is released.
 "use strict";
 
 const MAX_QUEUE = 16; // key presses beyond this are dropped, so a held key cannot build up minutes of lag
+const PIPELINE = 2; // step requests a held key keeps in flight
 // The world's key bindings (GET /api/world "keys") say which latent each arrow sends; an unbound arrow sends nothing.
 const ARROWS = { left: "ArrowLeft", right: "ArrowRight", up: "ArrowUp", down: "ArrowDown" };
 const GLYPHS = { left: "←", right: "→", up: "↑", down: "↓" };
@@ -20,7 +24,10 @@ const state = {
   starting: false,
   epoch: 0, // bumped by every (re)start: replies for an older session are dropped
   queue: [],
-  busy: false, // a step request is in flight
+  inflight: 0, // step requests sent and not answered yet
+  shownStep: -1, // the step of the frame on screen
+  held: [], // bound keys held down, newest last: [{key, action}]; the newest one repeats
+  shown: [], // performance.now() of the frames shown in the last second, for the frame rate
 };
 
 class ApiError extends Error {
@@ -85,6 +92,7 @@ function showError(err) {
 }
 
 function showFrame(reply) {
+  state.shownStep = reply.step;
   const img = $("frame");
   img.src = `data:image/png;base64,${reply.frame}`;
   img.hidden = false;
@@ -92,6 +100,18 @@ function showFrame(reply) {
   $("placeholder").hidden = true;
   $("step").textContent = String(reply.step);
   $("last-action").textContent = reply.action === undefined ? "–" : actionLabel(reply.action, reply.action_name);
+  countFrame();
+}
+
+// Frames shown in the last second: what a player sees, round trips and decoding included.
+function countFrame() {
+  const now = performance.now();
+  state.shown.push(now);
+  while (state.shown.length && now - state.shown[0] > 1000) state.shown.shift();
+  const first = state.shown[0];
+  const rate = state.shown.length > 1 ? ((state.shown.length - 1) * 1000) / Math.max(now - first, 1) : 0;
+  $("fps").textContent = rate ? rate.toFixed(1) : "–";
+  document.body.dataset.fps = rate.toFixed(2); // for tests
 }
 
 function actionLabel(id, name) {
@@ -114,6 +134,7 @@ function flash(action) {
 async function start() {
   const epoch = ++state.epoch;
   state.queue = [];
+  state.held = [];
   showQueue();
   const old = state.session;
   state.session = null;
@@ -154,29 +175,43 @@ function act(action) {
   pump();
 }
 
-// The only sender of steps: one request in flight at a time, in key-press order.
-async function pump() {
-  if (state.busy) return;
-  state.busy = true;
+function heldAction() {
+  return state.held.length ? state.held[state.held.length - 1].action : undefined;
+}
+
+// The only sender of steps. Key presses go one at a time in the order they were pressed (a press waits until nothing
+// is in flight). A held key keeps PIPELINE steps in flight: the gateway runs one session's steps one after another,
+// so the next one is already waiting when a frame is done, and the world never idles while a reply travels and the
+// page draws it. Held steps all send one action, so the order they land in does not matter; a late reply never
+// replaces a newer frame.
+function pump() {
+  if (!state.session) return;
+  if (state.queue.length) {
+    if (state.inflight === 0) send(state.queue.shift());
+    return;
+  }
+  while (heldAction() !== undefined && state.inflight < PIPELINE) send(heldAction());
+}
+
+async function send(action) {
+  const epoch = state.epoch;
+  const session = state.session;
+  state.inflight++;
+  showQueue();
   try {
-    while (state.queue.length && state.session) {
-      const epoch = state.epoch;
-      const action = state.queue.shift();
-      showQueue();
-      try {
-        const reply = await (await api("POST", `/api/sessions/${state.session}/step`, { action })).json();
-        if (epoch === state.epoch) showFrame(reply);
-      } catch (err) {
-        if (epoch !== state.epoch) continue; // a failure of the session we already left
-        state.queue = [];
-        if (err.status === 404) state.session = null;
-        showError(err);
-        break;
-      }
+    const reply = await (await api("POST", `/api/sessions/${session}/step`, { action })).json();
+    if (epoch === state.epoch && reply.step > state.shownStep) showFrame(reply);
+  } catch (err) {
+    if (epoch === state.epoch) { // not a failure of a session we already left
+      state.queue = [];
+      state.held = [];
+      if (err.status === 404) state.session = null;
+      showError(err);
     }
   } finally {
-    state.busy = false;
+    state.inflight--;
     showQueue();
+    pump();
   }
 }
 
@@ -335,8 +370,20 @@ function onKey(event) {
   const action = state.keys.get(event.key);
   if (action === undefined) return;
   event.preventDefault(); // arrows would scroll the page
-  if (event.repeat && state.queue.length) return; // a held key steps only as fast as the world answers
-  act(action);
+  if (event.repeat || state.held.some((h) => h.key === event.key)) return; // the held-key loop repeats it
+  state.held.push({ key: event.key, action });
+  act(action); // the press itself is one step, even when released before the world answers
+}
+
+function onKeyUp(event) {
+  const before = state.held.length;
+  state.held = state.held.filter((h) => h.key !== event.key);
+  if (state.held.length !== before) event.preventDefault();
+}
+
+// A key released while the page had no focus sends no keyup: stop repeating rather than walk on forever.
+function releaseAll() {
+  state.held = [];
 }
 
 async function connect() {
@@ -389,6 +436,8 @@ function main() {
   $("restart").addEventListener("click", () => start());
   $("upload-input").addEventListener("change", chooseUpload);
   document.addEventListener("keydown", onKey);
+  document.addEventListener("keyup", onKeyUp);
+  window.addEventListener("blur", releaseAll);
   window.addEventListener("pagehide", closeOnLeave);
   if (state.token) connect();
   else askToken();
