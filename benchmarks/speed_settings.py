@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--drift-steps", type=int, default=32)
     parser.add_argument("--control-levels", type=int, default=16)
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--quality-only", action="store_true", help="skip the timing (for a machine that is not idle)")
     parser.add_argument("--eval-out", type=Path, default=Path("runs/speed-settings"))
     args = parser.parse_args()
     machine = setup_run(args)
@@ -148,7 +149,10 @@ def main() -> None:
     settings = [Setting("reference", dataclasses.replace(base), "fp32")]
     settings += [Setting.parse(text, base) for text in args.setting]
     prompts = held_out_prompts(args.world, args.data, 16, 4)
-    speed = {b: time_settings(args.world, settings, prompts, b, args.reps) for b in args.batch_sizes}
+    if args.speed_only and args.quality_only:
+        raise SystemExit("error: --speed-only and --quality-only exclude each other")
+    batch_sizes = [] if args.quality_only else args.batch_sizes
+    speed = {b: time_settings(args.world, settings, prompts, b, args.reps) for b in batch_sizes}
     figures: dict[str, dict[str, Any]] = {}
     if not args.speed_only:
         cfg = EvalConfig(clips=args.clips, drift_steps=args.drift_steps, control_levels=args.control_levels,
@@ -158,7 +162,7 @@ def main() -> None:
             figures[s.name] = quality(args.world, args.data, s, cfg, args.eval_out, keys or None)
     for s in settings:
         row: dict[str, Any] = {"bench": "speed_settings", "world": str(args.world), "data": str(args.data), **s.describe()}
-        for b in args.batch_sizes:
+        for b in batch_sizes:
             ms = speed[b][s.name]
             row[f"b{b}_ms_per_step"] = round(ms, 2)
             row[f"b{b}_frames_per_s"] = round(1000 * b / ms, 2)

@@ -86,7 +86,8 @@ def demo_walk() -> WorldConfig:
     """The walking CoinRun world, trained on a 2-core CPU in <= 2.5 hours (`scripts/build_walking_world.sh`): data from
     the arrow-key "walk" policy; a larger tokenizer (d=192, codebook 1024) whose decoder is a small part of a step; a
     LAM that sees one past frame (context=1) so each latent must name the motion of its own step; the demo
-    world's dynamics size (d=192 x 4) so a step costs about what the demo's does. bf16 where the CPU has it."""
+    world's dynamics size (d=192 x 4) so a step costs about what the demo's does. bf16 where the CPU has it. Six MaskGIT
+    steps per frame: 1.27x the frames/s of eight within issue 24's quality gate (benchmarks/README.md)."""
     frame = FrameSpec(64, 64, 3)
     tok_st = STTransformerConfig(dim=192, depth=3, heads=6, max_frames=8)
     lam_st = STTransformerConfig(dim=128, depth=3, heads=4, max_frames=8)
@@ -102,7 +103,7 @@ def demo_walk() -> WorldConfig:
     data = DataConfig(source="shards", path="data/coinrun-walk/train", eval_path="data/coinrun-walk/val",
                       height=64, width=64, frames=8)
     return WorldConfig(name="demo-walk", data=data, tokenizer=tokenizer, lam=lam, dynamics=dynamics,
-                       sampling=SamplingConfig(steps=8, temperature=1.0), train_tokenizer=run(4000),
+                       sampling=SamplingConfig(steps=6, temperature=1.0), train_tokenizer=run(4000),
                        train_lam=run(4000), train_dynamics=run(6000))
 
 

@@ -106,6 +106,65 @@ def names(world_dir, edits, key_edits, report_path) -> None:
                            "keys_source": keys_source}))
 
 
+REGISTRY_OPTION = click.option(
+    "--registry", type=click.Path(path_type=Path), envvar="GENIE_REGISTRY", default="registry", show_default=True,
+    help="The world catalogue's directory (env GENIE_REGISTRY); a deployment mounts it on every service.")
+
+
+@world.command("publish")
+@click.argument("world_dir", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="The world's name in the catalogue (a-z 0-9 . _ -), e.g. coinrun.")
+@click.option("--source", default="", help="Where the world came from, for the record (default: its path).")
+@REGISTRY_OPTION
+def publish(world_dir, name, source, registry) -> None:
+    """Check a world completely (it loads and steps, its names and keys are valid), copy it into the catalogue as
+    NAME's next version and print that version as JSON. A version is never overwritten; a world that fails the check
+    is not published."""
+    from genie.catalog import DirectoryCatalog
+    from genie.cli_common import fail as _fail
+    from genie.diskfull import DiskFull
+
+    try:
+        entry = DirectoryCatalog(registry).publish(world_dir, name, source=source)
+    except (ValueError, DiskFull) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(entry.to_dict()))
+
+
+@world.command("list")
+@click.argument("name", required=False)
+@REGISTRY_OPTION
+def list_worlds(name, registry) -> None:
+    """Print the catalogue's world versions (of NAME, or all), oldest first, one JSON object per line."""
+    from genie.catalog import DirectoryCatalog
+    from genie.cli_common import fail as _fail
+
+    try:
+        entries = DirectoryCatalog(registry).versions(name)
+    except ValueError as exc:
+        _fail(str(exc))
+    for entry in entries:
+        click.echo(json.dumps(entry.to_dict()))
+
+
+@world.command("retire")
+@click.argument("ref")
+@REGISTRY_OPTION
+def retire(ref, registry) -> None:
+    """Retire a version (REF = NAME@VERSION): it takes no new sessions; sessions already on it may finish."""
+    from genie.catalog import DirectoryCatalog, parse_ref
+    from genie.cli_common import fail as _fail
+
+    try:
+        name, version = parse_ref(ref)
+        if version is None:
+            raise ValueError(f"retire takes NAME@VERSION, got {ref!r}")
+        entry = DirectoryCatalog(registry).retire(name, version)
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(entry.to_dict()))
+
+
 def _rebound(keys: dict[str, int | None], edits: tuple[str, ...]) -> dict[str, int | None]:
     """Applies KEY=LATENT / KEY=none edits to a copy of `keys`; ValueError on a malformed edit or an unknown key
     (the latent's range is checked when the bindings are saved)."""

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agenie_api/v1/gateway.proto\x12\x08genie.v1\"m\n\x05\x46rame\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"Y\n\tRawFrames\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"f\n\x0fSamplingOptions\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xaf\x01\n\x12OpenSessionRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12%\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x13.genie.v1.RawFramesH\x00\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.genie.v1.SamplingOptions\x12+\n\x0c\x66rame_format\x18\x04 \x01(\x0e\x32\x15.genie.v1.FrameFormatB\x08\n\x06prompt\"Y\n\x13OpenSessionResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x11.genie.v1.Session\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.genie.v1.Frame\"^\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\r\x12+\n\x0c\x66rame_format\x18\x03 \x01(\x0e\x32\x15.genie.v1.FrameFormat\"`\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1e\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x0f.genie.v1.Frame\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\r\"\xbd\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_frames\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x63tions\x18\x05 \x03(\x05\x12*\n\x07options\x18\x06 \x01(\x0b\x32\x19.genie.v1.SamplingOptions\x12\x14\n\x0c\x63reated_unix\x18\x07 \x01(\x01\x12\x14\n\x0c\x65xpires_unix\x18\x08 \x01(\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x14\n\x12ListActionsRequest\"\"\n\x06\x41\x63tion\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"W\n\nKeyBinding\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x06\x61\x63tion\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05share\x18\x03 \x01(\x02H\x01\x88\x01\x01\x42\t\n\x07_actionB\x08\n\x06_share\"\x9d\x01\n\x13ListActionsResponse\x12!\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x10.genie.v1.Action\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0e\n\x06window\x18\x05 \x01(\r\x12\"\n\x04keys\x18\x06 \x03(\x0b\x32\x14.genie.v1.KeyBinding\":\n\x13InferActionsRequest\x12#\n\x06\x66rames\x18\x01 \x01(\x0b\x32\x13.genie.v1.RawFrames\"\'\n\x14InferActionsResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\r*W\n\x0b\x46rameFormat\x12\x1c\n\x18\x46RAME_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46RAME_FORMAT_PNG\x10\x01\x12\x14\n\x10\x46RAME_FORMAT_RAW\x10\x02\x32\xef\x03\n\x07Gateway\x12J\n\x0bOpenSession\x12\x1c.genie.v1.OpenSessionRequest\x1a\x1d.genie.v1.OpenSessionResponse\x12\x35\n\x04Step\x12\x15.genie.v1.StepRequest\x1a\x16.genie.v1.StepResponse\x12\x39\n\x04Play\x12\x15.genie.v1.StepRequest\x1a\x16.genie.v1.StepResponse(\x01\x30\x01\x12<\n\nGetSession\x12\x1b.genie.v1.GetSessionRequest\x1a\x11.genie.v1.Session\x12M\n\x0c\x43loseSession\x12\x1d.genie.v1.CloseSessionRequest\x1a\x1e.genie.v1.CloseSessionResponse\x12J\n\x0bListActions\x12\x1c.genie.v1.ListActionsRequest\x1a\x1d.genie.v1.ListActionsResponse\x12M\n\x0cInferActions\x12\x1d.genie.v1.InferActionsRequest\x1a\x1e.genie.v1.InferActionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agenie_api/v1/gateway.proto\x12\x08genie.v1\"m\n\x05\x46rame\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"Y\n\tRawFrames\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"f\n\x0fSamplingOptions\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xbe\x01\n\x12OpenSessionRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12%\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x13.genie.v1.RawFramesH\x00\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.genie.v1.SamplingOptions\x12+\n\x0c\x66rame_format\x18\x04 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\r\n\x05world\x18\x05 \x01(\tB\x08\n\x06prompt\"Y\n\x13OpenSessionResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x11.genie.v1.Session\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.genie.v1.Frame\"^\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\r\x12+\n\x0c\x66rame_format\x18\x03 \x01(\x0e\x32\x15.genie.v1.FrameFormat\"`\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1e\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x0f.genie.v1.Frame\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\r\"\xe2\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_frames\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x63tions\x18\x05 \x03(\x05\x12*\n\x07options\x18\x06 \x01(\x0b\x32\x19.genie.v1.SamplingOptions\x12\x14\n\x0c\x63reated_unix\x18\x07 \x01(\x01\x12\x14\n\x0c\x65xpires_unix\x18\x08 \x01(\x01\x12\r\n\x05world\x18\t \x01(\t\x12\x14\n\x0cworld_digest\x18\n \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"7\n\x12ListActionsRequest\x12\r\n\x05world\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\"\n\x06\x41\x63tion\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"W\n\nKeyBinding\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x06\x61\x63tion\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05share\x18\x03 \x01(\x02H\x01\x88\x01\x01\x42\t\n\x07_actionB\x08\n\x06_share\"\x9d\x01\n\x13ListActionsResponse\x12!\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x10.genie.v1.Action\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0e\n\x06window\x18\x05 \x01(\r\x12\"\n\x04keys\x18\x06 \x03(\x0b\x32\x14.genie.v1.KeyBinding\"I\n\x13InferActionsRequest\x12#\n\x06\x66rames\x18\x01 \x01(\x0b\x32\x13.genie.v1.RawFrames\x12\r\n\x05world\x18\x02 \x01(\t\"\x13\n\x11ListWorldsRequest\"p\n\tWorldInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0f\n\x07retired\x18\x05 \x01(\x08\x12\x16\n\x0epublished_unix\x18\x06 \x01(\x01\"c\n\x12ListWorldsResponse\x12#\n\x06worlds\x18\x01 \x03(\x0b\x32\x13.genie.v1.WorldInfo\x12\x15\n\rdefault_world\x18\x02 \x01(\t\x12\x11\n\tcatalogue\x18\x03 \x01(\x08\"\'\n\x14InferActionsResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\r*W\n\x0b\x46rameFormat\x12\x1c\n\x18\x46RAME_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46RAME_FORMAT_PNG\x10\x01\x12\x14\n\x10\x46RAME_FORMAT_RAW\x10\x02\x32\xb8\x04\n\x07Gateway\x12J\n\x0bOpenSession\x12\x1c.genie.v1.OpenSessionRequest\x1a\x1d.genie.v1.OpenSessionResponse\x12\x35\n\x04Step\x12\x15.genie.v1.StepRequest\x1a\x16.genie.v1.StepResponse\x12\x39\n\x04Play\x12\x15.genie.v1.StepRequest\x1a\x16.genie.v1.StepResponse(\x01\x30\x01\x12<\n\nGetSession\x12\x1b.genie.v1.GetSessionRequest\x1a\x11.genie.v1.Session\x12M\n\x0c\x43loseSession\x12\x1d.genie.v1.CloseSessionRequest\x1a\x1e.genie.v1.CloseSessionResponse\x12J\n\x0bListActions\x12\x1c.genie.v1.ListActionsRequest\x1a\x1d.genie.v1.ListActionsResponse\x12M\n\x0cInferActions\x12\x1d.genie.v1.InferActionsRequest\x1a\x1e.genie.v1.InferActionsResponse\x12G\n\nListWorlds\x12\x1b.genie.v1.ListWorldsRequest\x1a\x1c.genie.v1.ListWorldsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'genie_api.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAMEFORMAT']._serialized_start=1517
-  _globals['_FRAMEFORMAT']._serialized_end=1604
+  _globals['_FRAMEFORMAT']._serialized_start=1855
+  _globals['_FRAMEFORMAT']._serialized_end=1942
   _globals['_FRAME']._serialized_start=40
   _globals['_FRAME']._serialized_end=149
   _globals['_RAWFRAMES']._serialized_start=151
@@ -40,33 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGOPTIONS']._serialized_start=242
   _globals['_SAMPLINGOPTIONS']._serialized_end=344
   _globals['_OPENSESSIONREQUEST']._serialized_start=347
-  _globals['_OPENSESSIONREQUEST']._serialized_end=522
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=524
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=613
-  _globals['_STEPREQUEST']._serialized_start=615
-  _globals['_STEPREQUEST']._serialized_end=709
-  _globals['_STEPRESPONSE']._serialized_start=711
-  _globals['_STEPRESPONSE']._serialized_end=807
-  _globals['_SESSION']._serialized_start=810
-  _globals['_SESSION']._serialized_end=999
-  _globals['_GETSESSIONREQUEST']._serialized_start=1001
-  _globals['_GETSESSIONREQUEST']._serialized_end=1040
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1042
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1083
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1085
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1107
-  _globals['_LISTACTIONSREQUEST']._serialized_start=1109
-  _globals['_LISTACTIONSREQUEST']._serialized_end=1129
-  _globals['_ACTION']._serialized_start=1131
-  _globals['_ACTION']._serialized_end=1165
-  _globals['_KEYBINDING']._serialized_start=1167
-  _globals['_KEYBINDING']._serialized_end=1254
-  _globals['_LISTACTIONSRESPONSE']._serialized_start=1257
-  _globals['_LISTACTIONSRESPONSE']._serialized_end=1414
-  _globals['_INFERACTIONSREQUEST']._serialized_start=1416
-  _globals['_INFERACTIONSREQUEST']._serialized_end=1474
-  _globals['_INFERACTIONSRESPONSE']._serialized_start=1476
-  _globals['_INFERACTIONSRESPONSE']._serialized_end=1515
-  _globals['_GATEWAY']._serialized_start=1607
-  _globals['_GATEWAY']._serialized_end=2102
+  _globals['_OPENSESSIONREQUEST']._serialized_end=537
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=539
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=628
+  _globals['_STEPREQUEST']._serialized_start=630
+  _globals['_STEPREQUEST']._serialized_end=724
+  _globals['_STEPRESPONSE']._serialized_start=726
+  _globals['_STEPRESPONSE']._serialized_end=822
+  _globals['_SESSION']._serialized_start=825
+  _globals['_SESSION']._serialized_end=1051
+  _globals['_GETSESSIONREQUEST']._serialized_start=1053
+  _globals['_GETSESSIONREQUEST']._serialized_end=1092
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1094
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1135
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1137
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1159
+  _globals['_LISTACTIONSREQUEST']._serialized_start=1161
+  _globals['_LISTACTIONSREQUEST']._serialized_end=1216
+  _globals['_ACTION']._serialized_start=1218
+  _globals['_ACTION']._serialized_end=1252
+  _globals['_KEYBINDING']._serialized_start=1254
+  _globals['_KEYBINDING']._serialized_end=1341
+  _globals['_LISTACTIONSRESPONSE']._serialized_start=1344
+  _globals['_LISTACTIONSRESPONSE']._serialized_end=1501
+  _globals['_INFERACTIONSREQUEST']._serialized_start=1503
+  _globals['_INFERACTIONSREQUEST']._serialized_end=1576
+  _globals['_LISTWORLDSREQUEST']._serialized_start=1578
+  _globals['_LISTWORLDSREQUEST']._serialized_end=1597
+  _globals['_WORLDINFO']._serialized_start=1599
+  _globals['_WORLDINFO']._serialized_end=1711
+  _globals['_LISTWORLDSRESPONSE']._serialized_start=1713
+  _globals['_LISTWORLDSRESPONSE']._serialized_end=1812
+  _globals['_INFERACTIONSRESPONSE']._serialized_start=1814
+  _globals['_INFERACTIONSRESPONSE']._serialized_end=1853
+  _globals['_GATEWAY']._serialized_start=1945
+  _globals['_GATEWAY']._serialized_end=2513
 # @@protoc_insertion_point(module_scope)

@@ -55,16 +55,18 @@ class SamplingOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("image", "frames", "options", "frame_format")
+    __slots__ = ("image", "frames", "options", "frame_format", "world")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     FRAME_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     frames: RawFrames
     options: SamplingOptions
     frame_format: FrameFormat
-    def __init__(self, image: _Optional[bytes] = ..., frames: _Optional[_Union[RawFrames, _Mapping]] = ..., options: _Optional[_Union[SamplingOptions, _Mapping]] = ..., frame_format: _Optional[_Union[FrameFormat, str]] = ...) -> None: ...
+    world: str
+    def __init__(self, image: _Optional[bytes] = ..., frames: _Optional[_Union[RawFrames, _Mapping]] = ..., options: _Optional[_Union[SamplingOptions, _Mapping]] = ..., frame_format: _Optional[_Union[FrameFormat, str]] = ..., world: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session", "frame")
@@ -97,7 +99,7 @@ class StepResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., action: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "step", "version", "context_frames", "actions", "options", "created_unix", "expires_unix")
+    __slots__ = ("session_id", "step", "version", "context_frames", "actions", "options", "created_unix", "expires_unix", "world", "world_digest")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,8 @@ class Session(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    WORLD_FIELD_NUMBER: _ClassVar[int]
+    WORLD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     version: int
@@ -114,7 +118,9 @@ class Session(_message.Message):
     options: SamplingOptions
     created_unix: float
     expires_unix: float
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., version: _Optional[int] = ..., context_frames: _Optional[int] = ..., actions: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[SamplingOptions, _Mapping]] = ..., created_unix: _Optional[float] = ..., expires_unix: _Optional[float] = ...) -> None: ...
+    world: str
+    world_digest: str
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., version: _Optional[int] = ..., context_frames: _Optional[int] = ..., actions: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[SamplingOptions, _Mapping]] = ..., created_unix: _Optional[float] = ..., expires_unix: _Optional[float] = ..., world: _Optional[str] = ..., world_digest: _Optional[str] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -133,8 +139,12 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListActionsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("world", "session_id")
+    WORLD_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    world: str
+    session_id: str
+    def __init__(self, world: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Action(_message.Message):
     __slots__ = ("id", "name")
@@ -171,10 +181,42 @@ class ListActionsResponse(_message.Message):
     def __init__(self, actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyBinding, _Mapping]]] = ...) -> None: ...
 
 class InferActionsRequest(_message.Message):
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "world")
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    WORLD_FIELD_NUMBER: _ClassVar[int]
     frames: RawFrames
-    def __init__(self, frames: _Optional[_Union[RawFrames, _Mapping]] = ...) -> None: ...
+    world: str
+    def __init__(self, frames: _Optional[_Union[RawFrames, _Mapping]] = ..., world: _Optional[str] = ...) -> None: ...
+
+class ListWorldsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorldInfo(_message.Message):
+    __slots__ = ("name", "version", "ref", "digest", "retired", "published_unix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    ref: str
+    digest: str
+    retired: bool
+    published_unix: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., digest: _Optional[str] = ..., retired: _Optional[bool] = ..., published_unix: _Optional[float] = ...) -> None: ...
+
+class ListWorldsResponse(_message.Message):
+    __slots__ = ("worlds", "default_world", "catalogue")
+    WORLDS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_WORLD_FIELD_NUMBER: _ClassVar[int]
+    CATALOGUE_FIELD_NUMBER: _ClassVar[int]
+    worlds: _containers.RepeatedCompositeFieldContainer[WorldInfo]
+    default_world: str
+    catalogue: bool
+    def __init__(self, worlds: _Optional[_Iterable[_Union[WorldInfo, _Mapping]]] = ..., default_world: _Optional[str] = ..., catalogue: _Optional[bool] = ...) -> None: ...
 
 class InferActionsResponse(_message.Message):
     __slots__ = ("actions",)

@@ -69,6 +69,11 @@ class GatewayStub:
                 request_serializer=genie__api_dot_v1_dot_gateway__pb2.InferActionsRequest.SerializeToString,
                 response_deserializer=genie__api_dot_v1_dot_gateway__pb2.InferActionsResponse.FromString,
                 _registered_method=True)
+        self.ListWorlds = channel.unary_unary(
+                '/genie.v1.Gateway/ListWorlds',
+                request_serializer=genie__api_dot_v1_dot_gateway__pb2.ListWorldsRequest.SerializeToString,
+                response_deserializer=genie__api_dot_v1_dot_gateway__pb2.ListWorldsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -121,6 +126,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorlds(self, request, context):
+        """The world versions this gateway serves (its catalogue), newest last; empty for a gateway serving one world.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +170,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.InferActions,
                     request_deserializer=genie__api_dot_v1_dot_gateway__pb2.InferActionsRequest.FromString,
                     response_serializer=genie__api_dot_v1_dot_gateway__pb2.InferActionsResponse.SerializeToString,
+            ),
+            'ListWorlds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorlds,
+                    request_deserializer=genie__api_dot_v1_dot_gateway__pb2.ListWorldsRequest.FromString,
+                    response_serializer=genie__api_dot_v1_dot_gateway__pb2.ListWorldsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +366,33 @@ class Gateway:
             '/genie.v1.Gateway/InferActions',
             genie__api_dot_v1_dot_gateway__pb2.InferActionsRequest.SerializeToString,
             genie__api_dot_v1_dot_gateway__pb2.InferActionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorlds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genie.v1.Gateway/ListWorlds',
+            genie__api_dot_v1_dot_gateway__pb2.ListWorldsRequest.SerializeToString,
+            genie__api_dot_v1_dot_gateway__pb2.ListWorldsResponse.FromString,
             options,
             channel_credentials,
             insecure,

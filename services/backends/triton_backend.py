@@ -389,4 +389,5 @@ def _step_inputs(state: WorldState, action: int, sampling: SamplingConfig, windo
         _tensor(P.TEMPERATURE, np.float64(sampling.temperature)),
         _tensor(P.SCHEDULE, np.array(sampling.schedule.encode(), dtype=object)),
         _tensor(P.CHOICE_TEMPERATURE, np.float64(sampling.choice_temperature)),
+        _tensor(P.GUIDANCE, np.float64(sampling.guidance)),
     ]

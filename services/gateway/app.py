@@ -7,13 +7,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from genie.catalog import DirectoryCatalog, WorldVersion
 from genie.device import resolve_inference_device, resolve_precision
 from services.backends.admission import AdmissionBackend, AdmissionConfig
 from services.backends.backend import BackendUnavailable, ModelBackend
 from services.backends.factory import BackendConfig, make_backend, triton_tls
+from services.backends.worlds import ServedWorlds
 from services.gateway.api.grpc_server import GrpcServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.security.auth import Authenticator, new_token
@@ -27,6 +29,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GatewayConfig:
     world: str = "worlds/demo"  # world dir: the in-process backend's models, and the page's prompt images
+    # A world catalogue (genie/catalog.py) instead of one world: sessions choose a world by name and stay pinned to a
+    # version; versions load on first use and idle ones unload to keep their models within `models_budget_bytes`.
+    registry: str = ""
+    default_world: str = ""  # the catalogue's world a session gets when it names none ("" = the only one there is)
+    models_budget_bytes: int = 2 << 30  # model memory (checkpoint bytes) of the versions loaded at once; 0 = no limit
     backend: str = "inprocess"  # "inprocess" (embedded default) or "triton"
     # Triton endpoints: "host:port", several comma-separated replicas, or "dns:name:port" (every A record of a
     # headless Service); a session's calls stick to one replica (services/backends/routing.py).
@@ -77,6 +84,11 @@ class GatewayConfig:
             raise ValueError(f"backend must be inprocess or triton, got {self.backend!r}")
         if self.store not in ("memory", "redis"):
             raise ValueError(f"store must be memory or redis, got {self.store!r}")
+        if self.registry and self.backend != "inprocess":
+            raise ValueError("a world catalogue (--registry) is served by the in-process backend for now; "
+                             "Triton serves one world per deployment (--world)")
+        if self.models_budget_bytes < 0:
+            raise ValueError(f"models_budget_bytes must be >= 0, got {self.models_budget_bytes}")
         if self.backend == "inprocess":  # a GPU that is absent, or bf16 on a CPU without it: refused before serving
             resolve_precision(self.precision, resolve_inference_device(self.device))
         if not self.tls_reload_s >= 0:  # NaN too
@@ -108,6 +120,16 @@ def make_store(cfg: GatewayConfig) -> SessionStore:
     return MemoryStore()
 
 
+def served_catalogue(cfg: GatewayConfig, registry=None) -> ServedWorlds:
+    """The catalogue's worlds, each version through its own in-process backend (with admission when configured)."""
+    def make(entry: WorldVersion) -> ModelBackend:
+        backend = make_backend(replace(cfg.backend_config(), world=str(entry.path)), registry)
+        return AdmissionBackend(backend, cfg.admission) if cfg.admission is not None else backend
+
+    return ServedWorlds(catalog=DirectoryCatalog(cfg.registry), make=make, default=cfg.default_world,
+                        budget_bytes=cfg.models_budget_bytes)
+
+
 class Gateway:
     """One gateway process. Backend and store may be injected (tests run several gateways over one store)."""
 
@@ -128,16 +150,22 @@ class Gateway:
         self.certificates = None if self.tls is None else CertificateReloader(
             self.tls, on_result=lambda result: metrics.tls_reloads.labels(result).inc())
         self._reload_task: asyncio.Task | None = None
-        self.backend = backend or make_backend(cfg.backend_config(), metrics.registry)
-        if cfg.admission is not None:
-            self.backend = AdmissionBackend(self.backend, cfg.admission)
         self.store = store or make_store(cfg)
-        self.service = SessionService(self.backend, self.store, auth, cfg.limits, metrics)
+        if cfg.registry:
+            self.backend = None
+            self.worlds = served_catalogue(cfg, metrics.registry)
+        else:
+            self.backend = self._admitted(backend or make_backend(cfg.backend_config(), metrics.registry))
+            self.worlds = ServedWorlds(single=self.backend)
+        self.service = SessionService(self.worlds, self.store, auth, cfg.limits, metrics)
         self.grpc: GrpcServer | None = None
         self._web_runner = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server = None
+
+    def _admitted(self, backend: ModelBackend) -> ModelBackend:
+        return AdmissionBackend(backend, self.cfg.admission) if self.cfg.admission is not None else backend
 
     async def start(self) -> None:
         verify = getattr(self.store, "verify", None)
@@ -147,7 +175,8 @@ class Gateway:
             except StoreUnavailable as exc:  # down is not misconfigured: health says NOT_SERVING until it is up
                 log.warning("session store not available yet, serving UNAVAILABLE until it is: %s", exc)
         try:
-            await self.backend.start()
+            if self.backend is not None:  # a catalogue's versions load on first use
+                await self.backend.start()
         except BackendUnavailable as exc:  # serve anyway: health says NOT_SERVING and calls retry the backend
             log.warning("model backend not available yet, serving UNAVAILABLE until it is: %s", exc)
         plaintext = self.cfg.plaintext_grpc_port if self.cfg.plaintext_grpc_port >= 0 else None
@@ -159,7 +188,8 @@ class Gateway:
 
             from services.gateway.api.web import create_web_app
 
-            self._web_runner = web.AppRunner(create_web_app(self.service, Path(self.cfg.world)), access_log=None)
+            prompts = None if self.cfg.registry else Path(self.cfg.world)  # a catalogue's come with each version
+            self._web_runner = web.AppRunner(create_web_app(self.service, prompts), access_log=None)
             await self._web_runner.setup()
             site = web.TCPSite(self._web_runner, self.cfg.host, self.cfg.http_port,
                                ssl_context=self.certificates.ssl_context() if self.certificates else None)
@@ -202,7 +232,7 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        await self.backend.close()
+        await self.worlds.close()
         await self.store.close()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import logging
 import random
@@ -25,6 +26,7 @@ from genie.sampling import SamplingConfig, advance, new_state
 from genie.spec import WorldSpec
 from services.backends.admission import Overloaded, step_deadline
 from services.backends.backend import BackendError, BackendUnavailable, ModelBackend
+from services.backends.worlds import SINGLE, ModelsBudgetExceeded, ServedWorlds, WorldNotFound
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ratelog import RateLimitedLog
 from services.gateway.security.auth import Authenticator
@@ -76,12 +78,17 @@ class Outcome:
     record: SessionRecord
     frame: np.ndarray
     action: int = -1
+    action_name: str = ""  # the action's name in the session's world
 
 
 class SessionService:
-    def __init__(self, backend: ModelBackend, store: SessionStore, auth: Authenticator, limits: Limits | None = None,
-                 metrics: GatewayMetrics | None = None) -> None:
-        self.backend, self.store, self.auth = backend, store, auth
+    """`backend`: the one world's ModelBackend, or the ServedWorlds of a catalogue (sessions choose a world)."""
+
+    def __init__(self, backend: ModelBackend | ServedWorlds, store: SessionStore, auth: Authenticator,
+                 limits: Limits | None = None, metrics: GatewayMetrics | None = None) -> None:
+        self.worlds = backend if isinstance(backend, ServedWorlds) else ServedWorlds(single=backend)
+        self.backend = self.worlds.single  # None when serving a catalogue
+        self.store, self.auth = store, auth
         self.limits = limits or Limits()
         self.metrics = metrics or GatewayMetrics()
         self.ratelog = RateLimitedLog(log)  # one line per refusal cause per period, however many calls it refuses
@@ -94,15 +101,53 @@ class SessionService:
 
     @property
     def spec(self) -> WorldSpec:
-        """The served world; valid once world() has succeeded (every call below awaits it first)."""
+        """The one world's spec, valid once world() has succeeded (a catalogue's worlds: `await world(name)`)."""
+        if self.backend is None:
+            raise RuntimeError("this gateway serves a catalogue: ask world(name) for a world's spec")
         return self.backend.spec
 
-    async def world(self) -> WorldSpec:
-        """The served world, starting the backend if it has not started yet: a gateway may come up before its
-        model services and answers UNAVAILABLE (health NOT_SERVING) until they are there."""
-        if self.backend.spec is None:
-            await self._model(self.backend.start())
-        return self.backend.spec
+    async def world(self, world: str = "") -> WorldSpec:
+        """The spec of a world a new session would get ("" = the default; "name" or "name@version" in a catalogue),
+        starting its backend if needed: a gateway may come up before its model services and answers UNAVAILABLE
+        (health NOT_SERVING) until they are there."""
+        async with self._world(self._resolve(world)[0]) as backend:
+            return backend.spec
+
+    async def session_world(self, client: str, session_id: str) -> WorldSpec:
+        """The spec of the world a session is pinned to."""
+        record = await self._owned(client, session_id)
+        async with self._world(record.world) as backend:
+            return backend.spec
+
+    def list_worlds(self) -> list:
+        """The catalogue's versions (WorldVersion), oldest first; empty for a gateway that serves one world."""
+        return self.worlds.versions()
+
+    def _resolve(self, world: str) -> tuple[str, str]:
+        """(ref, digest) of the version a new session on `world` gets; ("", "") for the one world of a gateway
+        without a catalogue."""
+        try:
+            entry = self.worlds.resolve(world)
+        except WorldNotFound as exc:
+            raise GatewayError("FAILED_PRECONDITION" if exc.retired else "NOT_FOUND", str(exc)) from exc
+        except ValueError as exc:
+            raise GatewayError("INVALID_ARGUMENT", str(exc)) from exc
+        return (SINGLE, "") if entry is None else (entry.ref, entry.digest)
+
+    @contextlib.asynccontextmanager
+    async def _world(self, ref: str):
+        """The started backend of a pinned world version, kept loaded for the block."""
+        try:
+            ctx = self.worlds.use(ref)
+            backend = await self._model(ctx.__aenter__())
+        except WorldNotFound as exc:
+            raise GatewayError("FAILED_PRECONDITION", f"the session's world {ref} cannot be loaded: {exc}") from exc
+        except ModelsBudgetExceeded as exc:
+            raise GatewayError("RESOURCE_EXHAUSTED", str(exc)) from exc
+        try:
+            yield backend
+        finally:
+            await ctx.__aexit__(None, None, None)
 
     async def authorize(self, token: str | None) -> str:
         """The client id of a token, after the rate limit; raises UNAUTHENTICATED / RESOURCE_EXHAUSTED."""
@@ -134,23 +179,30 @@ class SessionService:
         self.metrics.play_streams.dec()
 
     async def open(self, client: str, image: bytes | None = None, frames: np.ndarray | None = None, steps: int = 0,
-                   temperature: float | None = None, seed: int | None = None) -> Outcome:
-        """Starts a session from an encoded image or raw frames (t, H, W, C) uint8."""
-        await self.world()
-        prompt = self._prompt(image, frames)
-        sampling = self._sampling(steps, temperature)
+                   temperature: float | None = None, seed: int | None = None, world: str = "") -> Outcome:
+        """Starts a session from an encoded image or raw frames (t, H, W, C) uint8, on `world` ("" = the default;
+        "name" = its newest live version; "name@version"), to which the session stays pinned."""
+        ref, digest = self._resolve(world)
+        async with self._world(ref) as backend:
+            return await self._open(client, backend, ref, digest, image, frames, steps, temperature, seed)
+
+    async def _open(self, client: str, backend: ModelBackend, ref: str, digest: str, image: bytes | None,
+                    frames: np.ndarray | None, steps: int, temperature: float | None, seed: int | None) -> Outcome:
+        spec = backend.spec
+        prompt = self._prompt(spec, image, frames)
+        sampling = self._sampling(spec, steps, temperature)
         if seed is None:
             seed = random.SystemRandom().randrange(1 << 62)
         elif not 0 <= seed < 1 << 63:
             raise GatewayError("INVALID_ARGUMENT", f"seed must be in [0, 2^63), got {seed}")
         if await self._store(self.store.count(client)) >= self.limits.max_sessions_per_client:
             raise GatewayError("RESOURCE_EXHAUSTED", f"at most {self.limits.max_sessions_per_client} open sessions per client")
-        async with self._admit():
-            tokens = await self._model(self.backend.encode(prompt))
+        async with self._admit(backend):
+            tokens = await self._model(backend.encode(prompt))
             state = new_state(uuid.uuid4().hex, torch.from_numpy(tokens), seed)
-            frame = await self._model(self.backend.decode_last(state))
+            frame = await self._model(backend.decode_last(state))
         now = time.time()
-        record = SessionRecord(state.session_id, client, state, sampling, now, now + self.limits.session_ttl_s)
+        record = SessionRecord(state.session_id, client, state, sampling, now, now + self.limits.session_ttl_s, ref, digest)
         try:
             await self._store(self.store.create(record, self.limits.max_sessions_per_client), write=True)
         except LimitExceeded as exc:
@@ -168,12 +220,16 @@ class SessionService:
         With `expect_step`, the step applies only to the session at that step (else ABORTED): a client retrying
         a step whose first attempt may still be running elsewhere cannot have both applied.
         """
-        spec = await self.world()
-        if not 0 <= action < spec.num_actions:
-            raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions 0..{spec.num_actions - 1}")
+        if self.worlds.catalog is None:  # one world: a bad action is refused before the session is read
+            spec = await self.world()
+            if not 0 <= action < spec.num_actions:
+                raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions "
+                                                       f"0..{spec.num_actions - 1}")
+        elif action < 0:
+            raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: actions are numbered from 0")
         with step_deadline(self.limits.step_deadline_s):
-            async with self._one_step_at_a_time(session_id), self._admit():
-                return await self._step(client, session_id, action, spec, expect_step)
+            async with self._one_step_at_a_time(session_id):
+                return await self._step(client, session_id, action, expect_step)
 
     @contextlib.asynccontextmanager
     async def _one_step_at_a_time(self, session_id: str):
@@ -187,7 +243,7 @@ class SessionService:
             if entry[1] == 0:
                 del self._stepping[session_id]
 
-    async def _step(self, client: str, session_id: str, action: int, spec: WorldSpec, expect_step: int | None) -> Outcome:
+    async def _step(self, client: str, session_id: str, action: int, expect_step: int | None) -> Outcome:
         started = time.perf_counter()
         for _ in range(self.limits.commit_retries):
             t0 = time.perf_counter()
@@ -195,10 +251,15 @@ class SessionService:
             if expect_step is not None and record.state.step != expect_step:
                 raise GatewayError("ABORTED", f"session {session_id} is at step {record.state.step}, not the expected "
                                               f"{expect_step}: it moved on (an earlier attempt of this step may have landed)")
-            t1 = time.perf_counter()
-            tokens = await self._model(self.backend.next_tokens(record.state, action, record.sampling))
-            new = advance(record.state, torch.from_numpy(tokens), action, spec.window, spec.keep)
-            frame = await self._model(self.backend.decode_last(new))
+            async with self._world(record.world) as backend, self._admit(backend):
+                spec = backend.spec
+                if action >= spec.num_actions:
+                    raise GatewayError("INVALID_ARGUMENT", f"unknown action {action}: this world has actions "
+                                                           f"0..{spec.num_actions - 1}")
+                t1 = time.perf_counter()
+                tokens = await self._model(backend.next_tokens(record.state, action, record.sampling))
+                new = advance(record.state, torch.from_numpy(tokens), action, spec.window, spec.keep)
+                frame = await self._model(backend.decode_last(new))
             updated = record.advanced(new, time.time(), self.limits.session_ttl_s)
             t2 = time.perf_counter()
             try:
@@ -212,7 +273,8 @@ class SessionService:
                 raise GatewayError(
                     "UNAVAILABLE", f"step committed as version {exc.version} but not confirmed durable ({exc}); "
                     f"GetSession: if the version is >= {exc.version} the step holds, else retry it",
-                    trailers=((COMMITTED_VERSION_TRAILER, str(exc.version)),), outcome=Outcome(updated, frame, action),
+                    trailers=((COMMITTED_VERSION_TRAILER, str(exc.version)),),
+                    outcome=Outcome(updated, frame, action, spec.action_name(action)),
                 ) from exc
             t3 = time.perf_counter()
             self.metrics.model_seconds.observe(t2 - t1)
@@ -220,7 +282,7 @@ class SessionService:
             if committed:
                 self.metrics.steps.inc()
                 self.metrics.step_seconds.observe(t3 - started)
-                return Outcome(updated, frame, action)
+                return Outcome(updated, frame, action, spec.action_name(action))
             self.metrics.commit_conflicts.inc()
             await asyncio.sleep(random.uniform(0, 0.01))  # let the other replica's commit land
         raise GatewayError("ABORTED", f"session {session_id} is being stepped concurrently; retry")
@@ -234,17 +296,18 @@ class SessionService:
             raise GatewayError("NOT_FOUND", f"no session {session_id}")
         self.metrics.sessions_closed.inc()
 
-    async def infer_actions(self, frames: np.ndarray) -> np.ndarray:
-        spec = await self.world()
-        if frames.nbytes > self.limits.max_prompt_bytes:
-            raise GatewayError("INVALID_ARGUMENT", f"clip is {frames.nbytes} bytes, the limit is {self.limits.max_prompt_bytes}")
-        self._check_raw(frames, spec)
-        return await self._model(self.backend.infer_actions(frames))
+    async def infer_actions(self, frames: np.ndarray, world: str = "") -> np.ndarray:
+        """The latent actions between consecutive frames, by the LAM of `world` (as for open)."""
+        async with self._world(self._resolve(world)[0]) as backend:
+            if frames.nbytes > self.limits.max_prompt_bytes:
+                raise GatewayError("INVALID_ARGUMENT",
+                                   f"clip is {frames.nbytes} bytes, the limit is {self.limits.max_prompt_bytes}")
+            self._check_raw(frames, backend.spec)
+            return await self._model(backend.infer_actions(frames))
 
     async def ready(self) -> bool:
         try:
-            await self.world()
-            return await self.backend.ready() and await self.store.ping()
+            return await self.worlds.ready() and await self.store.ping()
         except Exception:
             return False
 
@@ -266,8 +329,7 @@ class SessionService:
             raise GatewayError("NOT_FOUND", f"no session {session_id} (closed, expired, or never opened by this client)")
         return record
 
-    def _prompt(self, image: bytes | None, frames: np.ndarray | None) -> np.ndarray:
-        spec = self.spec
+    def _prompt(self, spec: WorldSpec, image: bytes | None, frames: np.ndarray | None) -> np.ndarray:
         if (image is None) == (frames is None):
             raise GatewayError("INVALID_ARGUMENT", "give exactly one prompt: an image or raw frames")
         if image is not None:
@@ -301,20 +363,21 @@ class SessionService:
         if frames.shape[0] < 1 or (max_frames is not None and frames.shape[0] > max_frames):
             raise GatewayError("INVALID_ARGUMENT", f"need 1 to {max_frames} frames, got {frames.shape[0]}")
 
-    def _sampling(self, steps: int, temperature: float | None) -> SamplingConfig:
-        default = self.spec.sampling
+    def _sampling(self, spec: WorldSpec, steps: int, temperature: float | None) -> SamplingConfig:
+        default = spec.sampling
         if steps < 0 or steps > self.limits.max_sampling_steps:
             raise GatewayError("INVALID_ARGUMENT", f"sampling steps must be in 1..{self.limits.max_sampling_steps} (0 = default)")
         if temperature is not None and not 0 <= temperature <= self.limits.max_temperature:
             raise GatewayError("INVALID_ARGUMENT", f"temperature must be in [0, {self.limits.max_temperature}]")
-        return SamplingConfig(steps=steps or default.steps, temperature=default.temperature if temperature is None else temperature,
-                              schedule=default.schedule, choice_temperature=default.choice_temperature,
-                              keep_frames=default.keep_frames)
+        # The world's own sampling with the client's two choices over it: every other field (guidance, schedule, ...)
+        # stays the world's.
+        return dataclasses.replace(default, steps=steps or default.steps,
+                                   temperature=default.temperature if temperature is None else temperature)
 
     @contextlib.asynccontextmanager
-    async def _admit(self):
+    async def _admit(self, backend: ModelBackend):
         """One admission for a whole operation when the backend sheds load (AdmissionBackend), else nothing."""
-        admit = getattr(self.backend, "admit", None)
+        admit = getattr(backend, "admit", None)
         if admit is None:
             yield
             return

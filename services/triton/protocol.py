@@ -26,6 +26,7 @@ SAMPLING_STEPS = "SAMPLING_STEPS"  # (1,) int32: MaskGIT iterations
 TEMPERATURE = "TEMPERATURE"  # (1,) fp64: fp64 so the value is the caller's float exactly
 SCHEDULE = "SCHEDULE"  # (1,) bytes: mask schedule name
 CHOICE_TEMPERATURE = "CHOICE_TEMPERATURE"  # (1,) fp64
+GUIDANCE = "GUIDANCE"  # (1,) fp64, optional (absent = 1: no classifier-free guidance)
 
 # Outputs.
 TOKENS = "TOKENS"  # tokenizer encode: (NUM_FRAMES, N) int32 (outputs need no padding: each response has its own)
@@ -38,6 +39,7 @@ ENCODE_INPUTS = (FRAMES, NUM_FRAMES)
 DECODE_INPUTS = (WINDOW_TOKENS, NUM_FRAMES, SESSION_ID)
 DYNAMICS_INPUTS = (WINDOW_TOKENS, NUM_FRAMES, WINDOW_ACTIONS, SESSION_ID, SEED, STEP, VERSION, ACTION,
                    SAMPLING_STEPS, TEMPERATURE, SCHEDULE, CHOICE_TEMPERATURE)
+DYNAMICS_OPTIONAL_INPUTS = (GUIDANCE,)  # clients from before these inputs existed leave them out
 LAM_INPUTS = (FRAMES, NUM_FRAMES)
 
 # Model config parameters the launcher fills in (string values, as Triton stores them).

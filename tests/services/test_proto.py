@@ -25,4 +25,4 @@ def test_service_is_genie_v1_gateway():
     service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
     assert service.full_name == "genie.v1.Gateway"
     assert {m.name for m in service.methods} == {"OpenSession", "Step", "Play", "GetSession", "CloseSession", "ListActions",
-                                                  "InferActions"}
+                                                  "InferActions", "ListWorlds"}

@@ -44,7 +44,7 @@ class TritonPythonModel:
 
     def _parse(self, request) -> tuple[SamplingConfig, tuple[WorldState, int]]:
         """-> (sampling settings: requests that share them step together, (state, action))."""
-        x = read_inputs(request, P.DYNAMICS_INPUTS)
+        x = read_inputs(request, P.DYNAMICS_INPUTS, P.DYNAMICS_OPTIONAL_INPUTS)
         cfg = self.engine.dynamics.cfg
         tokens, actions = x[P.WINDOW_TOKENS], x[P.WINDOW_ACTIONS]  # (W, N), (W,)
         if tokens.shape[0] > self.engine.window or actions.shape != tokens.shape[:1]:
@@ -70,6 +70,7 @@ class TritonPythonModel:
             schedule=scalar(x, P.SCHEDULE),
             choice_temperature=float(scalar(x, P.CHOICE_TEMPERATURE)),
             keep_frames=self.keep_frames,
+            guidance=float(scalar(x, P.GUIDANCE)) if P.GUIDANCE in x else 1.0,
         )
         return sampling, (state, action)
 

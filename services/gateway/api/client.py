@@ -116,12 +116,14 @@ class GatewayClient:
 
     async def open(self, image: bytes | None = None, frames: np.ndarray | None = None, steps: int = 0,
                    temperature: float | None = None, seed: int | None = None,
-                   frame_format: int = pb.FRAME_FORMAT_PNG) -> pb.OpenSessionResponse:
+                   frame_format: int = pb.FRAME_FORMAT_PNG, world: str = "") -> pb.OpenSessionResponse:
+        """A new session on `world` ("" = the gateway's default, "name", or "name@version")."""
         options = pb.SamplingOptions(steps=steps, temperature=temperature, seed=seed)
         if frames is not None:
-            request = pb.OpenSessionRequest(frames=raw_frames(frames), options=options, frame_format=frame_format)
+            request = pb.OpenSessionRequest(frames=raw_frames(frames), options=options, frame_format=frame_format,
+                                            world=world)
         else:
-            request = pb.OpenSessionRequest(image=image or b"", options=options, frame_format=frame_format)
+            request = pb.OpenSessionRequest(image=image or b"", options=options, frame_format=frame_format, world=world)
         return await self.stub.OpenSession(request, **self._kw())
 
     async def step(self, session_id: str, action: int, frame_format: int = pb.FRAME_FORMAT_PNG,
@@ -150,9 +152,14 @@ class GatewayClient:
     async def close(self, session_id: str) -> None:
         await self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id), **self._kw())
 
-    async def list_actions(self) -> pb.ListActionsResponse:
-        return await self.stub.ListActions(pb.ListActionsRequest(), **self._kw())
+    async def list_actions(self, world: str = "", session_id: str = "") -> pb.ListActionsResponse:
+        """The actions of `world`, or of the world the session `session_id` is pinned to (default: the default world)."""
+        return await self.stub.ListActions(pb.ListActionsRequest(world=world, session_id=session_id), **self._kw())
 
-    async def infer_actions(self, frames: np.ndarray) -> list[int]:
-        response = await self.stub.InferActions(pb.InferActionsRequest(frames=raw_frames(frames)), **self._kw())
+    async def infer_actions(self, frames: np.ndarray, world: str = "") -> list[int]:
+        request = pb.InferActionsRequest(frames=raw_frames(frames), world=world)
+        response = await self.stub.InferActions(request, **self._kw())
         return list(response.actions)
+
+    async def list_worlds(self) -> pb.ListWorldsResponse:
+        return await self.stub.ListWorlds(pb.ListWorldsRequest(), **self._kw())

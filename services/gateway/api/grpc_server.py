@@ -95,6 +95,8 @@ def session_message(record: SessionRecord) -> pb.Session:
         options=pb.SamplingOptions(steps=s.steps, temperature=s.temperature, seed=record.state.seed),
         created_unix=record.created,
         expires_unix=record.expires,
+        world=record.world,
+        world_digest=record.world_digest,
     )
 
 
@@ -138,7 +140,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             outcome = await self.service.open(
                 client, image=image, frames=frames, steps=o.steps,
                 temperature=o.temperature if o.HasField("temperature") else None,
-                seed=o.seed if o.HasField("seed") else None,
+                seed=o.seed if o.HasField("seed") else None, world=request.world,
             )
             return pb.OpenSessionResponse(session=session_message(outcome.record), frame=_frame(outcome.frame, fmt))
 
@@ -187,7 +189,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     async def ListActions(self, request: pb.ListActionsRequest, context) -> pb.ListActionsResponse:
         async def run(client: str) -> pb.ListActionsResponse:
-            spec = await self.service.world()
+            if request.session_id and request.world:
+                raise GatewayError("INVALID_ARGUMENT", "give a world or a session_id, not both")
+            if request.session_id:
+                spec = await self.service.session_world(client, request.session_id)
+            else:
+                spec = await self.service.world(request.world)
             actions = [pb.Action(id=i, name=spec.action_name(i)) for i in range(spec.num_actions)]
             keys = [pb.KeyBinding(key=b.key, action=b.action, share=b.share) for b in spec.key_bindings()]  # None: unset
             return pb.ListActionsResponse(actions=actions, height=spec.height, width=spec.width, channels=spec.channels,
@@ -197,9 +204,19 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     async def InferActions(self, request: pb.InferActionsRequest, context) -> pb.InferActionsResponse:
         async def run(client: str) -> pb.InferActionsResponse:
-            return pb.InferActionsResponse(actions=(await self.service.infer_actions(_raw(request.frames))).tolist())
+            frames = _raw(request.frames)
+            return pb.InferActionsResponse(actions=(await self.service.infer_actions(frames, request.world)).tolist())
 
         return await self._serve("InferActions", request, context, run)
+
+    async def ListWorlds(self, request: pb.ListWorldsRequest, context) -> pb.ListWorldsResponse:
+        async def run(client: str) -> pb.ListWorldsResponse:
+            worlds = [pb.WorldInfo(name=e.name, version=e.version, ref=e.ref, digest=e.digest, retired=e.retired,
+                                   published_unix=e.published_at) for e in self.service.list_worlds()]
+            return pb.ListWorldsResponse(worlds=worlds, default_world=self.service.worlds.default,
+                                         catalogue=self.service.worlds.catalog is not None)
+
+        return await self._serve("ListWorlds", request, context, run)
 
 
 def _handlers(servicer: GatewayServicer) -> grpc.GenericRpcHandler:

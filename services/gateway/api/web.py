@@ -4,12 +4,17 @@ Routes (every /api call needs `Authorization: Bearer <token>`; the page and its 
     GET    /                          the play page (it reads the token from the URL fragment, `/#token=...`)
     GET    /static/{file}             its JS and CSS
     GET    /healthz                   200 when the backend and store answer, else 503; "store" names a refusal (full)
-    GET    /api/world                 {actions: [{id, name}], keys: [{key, action, share}], height, width, window,
+    GET    /api/worlds                {catalogue, default, worlds: [{name, version, ref, digest, retired, published}]}
+    GET    /api/world?world=W         {actions: [{id, name}], keys: [{key, action, share}], height, width, window,
                                       prompts}; keys: the four arrow keys, action null when unbound
-    GET    /api/prompts/{i}           the world's i-th prompt image (PNG)
-    POST   /api/sessions              JSON {prompt: i, steps?, temperature?, seed?}, or a PNG/JPEG body (image/*)
-                                      with optional ?steps=&temperature=&seed= -> {session_id, step, frame}
-    GET    /api/sessions/{id}         {session_id, step, version, created, expires, sampling}
+    GET    /api/prompts/{i}?world=W   the world's i-th prompt image (PNG)
+    POST   /api/sessions              JSON {prompt: i, world?, steps?, temperature?, seed?}, or a PNG/JPEG body
+                                      (image/*) with optional ?world=&steps=&temperature=&seed= -> {session_id, step,
+                                      frame}
+    GET    /api/sessions/{id}         {session_id, step, version, created, expires, world, world_digest, sampling}
+
+W is "" (the default world), "name" (its newest live version) or "name@version"; a gateway without a catalogue
+serves one world and takes only "".
     POST   /api/sessions/{id}/step    JSON {action} -> {session_id, step, action, action_name, frame}
     DELETE /api/sessions/{id}         {session_id, closed: true}
 
@@ -28,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from genie.catalog import parse_ref
 from genie.spec import WorldSpec
 from genie.worlds import load_prompts
 from services.gateway.security.auth import bearer
@@ -74,6 +80,7 @@ def create_web_app(service: SessionService, world_dir: Path | None = None) -> we
     app.router.add_static("/static/", STATIC_DIR, append_version=False)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/api/world", _world)
+    app.router.add_get("/api/worlds", _worlds)
     app.router.add_get("/api/prompts/{index}", _prompt)
     app.router.add_post("/api/sessions", _open)
     app.router.add_get("/api/sessions/{session_id}", _info)
@@ -143,23 +150,48 @@ async def _client(request: web.Request) -> str:
     return await request.app[SERVICE].authorize(bearer(request.headers.get("Authorization")))
 
 
-async def _spec(service: SessionService) -> WorldSpec:
-    return await service.world()  # starts the backend if it is not up yet (UNAVAILABLE while it cannot)
+async def _spec(service: SessionService, world: str = "") -> WorldSpec:
+    return await service.world(world)  # starts the backend if it is not up yet (UNAVAILABLE while it cannot)
+
+
+def _prompts(request: web.Request, world: str) -> list[Path]:
+    """The prompt images of `world` (a catalogue's version, as a new session would get it) or the one world's."""
+    service: SessionService = request.app[SERVICE]
+    if service.worlds.catalog is None:
+        if world:
+            raise GatewayError("NOT_FOUND", f"this gateway serves one world and no catalogue: leave world empty, not {world!r}")
+        return request.app[PROMPTS]
+    ref, _ = service._resolve(world)
+    return load_prompts(service.worlds.catalog.resolve(*parse_ref(ref)).path)
 
 
 async def _world(request: web.Request) -> web.Response:
     await _client(request)
-    spec = await _spec(request.app[SERVICE])
+    world = request.query.get("world", "")
+    spec = await _spec(request.app[SERVICE], world)
     actions = [{"id": a, "name": spec.action_name(a)} for a in range(spec.num_actions)]
     keys = [{"key": b.key, "action": b.action, "share": b.share} for b in spec.key_bindings()]
     return web.json_response({"actions": actions, "keys": keys, "height": spec.height, "width": spec.width,
-                              "window": spec.window, "prompts": len(request.app[PROMPTS])})
+                              "window": spec.window, "prompts": len(_prompts(request, world))})
+
+
+async def _worlds(request: web.Request) -> web.Response:
+    await _client(request)
+    service: SessionService = request.app[SERVICE]
+    return web.json_response({"catalogue": service.worlds.catalog is not None, "default": service.worlds.default,
+                              "worlds": [_world_entry(e) for e in service.list_worlds()]})
+
+
+def _world_entry(entry) -> dict[str, Any]:
+    return {"name": entry.name, "version": entry.version, "ref": entry.ref, "digest": entry.digest,
+            "retired": entry.retired, "published": entry.published_at}
 
 
 async def _prompt(request: web.Request) -> web.Response:
     await _client(request)
     index = _int(request.match_info["index"], "prompt index")
-    return web.Response(body=_prompt_bytes(request.app[PROMPTS], index, "NOT_FOUND"), content_type="image/png",
+    prompts = _prompts(request, request.query.get("world", ""))
+    return web.Response(body=_prompt_bytes(prompts, index, "NOT_FOUND"), content_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -179,13 +211,15 @@ async def _open(request: web.Request) -> web.Response:
         options = await _json(request)
         if "prompt" not in options:
             raise GatewayError("INVALID_ARGUMENT", "give {\"prompt\": <index>} or post a PNG/JPEG body with Content-Type image/*")
-        image = _prompt_bytes(request.app[PROMPTS], _int(options["prompt"], "prompt"), "INVALID_ARGUMENT")
+        image = _prompt_bytes(_prompts(request, _str(options.get("world", ""), "world")), _int(options["prompt"], "prompt"),
+                              "INVALID_ARGUMENT")
     else:
         raise GatewayError("INVALID_ARGUMENT", f"Content-Type must be application/json or image/*, got {request.content_type!r}")
     outcome = await service.open(
         client, image=image, steps=_int(options.get("steps", 0), "steps"),
         temperature=None if options.get("temperature") is None else _float(options["temperature"], "temperature"),
-        seed=None if options.get("seed") is None else _int(options["seed"], "seed"))
+        seed=None if options.get("seed") is None else _int(options["seed"], "seed"),
+        world=_str(options.get("world", ""), "world"))
     reply = _frame_reply(outcome)
     return web.json_response(reply, status=201, headers={"Location": f"/api/sessions/{reply['session_id']}"})
 
@@ -195,7 +229,8 @@ async def _info(request: web.Request) -> web.Response:
     record = await request.app[SERVICE].get(client, request.match_info["session_id"])
     s = record.sampling
     return web.json_response({"session_id": record.session_id, "step": record.state.step, "version": record.version,
-                              "created": record.created, "expires": record.expires,
+                              "created": record.created, "expires": record.expires, "world": record.world,
+                              "world_digest": record.world_digest,
                               "sampling": {"steps": s.steps, "temperature": s.temperature}})
 
 
@@ -206,8 +241,7 @@ async def _step(request: web.Request) -> web.Response:
         raise GatewayError("INVALID_ARGUMENT", "give {\"action\": <latent action id>}")
     service = request.app[SERVICE]
     outcome = await service.step(client, request.match_info["session_id"], _int(body["action"], "action"))
-    return web.json_response(_frame_reply(outcome) | {"action": outcome.action,
-                                                      "action_name": service.spec.action_name(outcome.action)})
+    return web.json_response(_frame_reply(outcome) | {"action": outcome.action, "action_name": outcome.action_name})
 
 
 async def _close(request: web.Request) -> web.Response:
@@ -243,6 +277,12 @@ def _int(value: Any, name: str) -> int:
         return int(value)
     except ValueError as exc:
         raise GatewayError("INVALID_ARGUMENT", f"{name} must be an integer, got {value!r}") from exc
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str) or len(value) > 128:
+        raise GatewayError("INVALID_ARGUMENT", f"{name} must be a string of at most 128 characters, got {value!r:.40}")
+    return value
 
 
 def _float(value: Any, name: str) -> float:

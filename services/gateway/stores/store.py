@@ -7,6 +7,7 @@ stepping one session can never interleave half-updates; the loser re-reads and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -27,6 +28,10 @@ class SessionRecord:
     sampling: SamplingConfig
     created: float  # unix seconds
     expires: float  # unix seconds; refreshed by every step
+    # The world version the session is pinned to ("name@version" in a catalogue; "" = the one world a gateway serves
+    # without one) and that version's digest: a session's frames come from exactly this world, whatever is published.
+    world: str = ""
+    world_digest: str = ""
 
     @property
     def version(self) -> int:
@@ -34,10 +39,10 @@ class SessionRecord:
 
     def meta_json(self) -> str:
         """Everything but the state, as JSON (the state travels as safetensors bytes)."""
-        s = self.sampling
-        sampling = {"steps": s.steps, "temperature": s.temperature, "schedule": s.schedule,
-                    "choice_temperature": s.choice_temperature, "keep_frames": s.keep_frames}
-        return json.dumps({"owner": self.owner, "sampling": sampling, "created": self.created, "expires": self.expires})
+        # Every sampling field; a record written before a field existed reads back with that field's default.
+        sampling = dataclasses.asdict(self.sampling)
+        return json.dumps({"owner": self.owner, "sampling": sampling, "created": self.created, "expires": self.expires,
+                           "world": self.world, "world_digest": self.world_digest})
 
     @classmethod
     def from_parts(cls, session_id: str, state_bytes: bytes, meta_json: str | bytes) -> SessionRecord:
@@ -45,7 +50,8 @@ class SessionRecord:
         state = WorldState.from_bytes(state_bytes)
         if state.session_id != session_id:
             raise ValueError(f"stored state belongs to {state.session_id!r}, not {session_id!r}")
-        return cls(session_id, meta["owner"], state, SamplingConfig(**meta["sampling"]), meta["created"], meta["expires"])
+        return cls(session_id, meta["owner"], state, SamplingConfig(**meta["sampling"]), meta["created"], meta["expires"],
+                   meta.get("world", ""), meta.get("world_digest", ""))
 
     def advanced(self, state: WorldState, now: float, ttl_s: float) -> SessionRecord:
         return replace(self, state=state, expires=now + ttl_s)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 import torch
@@ -41,7 +43,7 @@ def _record(owner="alice", ttl=60.0, version=0, sid=None) -> SessionRecord:
     tokens = torch.randint(0, 32, (3, 4), dtype=torch.int32)
     state = WorldState(sid, tokens, torch.tensor([-1, 2, 5], dtype=torch.int32), seed=7, version=version, step=version)
     now = time.time()
-    return SessionRecord(sid, owner, state, SamplingConfig(steps=3, temperature=1.5), now, now + ttl)
+    return SessionRecord(sid, owner, state, SamplingConfig(steps=3, temperature=1.5, guidance=2.0), now, now + ttl)
 
 
 def _bump(record: SessionRecord, ttl=60.0) -> SessionRecord:
@@ -57,6 +59,14 @@ async def test_create_get_round_trip(store):
     assert got is not None and got.state.equals(rec.state)
     assert (got.owner, got.sampling, got.created, got.expires) == (rec.owner, rec.sampling, rec.created, rec.expires)
     assert await store.get("no-such-session") is None
+
+
+def test_a_record_written_before_a_sampling_field_existed_reads_with_its_default():
+    rec = _record()
+    meta = json.loads(rec.meta_json())
+    del meta["sampling"]["guidance"]
+    old = SessionRecord.from_parts(rec.session_id, rec.state.to_bytes(), json.dumps(meta))
+    assert old.sampling == replace(rec.sampling, guidance=1.0)
 
 
 async def test_commit_is_compare_and_set(store):
