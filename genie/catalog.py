@@ -63,6 +63,7 @@ class WorldVersion:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["path"] = str(self.path)
+        d["ref"] = self.ref
         return d
 
 

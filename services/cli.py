@@ -264,12 +264,20 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
 @click.option("--threads", type=int, default=0, help="torch threads of the in-process backend (0 = torch's default).")
 @click.option("--kv-cache-mb", type=int, default=1024, show_default=True,
               help="In-process backend: K/V cache budget of each engine; idle sessions' caches are evicted (LRU) past it.")
+@click.option("--registry", default="", envvar="GENIE_REGISTRY",
+              help="Serve a world catalogue (`genie world publish`) instead of --world: sessions name a world and stay "
+                   "pinned to its version; published versions become playable without a restart (in-process backend).")
+@click.option("--default-world", default="", envvar="GENIE_DEFAULT_WORLD",
+              help="With --registry: the world a session gets when it names none (default: the only one there is).")
+@click.option("--models-budget-mb", type=int, default=2048, show_default=True, envvar="GENIE_MODELS_BUDGET_MB",
+              help="With --registry: model memory of the versions loaded at once; idle ones unload past it (0 = no limit).")
 @_device_options
 def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s,
           backend, triton_url, triton_model_urls, triton_tls, triton_ca, triton_cert, triton_key, store, redis_url,
           redis_sentinels, redis_master, redis_wait_replicas, redis_wait_ms, redis_password, redis_ca, redis_cert,
           redis_key, max_in_flight, max_queue, queue_timeout,
-          step_deadline, tokens, session_ttl, max_sessions, max_streams, rate, threads, kv_cache_mb, device, precision) -> None:
+          step_deadline, tokens, session_ttl, max_sessions, max_streams, rate, threads, kv_cache_mb, registry, default_world,
+          models_budget_mb, device, precision) -> None:
     """Run a gateway: the gRPC API (+ web page, + /metrics) over Triton or in-process models and a Redis or
     in-memory session store. Replicas sharing one Redis serve any session."""
     from services.backends.admission import AdmissionConfig
@@ -289,7 +297,8 @@ def serve(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key
                             admission=admission,
                             host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, tokens=tokens,
                             threads=threads, cache_bytes=kv_cache_mb << 20, device=device, precision=precision,
-                            limits=limits,
+                            limits=limits, registry=registry, default_world=default_world,
+                            models_budget_bytes=models_budget_mb << 20,
                             **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s))
     except ValueError as exc:
         _fail(str(exc))

@@ -183,12 +183,15 @@ def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed,
 @click.option("--drift-steps", type=int, default=0, show_default=True, help="Also measure drift over this many steps.")
 @click.option("--atlas-prompts", type=int, default=4, show_default=True, help="Prompts per action in the atlas.")
 @click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
+@click.option("--publish", default="", help="Then publish the world into the catalogue under this name (its next "
+              "version), playable at once by gateways serving that catalogue.")
+@click.option("--registry", default="", help="The catalogue to publish into (default: the worker's GENIE_REGISTRY).")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
 @click.pass_context
 def submit_world(ctx, data_dir, eval_data, preset, config, overrides, out, run_root, eval_clips, drift_steps,
-                 atlas_prompts, threads, wait) -> None:
+                 atlas_prompts, threads, publish, registry, wait) -> None:
     """Queue `genie world build` as a chain of jobs: train tokenizer -> LAM -> dynamics, then export, evaluate and
-    name the actions. Status shows the stage and the steps done over all three."""
+    name the actions (and with --publish, publish it). Status shows the stage and the steps done over all three."""
     from genie.build import with_data
     from services.worker.jobs import resolve_world
     from services.worker.specs import WorldJobSpec
@@ -197,7 +200,7 @@ def submit_world(ctx, data_dir, eval_data, preset, config, overrides, out, run_r
     try:
         world = with_data(resolve_world(preset, config, overrides), data_dir, eval_data)
         spec = WorldJobSpec(world, out=out, run_root=run_root, eval_clips=eval_clips, drift_steps=drift_steps,
-                            atlas_prompts=atlas_prompts, threads=threads)
+                            atlas_prompts=atlas_prompts, threads=threads, publish=publish, registry=registry)
         job_id = client.submit_world(spec)
     except ValueError as exc:
         _fail(str(exc))

@@ -45,6 +45,7 @@ class WorkerSettings:
     metrics_host: str = "0.0.0.0"  # a pod's metrics must be reachable from Prometheus
     rollout_backend: str = "inprocess"  # "inprocess" (the world's models in the worker) or "triton"
     world: str = "worlds/demo"  # world dir of the in-process backend (and where the CLI validates rollouts)
+    registry: str = ""  # the world catalogue world jobs publish into (GENIE_REGISTRY); "" = none
     triton_url: str = "127.0.0.1:8001"
     triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=host:port,lam=host:port", as `genie serve`
     rollout_device: str = "auto"  # the in-process backend's device: auto | cpu | cuda | cuda:N (GENIE_ROLLOUT_DEVICE)
@@ -181,6 +182,7 @@ class WorkerSettings:
             "metrics_host": env.get("GENIE_WORKER_METRICS_HOST") or "0.0.0.0",
             "rollout_backend": env.get("GENIE_ROLLOUT_BACKEND") or "inprocess",
             "world": env.get("GENIE_WORLD") or "worlds/demo",
+            "registry": env.get("GENIE_REGISTRY", ""),
             "triton_url": env.get("GENIE_TRITON_URL") or "127.0.0.1:8001",
             "triton_model_urls": env.get("GENIE_TRITON_MODEL_URLS", ""),
             "rollout_device": env.get("GENIE_ROLLOUT_DEVICE") or "auto",

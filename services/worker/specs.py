@@ -90,12 +90,20 @@ class WorldJobSpec:
     drift_steps: int = 0
     atlas_prompts: int = 4
     threads: int = 0
+    # Publish the built world into the catalogue under this name (genie/catalog.py) as the job's last act: train ->
+    # publish -> play with no hands. "" = do not publish. `registry` "" = the worker's GENIE_REGISTRY.
+    publish: str = ""
+    registry: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.world, WorldConfig):
             raise ValueError(f"world must be a WorldConfig, got {type(self.world).__name__}")
         if min(self.eval_clips, self.drift_steps, self.atlas_prompts, self.threads) < 0:
             raise ValueError("eval_clips, drift_steps, atlas_prompts and threads must be >= 0")
+        if self.publish:
+            from genie.catalog import check_name
+
+            check_name(self.publish)
 
     @property
     def stage_steps(self) -> dict[str, int]:
@@ -115,11 +123,12 @@ class WorldJobSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"world": to_dict(self.world), "out": self.out, "run_root": self.run_root, "eval_clips": self.eval_clips,
-                "drift_steps": self.drift_steps, "atlas_prompts": self.atlas_prompts, "threads": self.threads}
+                "drift_steps": self.drift_steps, "atlas_prompts": self.atlas_prompts, "threads": self.threads,
+                "publish": self.publish, "registry": self.registry}
 
     @classmethod
     def from_json(cls, data: Any) -> WorldJobSpec:
-        keys = {"world", "out", "run_root", "eval_clips", "drift_steps", "atlas_prompts", "threads"}
+        keys = {"world", "out", "run_root", "eval_clips", "drift_steps", "atlas_prompts", "threads", "publish", "registry"}
         data = _object(data, "world job", keys)
         return cls(
             world=from_dict(WorldConfig, data.get("world", {})),
@@ -129,6 +138,8 @@ class WorldJobSpec:
             drift_steps=_typed(data, "drift_steps", int, 0),
             atlas_prompts=_typed(data, "atlas_prompts", int, 4),
             threads=_typed(data, "threads", int, 0),
+            publish=_typed(data, "publish", str, ""),
+            registry=_typed(data, "registry", str, ""),
         )
 
 

@@ -175,7 +175,26 @@ def world_finish(self: JobTask, job_id: str, spec: dict[str, Any]) -> dict[str, 
         run.report(job.total - 1, force=True, stage="eval", out=job.out)
         # Every training stage is complete (the chain got here), so this runs export + eval only.
         result = _with_threads(job.threads, lambda: build_world(cfg))
-    return {"job": job_id, **result.summary(cfg), "done": job.total, "total": job.total}
+        published = _publish(job, job_id) if job.publish else None
+    summary = {"job": job_id, **result.summary(cfg), "done": job.total, "total": job.total}
+    return summary if published is None else {**summary, "published": published}
+
+
+def _publish(job: WorldJobSpec, job_id: str) -> dict[str, Any]:
+    """Publishes the built world as the next version of `job.publish`, once: a redelivered finish task finds the
+    version its first delivery published (same job, same digest) instead of publishing a second one."""
+    from genie.catalog import DirectoryCatalog, file_digests, world_digest
+
+    registry = job.registry or settings.registry
+    if not registry:
+        raise ValueError("the job asks to publish, but neither it nor the worker (GENIE_REGISTRY) names a registry")
+    catalog = DirectoryCatalog(registry)
+    source = f"job {job_id}"
+    digest = world_digest(file_digests(Path(job.out)))
+    for entry in catalog.versions(job.publish) if (catalog.root / job.publish).is_dir() else []:
+        if entry.source == source and entry.digest == digest:
+            return entry.to_dict()
+    return catalog.publish(Path(job.out), job.publish, source=source).to_dict()
 
 
 def _with_threads(threads: int, fn):

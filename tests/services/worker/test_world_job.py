@@ -4,6 +4,7 @@ a stage that fails on the worker fails the job with the stage named."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,13 @@ import numpy as np
 import pytest
 from celery.result import AsyncResult
 
+from genie.catalog import DirectoryCatalog, file_digests, world_digest
 from genie.data.shards import ShardWriter
 from genie.train.checkpoint import latest_checkpoint
+from genie.worlds import load_prompts
+from services.gateway.api.client import GatewayClient
+from services.gateway.app import Gateway, GatewayConfig
+from services.gateway.stores.memory_store import MemoryStore
 from services.worker.specs import stage_id
 
 SMALL = ["--preset", "tiny", "--eval-clips", "4", "--atlas-prompts", "1"]
@@ -31,9 +37,10 @@ def deployed(kit, tmp_path_factory):
     client.close()
 
 
-def test_world_job_builds_a_world_stage_by_stage(deployed, kit):
+def test_world_job_builds_a_world_stage_by_stage_and_publishes_it(deployed, kit):
     env, client = deployed["env"], deployed["client"]
-    job = kit.submitted(kit.cli(env, "submit", "world", *SMALL))
+    registry = deployed["root"] / "registry"
+    job = kit.submitted(kit.cli(env, "submit", "world", *SMALL, "--publish", "built", "--registry", str(registry)))
     seen: set[str] = set()
 
     def finished() -> bool:
@@ -55,6 +62,25 @@ def test_world_job_builds_a_world_stage_by_stage(deployed, kit):
     for kind in ("tokenizer", "lam", "dynamics"):
         stage = AsyncResult(stage_id(job, kind), app=client.app)
         assert stage.state == "SUCCESS" and stage.result["step"] == 4
+    # train -> publish -> play, no hands: the job's world is the catalogue's first version, and a gateway on the
+    # catalogue opens a session on it
+    catalog = DirectoryCatalog(registry)
+    (entry,) = catalog.versions("built")
+    assert st.result["published"]["ref"] == entry.ref == "built@1" and entry.source == f"job {job}"
+    assert entry.digest == world_digest(file_digests(world))
+    assert asyncio.run(_first_frame(registry, world)).world == "built@1"
+
+
+async def _first_frame(registry: Path, world: Path):
+    token = "alice-token-0123456789"
+    cfg = GatewayConfig(registry=str(registry), grpc_port=0, http_port=-1, metrics_port=-1, tokens=f"alice:{token}")
+    gw = Gateway(cfg, store=MemoryStore())
+    await gw.start()
+    try:
+        async with GatewayClient(gw.grpc_address, token) as alice:
+            return (await alice.open(image=load_prompts(world)[0].read_bytes(), world="built")).session
+    finally:
+        await gw.stop()
 
 
 def test_cancel_mid_build_then_resubmit_resumes(deployed, tmp_path, kit):
@@ -116,4 +142,6 @@ def test_bad_world_jobs_are_rejected_before_queueing(deployed, kit, tmp_path):
     assert bad.exit_code == 2 and "is not a dataset directory" in bad.stderr
     other = kit.cli(env, "submit", "world", "--preset", "tiny", "--eval-data", str(tmp_path))
     assert other.exit_code == 2 and "--eval-data needs --data" in other.stderr
+    named = kit.cli(env, "submit", "world", "--preset", "tiny", "--publish", "Not A Name")
+    assert named.exit_code == 2 and "a world name is" in named.stderr
     assert kit.queue_lengths() == before
