@@ -214,6 +214,9 @@ def submit_world(ctx, data_dir, eval_data, preset, config, overrides, out, run_r
 @submit.command("rollout")
 @click.option("--world", "world_dir", type=click.Path(path_type=Path),
               help="World dir the workers load (in-process backend); validation reads it. Default: GENIE_WORLD.")
+@click.option("--world-ref", default="", help="Instead of --world: a catalogue world, NAME (its newest live version) "
+              "or NAME@VERSION; the job pins the version and its digest, and the manifest records both.")
+@click.option("--registry", default="", envvar="GENIE_REGISTRY", help="The catalogue of --world-ref (env GENIE_REGISTRY).")
 @click.option("--prompt", "prompts", multiple=True, required=True,
               help="A PNG/JPEG path, or the index of one of the world's prompts; repeat for several.")
 @click.option("--actions", "actions", multiple=True, required=True,
@@ -225,8 +228,10 @@ def submit_world(ctx, data_dir, eval_data, preset, config, overrides, out, run_r
 @click.option("--out", default="", help="Output dir. Default: GENIE_JOBS_DIR/<job id> on the worker.")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
 @click.pass_context
-def submit_rollout(ctx, world_dir, prompts, actions, seed, sampling_steps, chunk_size, parallel, out, wait) -> None:
+def submit_rollout(ctx, world_dir, world_ref, registry, prompts, actions, seed, sampling_steps, chunk_size, parallel, out,
+                   wait) -> None:
     """Queue a batch rollout: prompts x action sequences -> GIFs, frames and tokens, plus a manifest."""
+    from genie.catalog import DirectoryCatalog, parse_ref
     from genie.worlds import load_world_config_of
     from services.worker.jobs import parse_actions, resolve_prompts
     from services.worker.specs import RolloutJobSpec
@@ -234,10 +239,19 @@ def submit_rollout(ctx, world_dir, prompts, actions, seed, sampling_steps, chunk
     client = _client(ctx)
     world = Path(world_dir or client.settings.world)
     try:
+        pinned = {}
+        if world_ref:
+            if world_dir:
+                raise ValueError("give --world or --world-ref, not both")
+            if not registry:
+                raise ValueError("--world-ref needs a catalogue: --registry or GENIE_REGISTRY")
+            entry = DirectoryCatalog(registry).resolve(*parse_ref(world_ref))
+            world, world_dir = entry.path, str(entry.path)
+            pinned = {"world_ref": entry.ref, "world_digest": entry.digest}
         num_actions = load_world_config_of(world).dynamics.num_actions
         spec = RolloutJobSpec(resolve_prompts(prompts, world), parse_actions(actions, num_actions, seed), seed=seed,
                               sampling_steps=sampling_steps, chunk_size=chunk_size, parallel=parallel, out=out,
-                              world=str(world_dir) if world_dir else "")
+                              world=str(world_dir) if world_dir else "", **pinned)
         job_id = client.submit_rollout(spec, world)
     except ValueError as exc:
         _fail(str(exc))

@@ -210,8 +210,14 @@ class RolloutJobSpec:
     parallel: int = 4  # items of a chunk generated concurrently (the backend batches them)
     out: str = ""  # output dir; "" = the worker's GENIE_JOBS_DIR/<job id>
     world: str = ""  # in-process backend's world dir; "" = the worker's GENIE_WORLD
+    # A catalogue's version, pinned at submit (`--world-ref name[@version]`): `world` is its directory, and the chunks
+    # check its files still have this digest; both land in the manifest with the spec.
+    world_ref: str = ""
+    world_digest: str = ""
 
     def __post_init__(self) -> None:
+        if bool(self.world_ref) != bool(self.world_digest):
+            raise ValueError("a rollout job's world_ref and world_digest come together")
         if not self.prompts:
             raise ValueError("a rollout job needs at least one prompt")
         if not self.actions or any(len(a) == 0 for a in self.actions):
@@ -249,11 +255,12 @@ class RolloutJobSpec:
     def to_json(self) -> dict[str, Any]:
         return {"prompts": list(self.prompts), "actions": [list(a) for a in self.actions], "seed": self.seed,
                 "sampling_steps": self.sampling_steps, "chunk_size": self.chunk_size, "parallel": self.parallel,
-                "out": self.out, "world": self.world}
+                "out": self.out, "world": self.world, "world_ref": self.world_ref, "world_digest": self.world_digest}
 
     @classmethod
     def from_json(cls, data: Any) -> RolloutJobSpec:
-        keys = {"prompts", "actions", "seed", "sampling_steps", "chunk_size", "parallel", "out", "world"}
+        keys = {"prompts", "actions", "seed", "sampling_steps", "chunk_size", "parallel", "out", "world", "world_ref",
+                "world_digest"}
         data = _object(data, "rollout job", keys)
         prompts = _typed(data, "prompts", list)
         actions = _typed(data, "actions", list)
@@ -270,6 +277,8 @@ class RolloutJobSpec:
             parallel=_typed(data, "parallel", int, 4),
             out=_typed(data, "out", str, ""),
             world=_typed(data, "world", str, ""),
+            world_ref=_typed(data, "world_ref", str, ""),
+            world_digest=_typed(data, "world_digest", str, ""),
         )
 
 

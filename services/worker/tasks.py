@@ -270,6 +270,15 @@ def _run_chunk(run: Execution, job: RolloutJobSpec, out: Path, index: int, items
 
     t0 = time.perf_counter()
     world = job.world or settings.world
+    if job.world_ref and settings.rollout_backend != "inprocess":
+        raise ValueError(f"world {job.world_ref} is a catalogue version: catalogue rollouts run on the in-process "
+                         f"backend (this worker's is {settings.rollout_backend})")
+    if job.world_digest:  # a catalogue version: the files must still be the ones the job pinned
+        from genie.catalog import file_digests, world_digest
+
+        if world_digest(file_digests(Path(world))) != job.world_digest:
+            raise ValueError(f"world {job.world_ref} at {world} no longer has the digest the job pinned "
+                             f"({job.world_digest}): it was changed after publishing")
     cfg = rollout_backend_config(settings, world)
     backend = runner().backend(settings, world, lambda: make_backend(cfg))
     spec = backend.spec
