@@ -10,7 +10,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from genie.catalog import DirectoryCatalog
 from services.backends.inprocess import InProcessBackend
+from services.backends.worlds import ServedWorlds
 from services.gateway.api.web import create_web_app
 from services.gateway.security.auth import Authenticator
 from services.gateway.sessions import Limits, SessionService
@@ -23,8 +25,9 @@ class PageServer:
     """`start()` -> the page's base URL. `stepped` lists the actions in the order the service received them."""
 
     def __init__(self, world_dir: Path, token: str, requests_per_second: float = 1000.0,
-                 backend_options: dict | None = None) -> None:
-        self.world_dir, self.token = world_dir, token
+                 backend_options: dict | None = None, registry: Path | None = None) -> None:
+        """With `registry`, the page serves that world catalogue (and `world_dir` is only where tests read prompts)."""
+        self.world_dir, self.token, self.registry = world_dir, token, registry
         self.requests_per_second = requests_per_second
         self.backend_options = backend_options or {}
         self.loop = asyncio.new_event_loop()
@@ -56,8 +59,12 @@ class PageServer:
         self.loop.run_forever()
 
     async def _start(self) -> None:
-        self.backend = InProcessBackend(self.world_dir, **self.backend_options)
-        await self.backend.start()
+        if self.registry is None:
+            self.backend = InProcessBackend(self.world_dir, **self.backend_options)
+            await self.backend.start()
+        else:
+            self.backend = ServedWorlds(catalog=DirectoryCatalog(self.registry),
+                                        make=lambda entry: InProcessBackend(entry.path, **self.backend_options))
         self.service = SessionService(self.backend, MemoryStore(), Authenticator({self.token: "player"}),
                                       Limits(requests_per_second=self.requests_per_second))
         step = self.service.step
@@ -67,7 +74,7 @@ class PageServer:
             return await step(client, session_id, action)
 
         self.service.step = recording_step  # type: ignore[method-assign]
-        self.runner = web.AppRunner(create_web_app(self.service, self.world_dir))
+        self.runner = web.AppRunner(create_web_app(self.service, None if self.registry else self.world_dir))
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", 0).start()  # port 0: the OS picks a free one
         self.port = self.runner.addresses[0][1]

@@ -10,7 +10,7 @@ Routes (every /api call needs `Authorization: Bearer <token>`; the page and its 
     GET    /api/prompts/{i}?world=W   the world's i-th prompt image (PNG)
     POST   /api/sessions              JSON {prompt: i, world?, steps?, temperature?, seed?}, or a PNG/JPEG body
                                       (image/*) with optional ?world=&steps=&temperature=&seed= -> {session_id, step,
-                                      frame}
+                                      frame, world}
     GET    /api/sessions/{id}         {session_id, step, version, created, expires, world, world_digest, sampling}
 
 W is "" (the default world), "name" (its newest live version) or "name@version"; a gateway without a catalogue
@@ -256,7 +256,8 @@ async def _close(request: web.Request) -> web.Response:
 
 def _frame_reply(outcome: Outcome) -> dict[str, Any]:
     frame = base64.b64encode(encode_png(outcome.frame)).decode("ascii")
-    return {"session_id": outcome.record.session_id, "step": outcome.record.state.step, "frame": frame}
+    return {"session_id": outcome.record.session_id, "step": outcome.record.state.step, "frame": frame,
+            "world": outcome.record.world}
 
 
 async def _json(request: web.Request) -> dict[str, Any]:

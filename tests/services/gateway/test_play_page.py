@@ -259,3 +259,34 @@ def test_without_token_the_page_asks_for_one(driver, server):
     wait(driver, lambda d: d.find_element(By.ID, "play").is_displayed(), "the page did not connect")
     assert driver.current_url.endswith(f"#token={TOKEN}")
     start_session(driver, server, prompt=1)
+
+
+def test_the_page_offers_the_catalogue_and_plays_the_world_picked(driver, keyed_world, trained_world_dir, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    from genie.catalog import DirectoryCatalog
+
+    catalog = DirectoryCatalog(tmp_path / "registry")
+    catalog.publish(trained_world_dir, "plain")
+    catalog.publish(keyed_world, "keyed")
+    catalog.publish(keyed_world, "keyed")
+    catalog.retire("keyed", 2)  # retired: not offered
+    srv = PageServer(keyed_world, TOKEN, registry=catalog.root)
+    srv.start()
+    try:
+        open_page(driver, srv)
+        wait(driver, lambda d: d.execute_script("return !document.getElementById('worlds').hidden"), "no world picker")
+        select = Select(driver.find_element("id", "world-select"))
+        assert [o.get_attribute("value") for o in select.options] == ["keyed", "keyed@1", "plain", "plain@1"]
+        shown = "return document.body.dataset.worldShown"
+        wait(driver, lambda d: d.execute_script(shown) == "keyed", "the default world was not shown")
+        select.select_by_value("plain")
+        wait(driver, lambda d: d.execute_script(shown) == "plain", "the picked world was not shown")
+        start_session(driver, srv, 1)
+        assert driver.execute_script("return document.body.dataset.world") == "plain@1"
+        select.select_by_value("keyed@1")
+        wait(driver, lambda d: d.execute_script(shown) == "keyed@1", "the picked version was not shown")
+        start_session(driver, srv, 0)
+        assert driver.execute_script("return document.body.dataset.world") == "keyed@1"
+    finally:
+        srv.stop()

@@ -16,6 +16,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   token: null,
   world: null, // GET /api/world
+  worldRef: "", // the chosen catalogue world ("" = the gateway's default): "name" or "name@version"
   keys: new Map(), // KeyboardEvent.key -> action
   unbound: new Map(), // KeyboardEvent.key -> key name, for arrows this world leaves unbound
   prompt: 0, // the chosen prompt index, or null when an uploaded image is chosen
@@ -145,13 +146,15 @@ async function start() {
   setMode("starting");
   say("Starting…");
   try {
-    const body = state.upload || { prompt: state.prompt };
-    const reply = await (await api("POST", "/api/sessions", body)).json();
+    const body = state.upload || { prompt: state.prompt, world: state.worldRef };
+    const path = state.upload ? `/api/sessions${worldQuery()}` : "/api/sessions";
+    const reply = await (await api("POST", path, body)).json();
     if (epoch !== state.epoch) { // restarted again meanwhile: give this session's slot back
       api("DELETE", `/api/sessions/${reply.session_id}`).catch(() => {});
       return;
     }
     state.session = reply.session_id;
+    document.body.dataset.world = reply.world || "";
     showFrame(reply);
     setMode("playing");
     say("Play with the keys or the buttons.");
@@ -318,7 +321,7 @@ function chooseUpload(event) {
 
 async function loadThumb(index, img) {
   try {
-    const blob = await (await api("GET", `/api/prompts/${index}`)).blob();
+    const blob = await (await api("GET", `/api/prompts/${index}${worldQuery()}`)).blob();
     img.src = URL.createObjectURL(blob); // an <img> cannot send the auth header itself
   } catch (err) {
     img.alt = `prompt ${index} (failed: ${err.message})`;
@@ -386,11 +389,54 @@ function releaseAll() {
   state.held = [];
 }
 
+function worldQuery() {
+  return state.worldRef ? `?world=${encodeURIComponent(state.worldRef)}` : "";
+}
+
+// A gateway serving a catalogue offers its worlds: each name (its newest live version) and each live version.
+async function buildWorlds() {
+  const listing = await (await api("GET", "/api/worlds")).json();
+  const live = listing.worlds.filter((w) => !w.retired);
+  $("worlds").hidden = !listing.catalogue || live.length === 0;
+  if ($("worlds").hidden) return;
+  const select = $("world-select");
+  select.replaceChildren();
+  const names = [...new Set(live.map((w) => w.name))];
+  for (const name of names) {
+    const newest = live.filter((w) => w.name === name).at(-1);
+    select.append(new Option(`${name} (newest: v${newest.version})`, name));
+    for (const w of live.filter((v) => v.name === name)) select.append(new Option(`${w.ref}`, w.ref));
+  }
+  state.worldRef = listing.default && names.includes(listing.default) ? listing.default : names[0];
+  select.value = state.worldRef;
+  select.addEventListener("change", () => {
+    state.worldRef = select.value;
+    loadWorld();
+  });
+}
+
 async function connect() {
   $("token-form").hidden = true;
   setMode("loading");
   try {
-    const world = await (await api("GET", "/api/world")).json();
+    await buildWorlds();
+    await loadWorld();
+  } catch (err) {
+    showError(err);
+    if (err.status === 401) askToken();
+  }
+}
+
+async function loadWorld() {
+  state.epoch++; // a session of the previous world is not stepped any more
+  const old = state.session;
+  state.session = null;
+  if (old) api("DELETE", `/api/sessions/${old}`).catch(() => {});
+  state.prompt = 0;
+  state.upload = null;
+  setMode("loading");
+  try {
+    const world = await (await api("GET", `/api/world${worldQuery()}`)).json();
     state.world = world;
     state.keys = buildKeys(world);
     $("world-info").textContent = `${world.width}×${world.height} frames · ${world.actions.length} latent actions · ` +
@@ -398,6 +444,7 @@ async function connect() {
     $("screen").style.aspectRatio = `${world.width} / ${world.height}`;
     buildControls(world);
     buildPrompts(world);
+    document.body.dataset.worldShown = state.worldRef; // the picker's world, once its actions and prompts are built
     $("play").hidden = false;
     setMode("idle");
     say(world.prompts ? "Pick a starting frame." : "Upload a starting frame.");
