@@ -24,7 +24,8 @@ from services.triton import assemble_repository, free_ports
 from services.triton import protocol as P
 from services.triton.launcher import SERVICES_DIR
 
-INPUTS = {P.TOKENIZER: {*P.ENCODE_INPUTS, *P.DECODE_INPUTS}, P.LAM: set(P.LAM_INPUTS), P.DYNAMICS: set(P.DYNAMICS_INPUTS)}
+INPUTS = {P.TOKENIZER: {*P.ENCODE_INPUTS, *P.DECODE_INPUTS}, P.LAM: set(P.LAM_INPUTS),
+          P.DYNAMICS: {*P.DYNAMICS_INPUTS, *P.DYNAMICS_OPTIONAL_INPUTS}}
 OUTPUTS = {P.TOKENIZER: {P.TOKENS, P.FRAME}, P.LAM: {P.LATENT_ACTIONS}, P.DYNAMICS: {P.NEXT_TOKENS}}
 
 
@@ -37,6 +38,8 @@ def test_pbtxt_declares_the_protocol_and_batches(name):
     config = _config(SERVICES_DIR / name / "config.pbtxt")
     assert (config.name, config.backend) == (name, "python")
     assert {i.name for i in config.input} == INPUTS[name] and {o.name for o in config.output} == OUTPUTS[name]
+    if name == P.DYNAMICS:  # inputs older clients do not send are optional, so their requests still load
+        assert {i.name for i in config.input if i.optional} == set(P.DYNAMICS_OPTIONAL_INPUTS)
     assert config.max_batch_size > 1 and config.HasField("dynamic_batching")
     assert 0 < config.dynamic_batching.max_queue_delay_microseconds <= 5000
     assert set(os.listdir(SERVICES_DIR / name)) == {"1", "config.pbtxt"}  # a model dir is the pbtxt and 1/model.py

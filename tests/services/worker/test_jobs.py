@@ -93,36 +93,6 @@ def test_rollout_job_writes_every_output_and_a_manifest(deployed, trained_world_
     assert np.array_equal(np.load(out / "items/item_00005/tokens.npy"), expected.tokens)
 
 
-def test_a_rollout_job_pins_a_catalogue_version_and_records_its_digest(deployed, trained_world_dir, tmp_path, kit):
-    from genie.catalog import DirectoryCatalog
-
-    env, client = deployed["env"], deployed["client"]
-    catalog = DirectoryCatalog(tmp_path / "registry")
-    v1 = catalog.publish(trained_world_dir, "tiny")
-    args = ["submit", "rollout", "--world-ref", "tiny", "--registry", str(catalog.root), "--prompt", "0",
-            "--actions", "1,2,3", "--seed", "7"]
-    job = kit.submitted(kit.cli(env, *args, "--out", str(tmp_path / "out")))
-    st = client.wait(job, timeout=120)
-    assert st.state == "SUCCESS", st.to_json()
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert (manifest["spec"]["world_ref"], manifest["spec"]["world_digest"]) == ("tiny@1", v1.digest)
-    item = RolloutJobSpec.from_json(manifest["spec"]).items()[0]
-    expected = asyncio.run(_reference(trained_world_dir, item))  # the version is the world it was published from
-    assert np.array_equal(np.load(tmp_path / "out" / "items/item_00000/frames.npy"), expected.frames)
-
-    (v1.path / "notes.txt").write_text("a file added after publishing")
-    job = kit.submitted(kit.cli(env, *args[:-2], "--seed", "8", "--out", str(tmp_path / "again")))
-    st = client.wait(job, timeout=120)
-    assert st.state == "FAILURE" and "no longer has the digest" in st.error, st.to_json()
-    for bad, message in ((["--world-ref", "tiny"], "needs a catalogue"),
-                         (["--world-ref", "nope", "--registry", str(catalog.root)], "never published"),
-                         (["--world-ref", "tiny", "--registry", str(catalog.root), "--world", str(trained_world_dir)],
-                          "not both")):
-        result = kit.cli({k: v for k, v in env.items() if k != "GENIE_REGISTRY"}, "submit", "rollout", *bad,
-                         "--prompt", "0", "--actions", "0")
-        assert result.exit_code == 2 and message in result.stderr, (bad, result.stderr)
-
-
 async def _reference(world_dir, item):
     from genie.media import load_image
     from services.backends.inprocess import InProcessBackend
@@ -287,3 +257,34 @@ def test_submitting_to_a_full_broker_is_one_line_and_queues_nothing(tmp_path, ki
         broker_db.close()
     finally:
         own.stop()
+
+
+# After test_worker_metrics_count_tasks, whose counts of rollout tasks this test's jobs would change.
+def test_a_rollout_job_pins_a_catalogue_version_and_records_its_digest(deployed, trained_world_dir, tmp_path, kit):
+    from genie.catalog import DirectoryCatalog
+
+    env, client = deployed["env"], deployed["client"]
+    catalog = DirectoryCatalog(tmp_path / "registry")
+    v1 = catalog.publish(trained_world_dir, "tiny")
+    args = ["submit", "rollout", "--world-ref", "tiny", "--registry", str(catalog.root), "--prompt", "0",
+            "--actions", "1,2,3", "--seed", "7"]
+    job = kit.submitted(kit.cli(env, *args, "--out", str(tmp_path / "out")))
+    st = client.wait(job, timeout=120)
+    assert st.state == "SUCCESS", st.to_json()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["spec"]["world_ref"], manifest["spec"]["world_digest"]) == ("tiny@1", v1.digest)
+    item = RolloutJobSpec.from_json(manifest["spec"]).items()[0]
+    expected = asyncio.run(_reference(trained_world_dir, item))  # the version is the world it was published from
+    assert np.array_equal(np.load(tmp_path / "out" / "items/item_00000/frames.npy"), expected.frames)
+
+    (v1.path / "notes.txt").write_text("a file added after publishing")
+    job = kit.submitted(kit.cli(env, *args[:-2], "--seed", "8", "--out", str(tmp_path / "again")))
+    st = client.wait(job, timeout=120)
+    assert st.state == "FAILURE" and "no longer has the digest" in st.error, st.to_json()
+    for bad, message in ((["--world-ref", "tiny"], "needs a catalogue"),
+                         (["--world-ref", "nope", "--registry", str(catalog.root)], "never published"),
+                         (["--world-ref", "tiny", "--registry", str(catalog.root), "--world", str(trained_world_dir)],
+                          "not both")):
+        result = kit.cli({k: v for k, v in env.items() if k != "GENIE_REGISTRY"}, "submit", "rollout", *bad,
+                         "--prompt", "0", "--actions", "0")
+        assert result.exit_code == 2 and message in result.stderr, (bad, result.stderr)
