@@ -30,7 +30,7 @@ def engine_rate(world_dir: Path, action: int, steps: int) -> float:
     from PIL import Image
 
     world, _ = load_world(world_dir)
-    prompt = torch.from_numpy(np.asarray(Image.open(load_prompts(world_dir)[0]).convert("RGB")))[None, None]
+    prompt = torch.from_numpy(np.array(Image.open(load_prompts(world_dir)[0]).convert("RGB")))[None, None]
     states, _ = world.reset(prompt, [0])
     for _ in range(3):
         states, _ = world.step(states, [action])
