@@ -104,11 +104,18 @@ def scene_shift(start: np.ndarray, frames: np.ndarray, axis: int) -> int:
 
 
 def _hold(env, action: int, frames: int) -> list[np.ndarray]:
-    out = []
+    return _hold_until_end(env, action, frames)[0]
+
+
+def _hold_until_end(env, action: int, frames: int) -> tuple[list[np.ndarray], bool]:
+    """The frames while holding `action`, and whether the episode ended meanwhile (the agent died or took the coin:
+    the game then shows the next level, which is not what the key did)."""
+    out, ended = [], False
     for _ in range(frames):
         env.act(np.array([action]))
         out.append(env.observe()[1]["rgb"][0].copy())
-    return out
+        ended = ended or _episode_ended(env)
+    return out, ended
 
 
 def _episode_ended(env) -> bool:
@@ -132,10 +139,14 @@ def probe_level(env, level: int, cfg: ControlConfig) -> Probe | None:
         snapshot = env.get_state()
         last = history[-1]
         held = {}  # action -> the frames while holding it from the snapshot (keys and motions share actions)
+        ended = False
         for action in {*KEY_ACTIONS.values(), *MOTIONS.values()}:
             env.set_state(snapshot)
-            held[action] = np.stack(_hold(env, action, max(cfg.horizon, cfg.motion_frames)))
+            frames, end = _hold_until_end(env, action, max(cfg.horizon, cfg.motion_frames))
+            held[action], ended = np.stack(frames), ended or end
         env.set_state(snapshot)
+        if ended:  # a key ends the episode here (a monster, lava, the coin): not a spot to test keys; walk on
+            continue
         game = {key: held[action][: cfg.horizon] for key, action in KEY_ACTIONS.items()}
         clips = {m: np.concatenate([last[None], held[action][: cfg.motion_frames]]) for m, action in MOTIONS.items()}
         # A clean spot: RIGHT and LEFT each scroll the scene sideways and keep the agent on its floor (no fall off a

@@ -168,3 +168,45 @@ def test_eval_of_a_coinrun_world_calibrates_keys_on_val_and_scores_on_test(tmp_p
     assert again["control"]["calibration"] is None and again["control"]["keys"] == given
     assert again["control"]["test"]["levels"] == test["levels"]
     assert {k: v["latent"] for k, v in again["control"]["test"]["keys"].items()} == given
+
+
+class _ScrollingGame:
+    """A stand-in for CoinRun with Procgen's interface: the view scrolls 2 px a frame under RIGHT/LEFT, UP and
+    RIGHT+UP lift it for the frames they are held, and stepping on the floor at x in [62, 66] ends the episode (a
+    monster): the next observation is a new level, flagged `first`, as Procgen shows it."""
+
+    def __init__(self) -> None:
+        self.texture = np.random.default_rng(3).integers(0, 255, (128, 256, 3), dtype=np.uint8)
+        self.x, self.lift, self.first, self.deaths = 40, 0, False, 0
+
+    def act(self, action) -> None:
+        a = int(action[0])
+        self.x += {7: 2, 8: 3, 1: -2}.get(a, 0)
+        self.lift = 2 if a in (5, 8) else 0
+        self.first = self.lift == 0 and 62 <= self.x <= 66
+        if self.first:
+            # The next level's first view happens to look like the old view scrolled on (as CoinRun's tiled backdrops
+            # often do), so the scroll checks alone do not notice that a new level began.
+            self.x, self.deaths = self.x + 6, self.deaths + 1
+
+    def observe(self):
+        frame = self.texture[32 - self.lift : 96 - self.lift, self.x : self.x + 64].copy()
+        return np.zeros(1), {"rgb": frame[None]}, np.array([self.first])
+
+    def get_state(self):
+        return [(self.x, self.lift, self.first)]
+
+    def set_state(self, state) -> None:
+        self.x, self.lift, self.first = state[0]
+
+
+def test_a_spot_where_a_key_ends_the_episode_is_skipped():
+    """At the first spot (x=52) holding RIGHT walks into the monster: what the game shows then is the next level,
+    not what RIGHT did, so no world could match it. The probe comes from the next spot instead."""
+    from genie.eval.control import probe_level
+
+    game = _ScrollingGame()
+    probe = probe_level(game, 0, ControlConfig(levels=1))
+    assert probe is not None and game.deaths >= 1  # RIGHT did end the episode at the first spot
+    for key, dx in (("right", -12), ("left", 12)):
+        assert scene_shift(probe.prompt[-1], probe.game[key], axis=1) == dx  # a clean scroll, no new level
