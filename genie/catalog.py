@@ -44,6 +44,10 @@ class CatalogError(ValueError):
     """A publish, lookup or retirement that cannot be done; the message says why. Nothing was changed."""
 
 
+class RetiredWorld(CatalogError):
+    """The version asked for is retired: it takes no new sessions."""
+
+
 @dataclass(frozen=True)
 class WorldVersion:
     """One published world version, as a session pins it: `ref` is "name@version"."""
@@ -229,7 +233,7 @@ class DirectoryCatalog:
             if entry is None:
                 raise CatalogError(f"no world {name}@{version} in the catalogue")
             if entry.retired and not include_retired:
-                raise CatalogError(f"world {name}@{version} is retired: it takes no new sessions")
+                raise RetiredWorld(f"world {name}@{version} is retired: it takes no new sessions")
             return entry
         live = [e for e in self.versions(name) if not e.retired]
         if not live:

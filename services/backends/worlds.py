@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genie.catalog import CatalogError, DirectoryCatalog, WorldVersion, parse_ref
+from genie.catalog import CatalogError, DirectoryCatalog, RetiredWorld, WorldVersion, parse_ref
 from genie.spec import WorldSpec
 from services.backends.backend import BackendUnavailable, ModelBackend
 
@@ -39,7 +39,6 @@ class ModelsBudgetExceeded(Exception):
 
 @dataclass
 class _Loaded:
-    entry: WorldVersion | None
     backend: ModelBackend
     bytes: int
     in_use: int = 0
@@ -62,17 +61,17 @@ class ServedWorlds:
 
     def __init__(self, single: ModelBackend | None = None, catalog: DirectoryCatalog | None = None,
                  make: Callable[[WorldVersion], ModelBackend] | None = None, default: str = "",
-                 budget_bytes: int = 0, verify: bool = True) -> None:
+                 budget_bytes: int = 0) -> None:
         if (single is None) == (catalog is None):
             raise ValueError("serve either one world (a backend) or a catalogue, not both or neither")
         if catalog is not None and make is None:
             raise ValueError("a catalogue needs a backend factory")
-        self.catalog, self._make, self.default, self.budget_bytes, self._verify = catalog, make, default, budget_bytes, verify
+        self.catalog, self._make, self.default, self.budget_bytes = catalog, make, default, budget_bytes
         self._loaded: dict[str, _Loaded] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self._lock = asyncio.Lock()
         if single is not None:
-            self._loaded[SINGLE] = _Loaded(None, single, 0)
+            self._loaded[SINGLE] = _Loaded(single, 0)
         if default:
             parse_ref(default)
 
@@ -93,7 +92,7 @@ class ServedWorlds:
         try:
             return self.catalog.resolve(name, version)
         except CatalogError as exc:
-            raise WorldNotFound(str(exc), retired="retired" in str(exc)) from exc
+            raise WorldNotFound(str(exc), retired=isinstance(exc, RetiredWorld)) from exc
 
     def _only_name(self) -> str:
         names = self.catalog.names() if self.catalog is not None else []
@@ -146,8 +145,7 @@ class ServedWorlds:
             raise WorldNotFound(f"a session's world must be pinned to a version, got {ref!r}")
         try:
             entry = self.catalog.resolve(name, version, include_retired=True)  # retired: open sessions may finish
-            if self._verify:
-                await asyncio.to_thread(self.catalog.verify, entry)
+            await asyncio.to_thread(self.catalog.verify, entry)
         except CatalogError as exc:
             raise WorldNotFound(str(exc)) from exc
         size = weights_bytes(entry.path)
@@ -160,7 +158,7 @@ class ServedWorlds:
                 with contextlib.suppress(Exception):
                     await backend.close()
                 raise
-            item = self._loaded[ref] = _Loaded(entry, backend, size)
+            item = self._loaded[ref] = _Loaded(backend, size)
         log.info("loaded world %s (%s, %.1f MB of weights)", ref, entry.digest[:19], size / 1e6)
         return item
 

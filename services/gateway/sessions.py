@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genie.catalog import WorldVersion
 from genie.media import load_image
 from genie.sampling import SamplingConfig, advance, new_state
 from genie.spec import WorldSpec
@@ -110,7 +111,7 @@ class SessionService:
         """The spec of a world a new session would get ("" = the default; "name" or "name@version" in a catalogue),
         starting its backend if needed: a gateway may come up before its model services and answers UNAVAILABLE
         (health NOT_SERVING) until they are there."""
-        async with self._world(self._resolve(world)[0]) as backend:
+        async with self._world(_ref(self.resolve_world(world))) as backend:
             return backend.spec
 
     async def session_world(self, client: str, session_id: str) -> WorldSpec:
@@ -123,31 +124,27 @@ class SessionService:
         """The catalogue's versions (WorldVersion), oldest first; empty for a gateway that serves one world."""
         return self.worlds.versions()
 
-    def _resolve(self, world: str) -> tuple[str, str]:
-        """(ref, digest) of the version a new session on `world` gets; ("", "") for the one world of a gateway
-        without a catalogue."""
+    def resolve_world(self, world: str) -> WorldVersion | None:
+        """The catalogue version a new session on `world` gets; None for the one world of a gateway without a
+        catalogue. NOT_FOUND / FAILED_PRECONDITION (retired) / INVALID_ARGUMENT (a malformed name)."""
         try:
-            entry = self.worlds.resolve(world)
+            return self.worlds.resolve(world)
         except WorldNotFound as exc:
             raise GatewayError("FAILED_PRECONDITION" if exc.retired else "NOT_FOUND", str(exc)) from exc
         except ValueError as exc:
             raise GatewayError("INVALID_ARGUMENT", str(exc)) from exc
-        return (SINGLE, "") if entry is None else (entry.ref, entry.digest)
 
     @contextlib.asynccontextmanager
     async def _world(self, ref: str):
         """The started backend of a pinned world version, kept loaded for the block."""
-        try:
-            ctx = self.worlds.use(ref)
-            backend = await self._model(ctx.__aenter__())
-        except WorldNotFound as exc:
-            raise GatewayError("FAILED_PRECONDITION", f"the session's world {ref} cannot be loaded: {exc}") from exc
-        except ModelsBudgetExceeded as exc:
-            raise GatewayError("RESOURCE_EXHAUSTED", str(exc)) from exc
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                backend = await self._model(stack.enter_async_context(self.worlds.use(ref)))
+            except WorldNotFound as exc:
+                raise GatewayError("FAILED_PRECONDITION", f"the session's world {ref} cannot be loaded: {exc}") from exc
+            except ModelsBudgetExceeded as exc:
+                raise GatewayError("RESOURCE_EXHAUSTED", str(exc)) from exc
             yield backend
-        finally:
-            await ctx.__aexit__(None, None, None)
 
     async def authorize(self, token: str | None) -> str:
         """The client id of a token, after the rate limit; raises UNAUTHENTICATED / RESOURCE_EXHAUSTED."""
@@ -182,9 +179,10 @@ class SessionService:
                    temperature: float | None = None, seed: int | None = None, world: str = "") -> Outcome:
         """Starts a session from an encoded image or raw frames (t, H, W, C) uint8, on `world` ("" = the default;
         "name" = its newest live version; "name@version"), to which the session stays pinned."""
-        ref, digest = self._resolve(world)
-        async with self._world(ref) as backend:
-            return await self._open(client, backend, ref, digest, image, frames, steps, temperature, seed)
+        entry = self.resolve_world(world)
+        async with self._world(_ref(entry)) as backend:
+            return await self._open(client, backend, _ref(entry), entry.digest if entry else "", image, frames, steps,
+                                    temperature, seed)
 
     async def _open(self, client: str, backend: ModelBackend, ref: str, digest: str, image: bytes | None,
                     frames: np.ndarray | None, steps: int, temperature: float | None, seed: int | None) -> Outcome:
@@ -298,7 +296,7 @@ class SessionService:
 
     async def infer_actions(self, frames: np.ndarray, world: str = "") -> np.ndarray:
         """The latent actions between consecutive frames, by the LAM of `world` (as for open)."""
-        async with self._world(self._resolve(world)[0]) as backend:
+        async with self._world(_ref(self.resolve_world(world))) as backend:
             if frames.nbytes > self.limits.max_prompt_bytes:
                 raise GatewayError("INVALID_ARGUMENT",
                                    f"clip is {frames.nbytes} bytes, the limit is {self.limits.max_prompt_bytes}")
@@ -413,6 +411,11 @@ class SessionService:
             raise GatewayError("INVALID_ARGUMENT", str(exc)) from exc
         except BackendError as exc:
             raise GatewayError("INTERNAL", f"model service failed: {exc}") from exc
+
+
+def _ref(entry: WorldVersion | None) -> str:
+    """The ref a session pins: the version's "name@version", or "" for the one world of a gateway."""
+    return SINGLE if entry is None else entry.ref
 
 
 class StreamSlot:

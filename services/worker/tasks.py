@@ -191,7 +191,7 @@ def _publish(job: WorldJobSpec, job_id: str) -> dict[str, Any]:
     catalog = DirectoryCatalog(registry)
     source = f"job {job_id}"
     digest = world_digest(file_digests(Path(job.out)))
-    for entry in catalog.versions(job.publish) if (catalog.root / job.publish).is_dir() else []:
+    for entry in catalog.versions(job.publish):
         if entry.source == source and entry.digest == digest:
             return entry.to_dict()
     return catalog.publish(Path(job.out), job.publish, source=source).to_dict()

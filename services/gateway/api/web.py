@@ -33,7 +33,6 @@ from typing import Any
 
 from aiohttp import web
 
-from genie.catalog import parse_ref
 from genie.spec import WorldSpec
 from genie.worlds import load_prompts
 from services.gateway.security.auth import bearer
@@ -156,13 +155,8 @@ async def _spec(service: SessionService, world: str = "") -> WorldSpec:
 
 def _prompts(request: web.Request, world: str) -> list[Path]:
     """The prompt images of `world` (a catalogue's version, as a new session would get it) or the one world's."""
-    service: SessionService = request.app[SERVICE]
-    if service.worlds.catalog is None:
-        if world:
-            raise GatewayError("NOT_FOUND", f"this gateway serves one world and no catalogue: leave world empty, not {world!r}")
-        return request.app[PROMPTS]
-    ref, _ = service._resolve(world)
-    return load_prompts(service.worlds.catalog.resolve(*parse_ref(ref)).path)
+    entry = request.app[SERVICE].resolve_world(world)
+    return request.app[PROMPTS] if entry is None else load_prompts(entry.path)
 
 
 async def _world(request: web.Request) -> web.Response:
