@@ -4,8 +4,10 @@ gateway that was already serving the catalogue (issue 26's target: <= 10 s), wit
 A `genie serve --registry` process serves version 1 to an open session; the benchmark publishes the same world again
 as version 2 (the full publish: check, copy, check the copy, manifest, rename), opens a session on the world's name
 (so it must get version 2) and times each part. The version-1 session steps again afterwards, on its version.
+With --backend triton the gateway's models are on a `genie triton serve --explicit` process started beside it: the
+new version's first frame includes loading its three models into that running Triton.
 
-    python benchmarks/bench_publish.py --world worlds/demo
+    python benchmarks/bench_publish.py --world worlds/demo [--backend triton]
 """
 
 from __future__ import annotations
@@ -65,9 +67,21 @@ async def measure(world: Path, registry: DirectoryCatalog, address: str) -> dict
                 "publish_to_first_frame_s": round(t2 - t0, 2)}
 
 
+def start_triton(tmp: Path):
+    """A Triton with explicit model control on free ports (as `genie triton serve --explicit` runs it)."""
+    from services.triton import TritonServer, free_ports
+    from services.triton.launcher import explicit_repository
+
+    server = TritonServer(explicit_repository(tmp / "triton"), *free_ports(3), log_path=tmp / "triton.log")
+    server.start()
+    server.wait_ready(timeout=120)
+    return server
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--world", type=Path, default=Path("worlds/demo"))
+    parser.add_argument("--backend", choices=["inprocess", "triton"], default="inprocess")
     args = parser.parse_args()
     machine = setup_run(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,9 +89,11 @@ def main() -> None:
         registry.publish(args.world, "bench")
         port = free_port()
         env = {**os.environ, "GENIE_TOKENS": f"bench:{TOKEN}"}
+        triton = start_triton(Path(tmp)) if args.backend == "triton" else None
+        backend = ["--backend", "triton", "--triton-url", triton.grpc_url] if triton is not None else []
         server = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve", "--registry", str(registry.root), "--grpc-port", str(port),
-             "--http-port", "-1", "--metrics-port", "-1"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+             "--http-port", "-1", "--metrics-port", "-1", *backend], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
         try:
             address = f"127.0.0.1:{port}"
@@ -86,7 +102,9 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-    emit({"bench": "publish", "world": str(args.world), **result}, machine, args.out)
+            if triton is not None:
+                triton.stop()
+    emit({"bench": "publish", "backend": args.backend, "world": str(args.world), **result}, machine, args.out)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,12 @@ class AdmissionBackend:
     async def start(self) -> None:
         await self.inner.start()
 
+    async def unload_models(self) -> None:
+        """Gives the wrapped backend's models back where it holds them elsewhere (a catalogue version on Triton)."""
+        unload = getattr(self.inner, "unload_models", None)
+        if unload is not None:
+            await unload()
+
     async def encode(self, frames: np.ndarray) -> np.ndarray:
         async with self._admitted():
             return await self.inner.encode(frames)

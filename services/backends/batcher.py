@@ -19,6 +19,11 @@ class MicroBatcher(Generic[In, Out]):
     `fn` must return one result per item, in order. If the batched call raises, each item is retried alone,
     so one bad item fails only its own caller. Items submitted while a batch runs form the next batch: under
     load, batches grow by themselves without any waiting.
+
+    The wait is only spent where it can pay: after a batch of one (a lone session, as a player holding a key is),
+    the next batch starts as soon as its first item arrives, since waiting would only add latency to every step
+    (2 ms x 2 calls per step cost a player ~8% of the frame rate). Once a batch held more than one item, callers
+    are concurrent and the next batch waits up to `max_wait_s` for company again.
     """
 
     def __init__(self, fn: Callable[[Sequence[In]], Sequence[Out]], executor: Executor, max_batch: int = 16,
@@ -30,6 +35,7 @@ class MicroBatcher(Generic[In, Out]):
         self._task: asyncio.Task | None = None
         self.batches = 0  # how many batched calls ran, and their total size: mean batch = items / batches
         self.items = 0
+        self.last_size = 0  # the size of the last batch: 1 means no concurrent callers were seen, so no wait
 
     async def submit(self, item: In) -> Out:
         if self._task is None or self._task.done():
@@ -51,7 +57,7 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.max_wait_s
+            deadline = time.monotonic() + (self.max_wait_s if self.last_size > 1 else 0.0)
             while len(batch) < self.max_batch:
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
@@ -68,6 +74,7 @@ class MicroBatcher(Generic[In, Out]):
                 continue
             self.batches += 1
             self.items += len(batch)
+            self.last_size = len(batch)
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
                 for (_, fut), result in zip(batch, results, strict=True):

@@ -3,7 +3,7 @@ services. The gateway, the rollout workers and `genie rollout` build theirs here
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.backends.backend import ModelBackend
@@ -21,19 +21,30 @@ class BackendConfig:
     triton_ca: str = ""  # PEM CA that signed Triton's certificate (empty = the system CAs)
     triton_cert: str = ""  # client certificate + key for a Triton with --grpc-use-ssl-mutual
     triton_key: str = ""
-    threads: int = 0  # torch threads of the in-process backend (0 = torch's default)
+    threads: int = 0  # torch threads of the in-process backend (0 = torch's default), or of each Triton model instance
+    # that a catalogue version loads (0 = 1: each model runs in a process of its own)
     cache_bytes: int = 1 << 30  # in-process backend: K/V cache budget of each engine (idle caches evicted, LRU)
     device: str = "auto"  # in-process backend: auto (a GPU when torch sees one) | cpu | cuda | cuda:N
     precision: str = "auto"  # in-process backend: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16
 
 
-def make_backend(cfg: BackendConfig, registry=None) -> ModelBackend:
-    """The configured backend; `registry` (a prometheus CollectorRegistry) receives the Triton routing counters."""
+def make_backend(cfg: BackendConfig, registry=None, version=None, metrics=None) -> ModelBackend:
+    """The configured backend; `registry` (a prometheus CollectorRegistry) receives the Triton routing counters.
+
+    version: a catalogue WorldVersion to serve (genie/catalog.py): in-process, its directory; on Triton, its own
+    models, loaded on a Triton with explicit model control (services/backends/triton_catalogue.py), counting into
+    `metrics` (one RoutingMetrics shared by every version's backend)."""
     if cfg.backend == "triton":
         from services.backends.triton_backend import TritonBackend
+        from services.backends.triton_catalogue import VersionModels
 
+        models = None
+        if version is not None:
+            models = VersionModels(version, threads=cfg.threads or 1, cache_bytes=cfg.cache_bytes)
         return TritonBackend(cfg.triton_url, model_urls=parse_model_urls(cfg.triton_model_urls), registry=registry,
-                             tls=triton_tls(cfg))
+                             tls=triton_tls(cfg), models=models, metrics=metrics)
+    if version is not None:
+        cfg = replace(cfg, world=str(version.path))
     from services.backends.inprocess import InProcessBackend
 
     return InProcessBackend(Path(cfg.world), threads=cfg.threads, device=cfg.device, precision=cfg.precision,

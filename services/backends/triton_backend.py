@@ -46,6 +46,7 @@ from services.backends.backend import (
     check_state,
 )
 from services.backends.routing import EndpointSet, HealthPolicy, parse_endpoints
+from services.backends.triton_catalogue import VersionModels
 from services.tls_files import check_client_files, files_digest
 from services.tls_probe import certificate_problem
 from services.triton import protocol as P
@@ -121,12 +122,18 @@ class TritonBackend:
         tls_check_s: how often the TLS files are re-read; when they changed (a renewed client certificate or CA),
             calls from then on connect with the new ones, and the old connections close once the calls that may
             still run on them are past their deadline. No restart needed when cert-manager renews a mounted Secret.
+        models: a catalogue version's models (services/backends/triton_catalogue.py) on a Triton with explicit model
+            control: start() loads them where they are not ready, a call that finds its model gone (another
+            gateway unloaded it) loads it again and retries, and unload_models() gives them back. None: the fixed
+            models "tokenizer", "lam", "dynamics" of a one-world Triton.
+        metrics: routing counters to share (several backends, one per catalogue version, count into one set).
     """
 
     def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.05,
                  reconnect_s: float = 0.25, model_urls: dict[str, str] | None = None,
                  health: HealthPolicy | None = None, registry: CollectorRegistry | None = None,
-                 tls: TritonClientTLS | None = None, tls_check_s: float = 10.0) -> None:
+                 tls: TritonClientTLS | None = None, tls_check_s: float = 10.0, models: VersionModels | None = None,
+                 metrics: RoutingMetrics | None = None) -> None:
         unknown = set(model_urls or {}) - set(P.MODELS)
         if unknown:
             raise ValueError(f"unknown Triton models {sorted(unknown)}; expected some of {list(P.MODELS)}")
@@ -134,7 +141,9 @@ class TritonBackend:
         # One server for all three models, or one per model (a Deployment each, as the Helm chart runs them).
         self.urls = {m: (model_urls or {}).get(m, url) for m in P.MODELS}
         self.endpoints = {m: EndpointSet(parse_endpoints(self.urls[m]), health) for m in P.MODELS}
-        self.metrics = RoutingMetrics(registry)
+        self.metrics = metrics or RoutingMetrics(registry)
+        self.models = models
+        self.names = models.names() if models is not None else {m: m for m in P.MODELS}  # kind -> Triton model name
         self.reconnect_s = reconnect_s
         self._tls, self.tls_check_s = tls, tls_check_s
         self._tls_kwargs = tls.client_kwargs() if tls is not None else {}
@@ -184,10 +193,18 @@ class TritonBackend:
         return None
 
     async def _start(self) -> None:
-        dyn = await self._call(P.DYNAMICS, "get config", lambda c: c.get_model_config(P.DYNAMICS, as_json=True,
-                                                                                     client_timeout=self.timeout_s))
-        lam = await self._call(P.LAM, "get config", lambda c: c.get_model_config(P.LAM, as_json=True,
-                                                                               client_timeout=self.timeout_s))
+        if self.models is not None:  # the three models load side by side, at every endpoint of each
+            jobs = [(m, url) for m in P.MODELS for url in self.endpoints[m].endpoints]
+            errors = await asyncio.gather(*(self._load(m, url) for m, url in jobs))
+            for model in P.MODELS:
+                failed = [e for (m, _), e in zip(jobs, errors, strict=True) if m == model]
+                if failed and all(failed):  # nowhere loaded: say why instead of "not ready"
+                    raise BackendUnavailable(f"Triton could not load {self.names[model]} ({self.urls[model]}): "
+                                             f"{failed[0]}")
+        dyn = await self._call(P.DYNAMICS, "get config", lambda c: c.get_model_config(
+            self.names[P.DYNAMICS], as_json=True, client_timeout=self.timeout_s))
+        lam = await self._call(P.LAM, "get config", lambda c: c.get_model_config(
+            self.names[P.LAM], as_json=True, client_timeout=self.timeout_s))
         try:
             spec = WorldSpec.from_dict(json.loads(_param(dyn, P.PARAM_WORLD_SPEC)))
             self.lam_frames = int(_param(lam, P.PARAM_MAX_FRAMES))
@@ -198,8 +215,29 @@ class TritonBackend:
         self.spec = spec
 
     async def _require_ready(self, client: triton_aio.InferenceServerClient, model: str) -> None:
-        if not await client.is_model_ready(model, client_timeout=self.timeout_s):
-            raise InferenceServerException(f"model {model} is not ready", status=_UNAVAILABLE)
+        if not await client.is_model_ready(self.names[model], client_timeout=self.timeout_s):
+            raise InferenceServerException(f"model {self.names[model]} is not ready", status=_UNAVAILABLE)
+
+    async def _load(self, model: str, url: str) -> str | None:
+        """Loads this version's `model` at one endpoint unless it is ready there; returns why it failed, or None.
+        A failure is logged, not raised: the calls that follow fail over from that endpoint."""
+        assert self.models is not None
+        try:
+            await self.models.ensure_loaded(self._connect(url), model)
+            return None
+        except InferenceServerException as exc:
+            problem = exc.message() or str(exc)
+        except OSError as exc:
+            problem = str(exc)
+        log.warning("Triton at %s could not load %s: %s", url, self.names[model], problem)
+        return problem
+
+    async def unload_models(self) -> None:
+        """Unloads this version's models at every endpoint (a catalogue version evicted under the models budget)."""
+        if self.models is None:
+            return
+        await asyncio.gather(*(self.models.unload(self._connect(url), m) for m in P.MODELS
+                               for url in self.endpoints[m].endpoints))
 
     def _check_started(self) -> WorldSpec:
         if self.spec is None:
@@ -241,7 +279,7 @@ class TritonBackend:
 
     async def _endpoint_ready(self, url: str, model: str) -> bool:
         try:
-            return await self._connect(url).is_model_ready(model, client_timeout=self.timeout_s)
+            return await self._connect(url).is_model_ready(self.names[model], client_timeout=self.timeout_s)
         except (InferenceServerException, OSError):
             return False
 
@@ -274,14 +312,15 @@ class TritonBackend:
     async def statistics(self, model: str, url: str | None = None) -> dict:
         """Triton's inference statistics of one model (counts, batch sizes, timings) as JSON, at one endpoint
         (default: whichever answers first)."""
-        fn = lambda c: c.get_inference_statistics(model, as_json=True, client_timeout=self.timeout_s)  # noqa: E731
+        fn = lambda c: c.get_inference_statistics(self.names[model], as_json=True, client_timeout=self.timeout_s)  # noqa: E731
         if url is not None:
             return await fn(self._connect(url))
         return await self._call(model, "statistics", fn)
 
     async def _infer(self, model: str, inputs: list[InferInput], output: str, key: str = "") -> np.ndarray:
         result, url = await self._call(model, "infer", lambda c: c.infer(
-            model, inputs, outputs=[InferRequestedOutput(output)], client_timeout=self.timeout_s), key, with_url=True)
+            self.names[model], inputs, outputs=[InferRequestedOutput(output)], client_timeout=self.timeout_s), key,
+            with_url=True)
         self.metrics.calls.labels(model, url).inc()
         value = result.as_numpy(output)
         if value is None or value.shape[:1] != (1,):
@@ -302,6 +341,7 @@ class TritonBackend:
         await self._refresh(model)
         endpoints = self.endpoints[model]
         failure: tuple[str, InferenceServerException] | None = None
+        reloaded = False
         for attempt in range(self.retries + 1):
             order = endpoints.route(key)
             if not order:
@@ -318,6 +358,10 @@ class TritonBackend:
                     continue
                 endpoints.mark_up(url)
                 return (result, url) if with_url else result
+            if self.models is not None and not reloaded and _missing(failure[1]):
+                reloaded = True  # another gateway unloaded this version: load it again, once per call
+                await asyncio.gather(*(self._load(model, url) for url in order))
+                continue
             if attempt < self.retries and failure[1].status() == _UNAVAILABLE:
                 await asyncio.sleep(self.backoff_s * 2**attempt)
                 continue
@@ -339,6 +383,12 @@ def _error(model: str, where: str, what: str, exc: InferenceServerException, tim
     if status == _INVALID:
         return ValueError(f"{where} rejected the request: {message}")
     return BackendError(f"{where} failed ({what}, {status}): {message}")
+
+
+def _missing(exc: InferenceServerException) -> bool:
+    """Whether Triton answered that the model is not loaded (unknown, or not ready), rather than being down."""
+    message = (exc.message() or "").lower()
+    return exc.status() == _NOT_FOUND or "unknown model" in message or "not ready" in message or "not found" in message
 
 
 def _param(config: dict, key: str) -> str:

@@ -180,7 +180,12 @@ class ServedWorlds:
     async def _evict(self, ref: str) -> None:
         item = self._loaded.pop(ref)
         log.info("unloaded idle world %s (%.1f MB)", ref, item.bytes / 1e6)
-        await item.backend.close()
+        unload = getattr(item.backend, "unload_models", None)  # models held in a model service (Triton)
+        try:
+            if unload is not None:
+                await unload()
+        finally:
+            await item.backend.close()
 
     async def ready(self) -> bool:
         """The single world's backend answers; with a catalogue, the default world resolves and loads."""

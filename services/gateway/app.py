@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from genie.catalog import DirectoryCatalog, WorldVersion
@@ -84,9 +84,6 @@ class GatewayConfig:
             raise ValueError(f"backend must be inprocess or triton, got {self.backend!r}")
         if self.store not in ("memory", "redis"):
             raise ValueError(f"store must be memory or redis, got {self.store!r}")
-        if self.registry and self.backend != "inprocess":
-            raise ValueError("a world catalogue (--registry) is served by the in-process backend for now; "
-                             "Triton serves one world per deployment (--world)")
         if self.models_budget_bytes < 0:
             raise ValueError(f"models_budget_bytes must be >= 0, got {self.models_budget_bytes}")
         if self.backend == "inprocess":  # a GPU that is absent, or bf16 on a CPU without it: refused before serving
@@ -121,9 +118,16 @@ def make_store(cfg: GatewayConfig) -> SessionStore:
 
 
 def served_catalogue(cfg: GatewayConfig, registry=None) -> ServedWorlds:
-    """The catalogue's worlds, each version through its own in-process backend (with admission when configured)."""
+    """The catalogue's worlds, each version through its own backend (with admission when configured): in-process
+    models, or its own models on a Triton with explicit model control (`genie triton serve --explicit`)."""
+    metrics = None
+    if cfg.backend == "triton":
+        from services.backends.triton_backend import RoutingMetrics
+
+        metrics = RoutingMetrics(registry)  # one set of counters for every version's backend
+
     def make(entry: WorldVersion) -> ModelBackend:
-        backend = make_backend(replace(cfg.backend_config(), world=str(entry.path)), registry)
+        backend = make_backend(cfg.backend_config(), registry, version=entry, metrics=metrics)
         return AdmissionBackend(backend, cfg.admission) if cfg.admission is not None else backend
 
     return ServedWorlds(catalog=DirectoryCatalog(cfg.registry), make=make, default=cfg.default_world,

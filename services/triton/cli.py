@@ -23,8 +23,14 @@ def triton() -> None:
 
 
 @triton.command()
-@click.option("--world", "world_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--world", "world_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="World directory (world.json + tokenizer/ lam/ dynamics/).")
+@click.option("--explicit", is_flag=True,
+              help="Serve a world catalogue instead of --world: start with no model (explicit model control); gateways "
+                   "run with --registry and --backend triton load each version's models when a session first needs "
+                   "them and unload idle ones (the catalogue directory must be mounted at the same path here). Their "
+                   "settings come from the gateway (--threads, --cache-bytes); the options on models, devices and "
+                   "batching here do not apply.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every endpoint binds (0.0.0.0 in a pod).")
 @click.option("--grpc-port", default=8001, show_default=True)
 @click.option("--http-port", default=8000, show_default=True)
@@ -67,12 +73,13 @@ def triton() -> None:
 @click.option("--tls-restart-jitter-s", default=300.0, show_default=True, envvar="GENIE_TRITON_TLS_RESTART_JITTER_S",
               help="Wait a random 0..this many seconds before that restart, so replicas sharing a Secret restart at "
                    "different times and the gateways fail over between them.")
-def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, http_host: str, metrics_port: int, threads: int,
-          instances: int, device: str, instances_per_gpu: int, gpus: str, precision: str, max_batch: str,
-          queue_delay_us: str, dry_run: bool, cache_bytes: int, models: str, repository: Path | None, tls_cert: str, tls_key: str,
-          tls_client_ca: str, tls_check_s: float, tls_restart_jitter_s: float) -> None:
-    """Assemble the repository for WORLD and run tritonserver until Ctrl-C (or SIGTERM)."""
-    from services.triton.launcher import TritonServer, TritonTLS, assemble_repository
+def serve(world_dir: Path | None, explicit: bool, host: str, grpc_port: int, http_port: int, http_host: str,
+          metrics_port: int, threads: int, instances: int, device: str, instances_per_gpu: int, gpus: str,
+          precision: str, max_batch: str, queue_delay_us: str, dry_run: bool, cache_bytes: int, models: str,
+          repository: Path | None, tls_cert: str, tls_key: str, tls_client_ca: str, tls_check_s: float,
+          tls_restart_jitter_s: float) -> None:
+    """Assemble the repository for WORLD (or an empty one, --explicit) and run tritonserver until Ctrl-C (or SIGTERM)."""
+    from services.triton.launcher import TritonServer, TritonTLS, assemble_repository, explicit_repository
 
     with tempfile.TemporaryDirectory(prefix="genie-triton-") as tmp:
         names = [m.strip() for m in models.split(",") if m.strip()]
@@ -80,10 +87,15 @@ def serve(world_dir: Path, host: str, grpc_port: int, http_port: int, http_host:
             tls = TritonTLS(tls_cert, tls_key, tls_client_ca) if (tls_cert or tls_key or tls_client_ca) else None
             if not (tls_check_s >= 0 and tls_restart_jitter_s >= 0):
                 raise ValueError("--tls-check-s and --tls-restart-jitter-s must be >= 0")
+            if (world_dir is None) == (not explicit):
+                raise ValueError("give --world DIR (one world) or --explicit (a catalogue's versions, loaded by gateways)")
             placement, batching = _placement_and_batching(device, instances, instances_per_gpu, gpus, precision,
                                                           max_batch, queue_delay_us, names)
-            repo = assemble_repository(world_dir, repository or Path(tmp), threads=threads, cache_bytes=cache_bytes,
-                                       models=names, placement=placement, batching=batching)
+            if explicit:
+                repo = explicit_repository(repository or Path(tmp), placement.device)
+            else:
+                repo = assemble_repository(world_dir, repository or Path(tmp), threads=threads, cache_bytes=cache_bytes,
+                                           models=names, placement=placement, batching=batching)
         except ValueError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)

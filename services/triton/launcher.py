@@ -56,6 +56,7 @@ class Repository:
     models: Path  # --model-repository: tokenizer/ lam/ dynamics/, each config.pbtxt + 1/model.py
     backends: Path  # --backend-directory: python/{libtriton_python.so, triton_python_backend_utils.py, stub}
     device: str = "cpu"  # where its instances run: cpu or gpu (Placement.device)
+    explicit: bool = False  # explicit model control: no model loads at start; clients load and unload them
 
 
 DEVICE_CHOICES = ("cpu", "gpu", "cuda", "auto")  # cuda is an alias of gpu; auto = gpu when one is visible
@@ -184,40 +185,83 @@ def assemble_repository(
         raise ValueError(f"batching for unknown models {sorted(unknown)}; expected some of {list(P.MODELS)}")
     placement = placement or Placement(instances=instances)
     world_dir, out_dir = Path(world_dir).resolve(), Path(out_dir).resolve()
-    cfg = load_world_config_of(world_dir)  # fails early on a directory that is not a world
-    models, backends = out_dir / "models", out_dir / "backends"
-    for d in (models, backends):
-        shutil.rmtree(d, ignore_errors=True)
+    load_world_config_of(world_dir)  # fails early on a directory that is not a world
+    models = out_dir / "models"
+    shutil.rmtree(models, ignore_errors=True)
+    for name in names:
+        config = model_config(name, world_dir, threads, cache_bytes, placement, (batching or {}).get(name),
+                              max_batch_size, queue_delay_us)
+        (models / name / "1").mkdir(parents=True)
+        shutil.copy2(SERVICES_DIR / name / "1" / "model.py", models / name / "1" / "model.py")
+        header = f"# Assembled from services/{name}/config.pbtxt for {world_dir} by services/triton/launcher.py.\n"
+        (models / name / "config.pbtxt").write_text(header + text_format.MessageToString(config))
+    return Repository(out_dir, models, install_backends(out_dir), placement.device)
+
+
+def explicit_repository(out_dir: Path, device: str = "cpu") -> Repository:
+    """An empty model repository for a server with explicit model control (`--model-control-mode=explicit`): it
+    starts with no model, and clients load each catalogue version's models into it (load_model with the config and
+    model.py given in the request: services/backends/triton_catalogue.py), so nothing is copied here per version."""
+    out_dir = Path(out_dir).resolve()
+    models = out_dir / "models"
+    shutil.rmtree(models, ignore_errors=True)
+    models.mkdir(parents=True)
+    return Repository(out_dir, models, install_backends(out_dir), device, explicit=True)
+
+
+def model_config(kind: str, world_dir: Path, threads: int = 0, cache_bytes: int = 1 << 30,
+                 placement: Placement | None = None, batching: Batching | None = None,
+                 max_batch_size: int | None = None, queue_delay_us: int | None = None,
+                 name: str | None = None) -> model_config_pb2.ModelConfig:
+    """services/<kind>/config.pbtxt with the world's parameters filled in (see assemble_repository for the
+    arguments). placement None leaves the instance group out, so Triton places the instances itself (one on each
+    GPU it sees, else one on the CPU); `name` renames the model (a catalogue version's)."""
+    if kind not in P.MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {list(P.MODELS)}")
+    world_dir = Path(world_dir).resolve()
+    cfg = load_world_config_of(world_dir)
     extra = {
         P.TOKENIZER: {P.PARAM_CACHE_BYTES: str(cache_bytes)},
         P.LAM: {P.PARAM_MAX_FRAMES: str(cfg.lam.max_frames)},
         P.DYNAMICS: {P.PARAM_CACHE_BYTES: str(cache_bytes), P.PARAM_WORLD_SPEC: json.dumps(world_spec_of(world_dir).to_dict())},
     }
-    for name in names:
-        src = SERVICES_DIR / name
-        config = text_format.Parse((src / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-        params = {P.PARAM_WORLD_DIR: str(world_dir), P.PARAM_THREADS: str(threads), P.PARAM_PRECISION: placement.precision,
-                  **extra[name]}
-        for key, value in params.items():
-            config.parameters[key].string_value = value
+    config = text_format.Parse((SERVICES_DIR / kind / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    if name is not None:
+        config.name = name
+    precision = placement.precision if placement is not None else "auto"
+    params = {P.PARAM_WORLD_DIR: str(world_dir), P.PARAM_THREADS: str(threads), P.PARAM_PRECISION: precision,
+              **extra[kind]}
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    if placement is not None:
         _place(config, placement)
-        chosen = (batching or {}).get(name) or (GPU_BATCHING[name] if placement.device == "gpu" else None)
-        if chosen is not None:
-            _batch(config, chosen)
-        if max_batch_size is not None or queue_delay_us is not None:
-            _batch(config, Batching(config.max_batch_size if max_batch_size is None else max_batch_size,
-                                    config.dynamic_batching.max_queue_delay_microseconds if queue_delay_us is None
-                                    else queue_delay_us, tuple(config.dynamic_batching.preferred_batch_size)))
-        (models / name / "1").mkdir(parents=True)
-        shutil.copy2(src / "1" / "model.py", models / name / "1" / "model.py")
-        header = f"# Assembled from services/{name}/config.pbtxt for {world_dir} by services/triton/launcher.py.\n"
-        (models / name / "config.pbtxt").write_text(header + text_format.MessageToString(config))
+    else:
+        del config.instance_group[:]
+    chosen = batching or (GPU_BATCHING[kind] if placement is not None and placement.device == "gpu" else None)
+    if chosen is not None:
+        _batch(config, chosen)
+    if max_batch_size is not None or queue_delay_us is not None:
+        _batch(config, Batching(config.max_batch_size if max_batch_size is None else max_batch_size,
+                                config.dynamic_batching.max_queue_delay_microseconds if queue_delay_us is None
+                                else queue_delay_us, tuple(config.dynamic_batching.preferred_batch_size)))
+    return config
+
+
+def model_file(kind: str) -> bytes:
+    """services/<kind>/1/model.py: the Python backend glue of a model kind."""
+    return (SERVICES_DIR / kind / "1" / "model.py").read_bytes()
+
+
+def install_backends(out_dir: Path) -> Path:
+    """`out_dir`/backends/python: the Python backend library, its utils and this interpreter's stub."""
+    backends = Path(out_dir).resolve() / "backends"
+    shutil.rmtree(backends, ignore_errors=True)
     server = pytriton_dir()
     (backends / "python").mkdir(parents=True)
     for f in (server / "backends/python/libtriton_python.so", server / "backends/python/triton_python_backend_utils.py",
               server / f"python_backend_stubs/{sys.version_info.major}.{sys.version_info.minor}/triton_python_backend_stub"):
         shutil.copy2(f, backends / "python" / f.name)
-    return Repository(out_dir, models, backends, placement.device)
+    return backends
 
 
 def _place(config: model_config_pb2.ModelConfig, placement: Placement) -> None:
@@ -322,6 +366,7 @@ class TritonServer:
             f"--http-address={self.http_host}", f"--http-port={self.http_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             f"--allow-gpu-metrics={'true' if self.repository.device == 'gpu' else 'false'}",
+            *(["--model-control-mode=explicit"] if self.repository.explicit else []),
             "--disable-auto-complete-config",  # the pbtxt is the contract, never code
             "--exit-on-error=true",
             "--strict-readiness=true",

@@ -12,6 +12,15 @@ from __future__ import annotations
 TOKENIZER, LAM, DYNAMICS = "tokenizer", "lam", "dynamics"
 MODELS = (TOKENIZER, LAM, DYNAMICS)
 
+
+def version_model_name(kind: str, world: str, version: int) -> str:
+    """The Triton model that serves `kind` of one catalogue version (a Triton started with explicit model control
+    holds any number of them): "coinrun.v3.dynamics". Catalogue names are [a-z0-9._-] and versions integers, so
+    distinct versions never share a name."""
+    if kind not in MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {list(MODELS)}")
+    return f"{world}.v{int(version)}.{kind}"
+
 # Inputs. Shapes exclude the batch axis; W is the dynamics window, N tokens per frame, H W C a frame.
 FRAMES = "FRAMES"  # (W, H, W, C) uint8: frames, zero-padded to the window (LAM: to its own window)
 NUM_FRAMES = "NUM_FRAMES"  # (1,) int32: how many leading rows of FRAMES / WINDOW_TOKENS are real

@@ -114,6 +114,28 @@ tolerations:
     claimName: {{ .Values.world.existingClaim }}
     readOnly: true
 {{- end }}
+{{- if .Values.catalogue.enabled }}
+- name: catalogue
+  persistentVolumeClaim:
+    claimName: {{ include "genie.catalogueClaim" . }}
+{{- end }}
+{{- end }}
+
+{{/* The world catalogue's PVC: the one given, or the chart's. */}}
+{{- define "genie.catalogueClaim" -}}
+{{- .Values.catalogue.existingClaim | default (printf "%s-catalogue" (include "genie.fullname" .)) }}
+{{- end }}
+
+{{/* The catalogue's mount (dict "ctx" $ "write" bool): workers publish into it, gateways and Triton only read. The
+same path everywhere: a gateway tells Triton which version directory to load by its path. */}}
+{{- define "genie.catalogueMount" -}}
+{{- if .ctx.Values.catalogue.enabled }}
+- name: catalogue
+  mountPath: {{ .ctx.Values.catalogue.mountPath }}
+  {{- if not .write }}
+  readOnly: true
+  {{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "genie.volumeMounts" -}}

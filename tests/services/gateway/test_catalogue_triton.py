@@ -1,0 +1,162 @@
+"""A world catalogue behind Triton: two gateways over one Redis and one Triton with explicit model control. Sessions
+on version 1 play on, bit for bit, while version 2 is published and loaded into the running Triton; nothing restarts;
+a version one gateway unloads under its models budget loads again when a session on it steps."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+from tritonclient.grpc import aio as triton_aio
+
+from genie.catalog import DirectoryCatalog
+from genie.worlds import load_prompts
+from services.backends.worlds import weights_bytes
+from services.gateway.api.client import GatewayClient, frame_array
+from services.gateway.app import Gateway, GatewayConfig
+from services.gateway.sessions import Limits
+from services.gateway.stores.redis_store import RedisStore
+from services.triton import TritonServer, free_ports
+from services.triton.launcher import explicit_repository
+from services.triton.protocol import version_model_name
+
+ALICE = "alice-token-0123456789"
+ACTIONS = [1, 3, 0, 2, 1, 1]
+SESSIONS = 16
+
+
+def _changed_world(world: Path, to: Path) -> Path:
+    """A copy of `world` whose dynamics weights differ: another version of it, with other frames."""
+    shutil.copytree(world, to)
+    path = to / "dynamics" / "model.safetensors"
+    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
+    return to
+
+
+@pytest.fixture(scope="module")
+def explicit_triton(tmp_path_factory):
+    """A tritonserver with explicit model control that starts with no model (`genie triton serve --explicit`)."""
+    root = tmp_path_factory.mktemp("triton-explicit")
+    server = TritonServer(explicit_repository(root), *free_ports(3), log_path=root / "triton.log")
+    server.start()
+    server.wait_ready(timeout=120)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registry(trained_world_dir, tmp_path) -> DirectoryCatalog:
+    catalog = DirectoryCatalog(tmp_path / "registry")
+    catalog.publish(trained_world_dir, "tiny")
+    return catalog
+
+
+async def _gateway(catalog: DirectoryCatalog, triton: TritonServer, redis_url: str, prefix: str, **kw) -> Gateway:
+    cfg = GatewayConfig(registry=str(catalog.root), backend="triton", triton_url=triton.grpc_url, grpc_port=0,
+                        http_port=-1, metrics_port=-1, tokens=f"alice:{ALICE}", store="redis", redis_url=redis_url,
+                        limits=Limits(max_sessions_per_client=64, requests_per_second=10_000), **kw)
+    gw = Gateway(cfg, store=RedisStore(redis_url, prefix=prefix))
+    await gw.start()
+    return gw
+
+
+async def _triton_models(triton: TritonServer) -> set[str]:
+    """Which models of versions 1 and 2 of "tiny" the Triton has ready."""
+    client = triton_aio.InferenceServerClient(triton.grpc_url)
+    try:
+        return {name for name in _names("tiny", 1) | _names("tiny", 2) if await client.is_model_ready(name)}
+    finally:
+        await client.close()
+
+
+def _names(world: str, version: int) -> set[str]:
+    return {version_model_name(kind, world, version) for kind in ("tokenizer", "lam", "dynamics")}
+
+
+async def test_sixteen_sessions_play_on_while_a_version_is_published_into_a_running_triton(
+        registry, trained_world_dir, tmp_path, explicit_triton, redis_url):
+    prefix = f"genie-cat-{uuid.uuid4().hex[:8]}:"
+    a = await _gateway(registry, explicit_triton, redis_url, prefix)
+    b = await _gateway(registry, explicit_triton, redis_url, prefix)
+    pid = explicit_triton.process.pid
+    try:
+        async with GatewayClient(a.grpc_address, ALICE) as ca, GatewayClient(b.grpc_address, ALICE) as cb:
+            clients = [ca, cb]
+            image = load_prompts(trained_world_dir)[0].read_bytes()
+            v1 = registry.resolve("tiny", 1)
+            # 16 sessions that play through the publish, and 16 twins (same prompt and seed) played only after it.
+            played = [(await clients[i % 2].open(image=image, seed=i, world="tiny")).session for i in range(SESSIONS)]
+            twins = [(await clients[i % 2].open(image=image, seed=i, world="tiny@1")).session for i in range(SESSIONS)]
+            assert {s.world for s in played + twins} == {"tiny@1"} and {s.world_digest for s in played} == {v1.digest}
+            assert _names("tiny", 1) <= await _triton_models(explicit_triton)
+
+            frames: dict[str, list[np.ndarray]] = {s.session_id: [] for s in played}
+
+            async def play(k: int, steps: range) -> None:
+                """Session k's steps, alternating gateways: any replica serves any step."""
+                sid = played[k].session_id
+                for j in steps:
+                    reply = await clients[(k + j) % 2].step(sid, ACTIONS[j])
+                    frames[sid].append(frame_array(reply.frame))
+
+            await asyncio.gather(*(play(k, range(0, 2)) for k in range(SESSIONS)))
+            publish = asyncio.create_task(asyncio.to_thread(
+                registry.publish, _changed_world(trained_world_dir, tmp_path / "v2"), "tiny"))
+            await asyncio.gather(*(play(k, range(2, 4)) for k in range(SESSIONS)), publish)  # steps during the publish
+            v2 = publish.result()
+            # New sessions, on either gateway, get version 2: its models load into the running Triton.
+            fresh = (await cb.open(image=image, seed=0, world="tiny")).session
+            assert (fresh.world, fresh.world_digest) == ("tiny@2", v2.digest)
+            assert (await ca.step(fresh.session_id, ACTIONS[0])).step == 1
+            assert _names("tiny", 2) | _names("tiny", 1) <= await _triton_models(explicit_triton)
+            await asyncio.gather(*(play(k, range(4, len(ACTIONS))) for k in range(SESSIONS)))
+
+            for k, twin in enumerate(twins):  # the undisturbed run: version 1, stepped after everything
+                expected = [frame_array((await clients[k % 2].step(twin.session_id, act)).frame) for act in ACTIONS]
+                got = frames[played[k].session_id]
+                assert len(got) == len(ACTIONS)  # 0 failed steps
+                for x, y in zip(got, expected, strict=True):
+                    np.testing.assert_array_equal(x, y)  # 0 changed steps
+        assert explicit_triton.process.pid == pid and explicit_triton.running  # nothing restarted
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_version_unloaded_by_one_gateway_loads_again_for_another(registry, trained_world_dir, tmp_path,
+                                                                      explicit_triton, redis_url):
+    """Gateway A's budget holds one version: opening v2 unloads idle v1 from Triton. Gateway B's session on v1 steps
+    on: its call finds the models gone, loads them again and gives the same frames as before the unload."""
+    prefix = f"genie-cat-{uuid.uuid4().hex[:8]}:"
+    registry.publish(_changed_world(trained_world_dir, tmp_path / "v2"), "tiny")
+    one_version = weights_bytes(registry.resolve("tiny", 1).path) + 1024
+    a = await _gateway(registry, explicit_triton, redis_url, prefix, models_budget_bytes=one_version)
+    b = await _gateway(registry, explicit_triton, redis_url, prefix)
+    try:
+        async with GatewayClient(a.grpc_address, ALICE) as ca, GatewayClient(b.grpc_address, ALICE) as cb:
+            image = load_prompts(trained_world_dir)[0].read_bytes()
+            on_v1 = (await cb.open(image=image, seed=3, world="tiny@1")).session
+            twin = (await cb.open(image=image, seed=3, world="tiny@1")).session
+            first = [frame_array((await cb.step(on_v1.session_id, act)).frame) for act in ACTIONS[:3]]
+
+            async with GatewayClient(a.grpc_address, ALICE) as probe:  # A loads v1, then v2 evicts it (A is idle on v1)
+                s1 = (await probe.open(image=image, seed=1, world="tiny@1")).session
+                await probe.close(s1.session_id)
+                await ca.open(image=image, seed=1, world="tiny@2")
+            assert a.worlds.loaded().keys() == {"tiny@2"}
+            assert not _names("tiny", 1) & await _triton_models(explicit_triton)  # gone from Triton
+
+            rest = [frame_array((await cb.step(on_v1.session_id, act)).frame) for act in ACTIONS[3:]]  # B reloads
+            stepping = {version_model_name(kind, "tiny", 1) for kind in ("tokenizer", "dynamics")}
+            assert stepping <= await _triton_models(explicit_triton)  # what a step calls is back (the LAM on demand)
+            expected = [frame_array((await cb.step(twin.session_id, act)).frame) for act in ACTIONS]
+            for x, y in zip(first + rest, expected, strict=True):
+                np.testing.assert_array_equal(x, y)
+    finally:
+        await a.stop()
+        await b.stop()
