@@ -198,7 +198,8 @@ class TritonBackend:
             errors = await asyncio.gather(*(self._load(m, url) for m, url in jobs))
             for model in P.MODELS:
                 failed = [e for (m, _), e in zip(jobs, errors, strict=True) if m == model]
-                if failed and all(failed):  # nowhere loaded: say why instead of "not ready"
+                if failed and all(failed):  # nowhere loaded: say why instead of "not ready", and hold nothing
+                    await self.unload_models()  # the kinds that did load: a version is whole or not served
                     raise BackendUnavailable(f"Triton could not load {self.names[model]} ({self.urls[model]}): "
                                              f"{failed[0]}")
         dyn = await self._call(P.DYNAMICS, "get config", lambda c: c.get_model_config(

@@ -44,12 +44,14 @@ class VersionModels:
 
         name = self.names()[kind]
         config = model_config(kind, self.entry.path, threads=self.threads, cache_bytes=self.cache_bytes, name=name)
+        config.parameters[P.PARAM_WORLD_DIGEST].string_value = self.entry.digest
         return name, json_format.MessageToJson(config), {"file:1/model.py": model_file(kind)}
 
     async def ensure_loaded(self, client: triton_aio.InferenceServerClient, kind: str) -> bool:
-        """Loads this version's `kind` at one server unless it is ready there; True when this call loaded it."""
+        """Loads this version's `kind` at one server unless it is ready there with this version's digest (a model of
+        that name from another catalogue is replaced); True when this call loaded it."""
         name, config, files = self.request(kind)
-        if await _ready(client, name):
+        if await _ready(client, name) and await _digest(client, name) == self.entry.digest:
             return False
         log.info("loading %s into Triton", name)
         await client.load_model(name, config=config, files=files, client_timeout=self.load_timeout_s)
@@ -62,6 +64,14 @@ class VersionModels:
             await client.unload_model(name, client_timeout=30.0)
         except InferenceServerException as exc:  # already gone, or the server is down: nothing held there
             log.info("unloading %s: %s", name, exc.message())
+
+
+async def _digest(client: triton_aio.InferenceServerClient, name: str) -> str:
+    try:
+        config = await client.get_model_config(name, as_json=True, client_timeout=10.0)
+        return config["config"]["parameters"][P.PARAM_WORLD_DIGEST]["string_value"]
+    except (InferenceServerException, KeyError):
+        return ""
 
 
 async def _ready(client: triton_aio.InferenceServerClient, name: str) -> bool:

@@ -58,4 +58,5 @@ PARAM_CACHE_BYTES = "cache_bytes"  # bytes cap of an instance's soft K/V cache (
 PARAM_WORLD_SPEC = "world_spec"  # dynamics: services.backends.backend.WorldSpec as JSON, read by clients
 PARAM_MAX_FRAMES = "max_frames"  # lam: the clip length it accepts at most
 PARAM_PRECISION = "precision"  # auto | fp32 | bf16: the engines' compute precision (auto: bf16 on a GPU, fp32 on a CPU)
+PARAM_WORLD_DIGEST = "world_digest"  # a catalogue version's digest: a loaded model with another is not this version
 WORLD_DIR_ENV = "GENIE_WORLD_DIR"

@@ -9,6 +9,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
@@ -65,11 +66,11 @@ async def _gateway(catalog: DirectoryCatalog, triton: TritonServer, redis_url: s
     return gw
 
 
-async def _triton_models(triton: TritonServer) -> set[str]:
-    """Which models of versions 1 and 2 of "tiny" the Triton has ready."""
+async def _triton_models(triton: TritonServer, world: str = "tiny") -> set[str]:
+    """Which models of versions 1 and 2 of `world` the Triton has ready."""
     client = triton_aio.InferenceServerClient(triton.grpc_url)
     try:
-        return {name for name in _names("tiny", 1) | _names("tiny", 2) if await client.is_model_ready(name)}
+        return {name for name in _names(world, 1) | _names(world, 2) if await client.is_model_ready(name)}
     finally:
         await client.close()
 
@@ -160,3 +161,45 @@ async def test_a_version_unloaded_by_one_gateway_loads_again_for_another(registr
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_version_that_fails_to_load_is_refused_whole(registry, trained_world_dir, explicit_triton, redis_url):
+    """Triton refuses the tokenizer and dynamics of a version (a K/V budget too small for one batch): opening a
+    session answers UNAVAILABLE saying so, and the LAM that did load is unloaded again: never half-served."""
+    prefix = f"genie-cat-{uuid.uuid4().hex[:8]}:"
+    registry.publish(trained_world_dir, "small")  # a name no other test loaded
+    gw = await _gateway(registry, explicit_triton, redis_url, prefix, cache_bytes=1)
+    try:
+        async with GatewayClient(gw.grpc_address, ALICE) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.open(image=load_prompts(trained_world_dir)[0].read_bytes(), seed=0, world="small@1")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "could not load small.v1." in err.value.details()
+        assert not _names("small", 1) & await _triton_models(explicit_triton, "small")
+    finally:
+        await gw.stop()
+
+
+async def test_a_model_of_the_same_name_from_another_catalogue_is_replaced(registry, trained_world_dir, tmp_path,
+                                                                           explicit_triton, redis_url):
+    """Triton holds tiny.v1.* of one catalogue; a gateway on another catalogue whose tiny@1 has other files loads its
+    own over them (the config carries the digest), instead of serving the wrong world under the right name."""
+    prefix = f"genie-cat-{uuid.uuid4().hex[:8]}:"
+    other = DirectoryCatalog(tmp_path / "other")
+    mine = other.publish(_changed_world(trained_world_dir, tmp_path / "changed"), "tiny")
+    image = load_prompts(trained_world_dir)[0].read_bytes()
+    for catalog, digest in ((registry, registry.resolve("tiny", 1).digest), (other, mine.digest)):
+        gw = await _gateway(catalog, explicit_triton, redis_url, prefix)
+        try:
+            async with GatewayClient(gw.grpc_address, ALICE) as client:
+                session = (await client.open(image=image, seed=0, world="tiny@1")).session
+                assert session.world_digest == digest
+                await client.step(session.session_id, 0)
+        finally:
+            await gw.stop()
+        triton = triton_aio.InferenceServerClient(explicit_triton.grpc_url)
+        try:
+            config = await triton.get_model_config(version_model_name("dynamics", "tiny", 1), as_json=True)
+        finally:
+            await triton.close()
+        assert config["config"]["parameters"]["world_digest"]["string_value"] == digest
