@@ -30,17 +30,66 @@ def _labelled(text: str) -> tuple[int, ...]:
 @click.option("--max-frames", type=int, default=500, show_default=True, help="An episode still running here fails.")
 @click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--reactive", "reactive_run", type=click.Path(path_type=Path),
+              help="Record the reactive expert of this `genie agent reactive` run (a policy acting from the frames it "
+                   "sees) instead of the planner.")
 @click.option("--quiet", is_flag=True)
-def expert(split, episodes, out, seed, num_levels, max_frames, distribution_mode, workers, quiet) -> None:
-    """Record CoinRun expert episodes (a search planner over procgen's state save/restore) in the shard format; the
-    true actions are kept for the oracle and the labelled transitions only."""
+def expert(split, episodes, out, seed, num_levels, max_frames, distribution_mode, workers, reactive_run, quiet) -> None:
+    """Record CoinRun expert episodes (a search planner over procgen's state save/restore, or with --reactive the
+    planner distilled into a frame-based policy) in the shard format; the true actions are kept for the oracle and the
+    labelled transitions only."""
     from genie.agent.expert import ExpertConfig, record
     from genie.cli_common import fail as _fail
 
     try:
         cfg = ExpertConfig(split=split, episodes=episodes, seed=seed, num_levels=num_levels, max_frames=max_frames,
                            distribution_mode=distribution_mode)
-        summary = record(cfg, out, workers=workers, progress=not quiet)
+        if reactive_run is not None:
+            from genie.agent.reactive import load_reactive_policy, record_reactive
+
+            policy = load_reactive_policy(_reactive_policy_dir(reactive_run))
+            summary = record_reactive(policy, cfg, out, workers=workers, progress=not quiet)
+        else:
+            summary = record(cfg, out, workers=workers, progress=not quiet)
+    except (ValueError, ImportError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(summary))
+
+
+def _reactive_policy_dir(run: Path) -> Path:
+    directory = Path(run) / "policy"
+    if not (directory / "model.safetensors").is_file():
+        raise ValueError(f"{run} holds no finished reactive expert (no policy/model.safetensors): run "
+                         f"`genie agent reactive --out {run}` to the end first")
+    return directory
+
+
+@agent.command("reactive")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (re-run to resume).")
+@click.option("--iterations", type=int, default=4, show_default=True, help="DAgger iterations (0 plays the planner).")
+@click.option("--episodes", type=int, default=48, show_default=True, help="Train-split episodes per iteration.")
+@click.option("--steps", type=int, default=1500, show_default=True, help="Training steps after each iteration.")
+@click.option("--beta-decay", type=float, default=0.5, show_default=True,
+              help="Iteration i lets the planner act in a share beta_decay**i of the frames, the student in the rest.")
+@click.option("--max-frames", type=int, default=400, show_default=True)
+@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Processes playing and labelling episodes.")
+@click.option("--quiet", is_flag=True)
+def reactive(out, iterations, episodes, steps, beta_decay, max_frames, distribution_mode, seed, workers, quiet) -> None:
+    """Distil the planner into a reactive expert by DAgger: a CNN that acts from the last two frames, trained on the
+    planner's choice at every state it visits. Resumes at the first unfinished iteration."""
+    import logging
+
+    from genie.agent.reactive import ReactiveConfig, run_dagger
+    from genie.cli_common import fail as _fail
+
+    if not quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = ReactiveConfig(iterations=iterations, episodes=episodes, steps=steps, beta_decay=beta_decay,
+                             max_frames=max_frames, distribution_mode=distribution_mode, seed=seed, workers=workers)
+        summary = run_dagger(cfg, out, progress=not quiet)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))
     click.echo(json.dumps(summary))
@@ -98,9 +147,12 @@ def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelle
 @click.option("--max-frames", type=int, default=500, show_default=True, help="An episode still running here fails.")
 @click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
 @click.option("--no-expert", is_flag=True, help="Skip the expert planner.")
+@click.option("--reactive", "reactive_run", type=click.Path(path_type=Path),
+              help="A finished `genie agent reactive` run: its reactive expert plays too.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for report.json, table.md, the plot.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
-def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_mode, no_expert, out, threads) -> None:
+def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_mode, no_expert, reactive_run, out,
+             threads) -> None:
     """Play random, the expert, oracle BC and LAM-BC (one mapping per k) in the real game on held-out levels; report
     mean return and success rate with 95% confidence intervals, a Markdown table and a success-vs-k plot."""
     import torch
@@ -119,7 +171,13 @@ def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_
         lam_bc = load_policy(Path(lam_run) / "policy") if lam_run else None
         mappings = load_mappings(lam_run) if lam_run else {}
         counts = expert_action_counts(oracle_run or lam_run, len(ACTION_NAMES)) if (oracle_run or lam_run) else None
-        report = evaluate_agents(cfg, oracle, lam_bc, mappings, expert=not no_expert, expert_action_counts=counts)
+        reactive_policy = None
+        if reactive_run is not None:
+            from genie.agent.reactive import load_reactive_policy
+
+            reactive_policy = load_reactive_policy(_reactive_policy_dir(reactive_run))
+        report = evaluate_agents(cfg, oracle, lam_bc, mappings, expert=not no_expert, expert_action_counts=counts,
+                                 reactive=reactive_policy)
         summary = write_report(report, out)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))

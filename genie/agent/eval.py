@@ -127,14 +127,17 @@ def play_expert(cfg: AgentEvalConfig) -> list[dict[str, Any]]:
 
 def evaluate_agents(cfg: AgentEvalConfig, oracle: Policy | None, lam_bc: Policy | None,
                     mappings: dict[int, Callable[[np.ndarray], np.ndarray]], expert: bool = True,
-                    expert_action_counts: np.ndarray | None = None) -> dict[str, Any]:
+                    expert_action_counts: np.ndarray | None = None, reactive: Policy | None = None) -> dict[str, Any]:
     """Runs every policy on the same held-out levels; returns {"config", "policies": {name: summary + episodes}}.
-    expert_action_counts (R,): adds the blind baseline that samples the expert's action frequencies."""
+    expert_action_counts (R,): adds the blind baseline that samples the expert's action frequencies. reactive: the
+    reactive expert (genie/agent/reactive.py), a policy over the game's actions."""
     runs: dict[str, list[dict[str, Any]]] = {"random": play(random_chooser(), 1, cfg, tag=0)}
     if expert_action_counts is not None:
         runs["expert_marginal"] = play(marginal_chooser(expert_action_counts), 1, cfg, tag=3)
     if expert:
         runs["expert"] = play_expert(cfg)
+    if reactive is not None:
+        runs["reactive_expert"] = play(policy_chooser(reactive), reactive.cfg.context, cfg, tag=4)
     if oracle is not None:
         runs["oracle_bc"] = play(policy_chooser(oracle), oracle.cfg.context, cfg, tag=1)
     if lam_bc is not None:
@@ -170,8 +173,8 @@ def plot_success_vs_k(report: dict[str, Any], path: Path) -> Path:
         hi = [pol[f"lam_bc_k{k}"]["success_ci95"][1] - r for k, r in zip(ks, rates, strict=True)]
         ax.errorbar(ks, rates, yerr=[lo, hi], marker="o", capsize=3, label="LAM-BC (k labelled transitions)")
         ax.set_xscale("log")
-    for name, color in (("oracle_bc", "tab:green"), ("expert", "tab:purple"), ("expert_marginal", "tab:gray"),
-                        ("random", "tab:red")):
+    for name, color in (("oracle_bc", "tab:green"), ("expert", "tab:purple"), ("reactive_expert", "tab:blue"),
+                        ("expert_marginal", "tab:gray"), ("random", "tab:red")):
         if name in pol:
             ax.axhline(pol[name]["success_rate"], color=color, linestyle="--", label=name)
     ax.set_xlabel("labelled transitions k")

@@ -1,0 +1,84 @@
+"""The reactive expert (DAgger): the planner's label of a state, the iterations (resumable), recording and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from genie.agent.expert import ExpertConfig, _x_offset, episode_level, make_env
+from genie.agent.reactive import (
+    ReactiveConfig,
+    load_reactive_policy,
+    planner_choice,
+    record_reactive,
+    rollout,
+    run_dagger,
+)
+from genie.cli import main
+from genie.data.shards import ShardedDataset
+
+pytest.importorskip("procgen")
+
+TINY = dict(iterations=2, episodes=2, max_frames=24, candidates=1, horizon=6, steps=4, batch_size=8, width_mult=8,
+            workers=1)
+
+
+def test_planner_choice_is_an_action_and_leaves_the_game_where_it_was():
+    env = make_env("coinrun", episode_level("train", 0, 0, 10_000), "easy")
+    for _ in range(5):
+        env.act(np.array([7]))
+    before = env.get_state()[0]
+    frame = env.observe()[1]["rgb"][0].copy()
+    choice = planner_choice(env, _x_offset(env), np.random.default_rng(0), ReactiveConfig(candidates=2, horizon=8))
+    assert choice in (7, 8, 5, 4, 1, 2)  # the planner's sequences are made of these
+    assert env.get_state()[0] == before
+    np.testing.assert_array_equal(env.observe()[1]["rgb"][0], frame)
+
+
+def test_a_rollout_labels_every_kept_frame_and_is_reproducible():
+    cfg = ReactiveConfig(**TINY)
+    frames, labels, meta = rollout(cfg, 0, 0, None)
+    assert frames.shape[1:] == (64, 64, 3) and labels.shape == (frames.shape[0] - 1,)
+    assert meta["beta"] == 1.0 and meta["student_frames"] == 0 and meta["labels"] == len(labels)
+    again = rollout(cfg, 0, 0, None)
+    np.testing.assert_array_equal(again[0], frames)
+    np.testing.assert_array_equal(again[1], labels)
+
+
+def test_dagger_iterations_resume_and_record(tmp_path):
+    cfg = ReactiveConfig(**TINY)
+    run = tmp_path / "run"
+    last = run_dagger(cfg, run, progress=False)
+    assert last["iteration"] == 1 and last["beta"] == 0.5
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [0, 1]
+    assert lines[0]["student_frames"] == 0  # iteration 0: the planner plays
+    data = ShardedDataset(run / "iteration_1")
+    assert len(data.episodes) == 2 and data.info["source"] == "reactive-dagger"
+    policy = load_reactive_policy(run / "policy")
+    assert policy.cfg.num_actions == 15 and policy.cfg.context == 2
+
+    stamp = (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns
+    assert run_dagger(cfg, run, progress=False) == {}  # everything done: nothing re-run
+    assert (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="another config"):
+        run_dagger(ReactiveConfig(**{**TINY, "steps": 5}), run, progress=False)
+
+    out = tmp_path / "rec"
+    summary = record_reactive(policy, ExpertConfig(split="val", episodes=2, max_frames=20), out, workers=1, progress=False)
+    rec = ShardedDataset(out)
+    assert summary["episodes"] == 2 and len(rec.episodes) == 2 and rec.info["source"] == "procgen-reactive-expert"
+    frames, actions = rec.episode(0)
+    assert actions.shape == (frames.shape[0] - 1,) and actions.min() >= 0 and actions.max() < 15
+    assert not (tmp_path / "rec.policy.tmp").exists()
+
+
+def test_cli_refuses_an_unfinished_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    out = CliRunner().invoke(main, ["agent", "expert", "--reactive", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert out.exit_code != 0 and "no finished reactive expert" in out.output
+    out = CliRunner().invoke(main, ["agent", "reactive", "--out", str(tmp_path / "r"), "--iterations", "0"])
+    assert out.exit_code != 0 and "must be >= 1" in out.output
