@@ -63,14 +63,38 @@ def step_deadline(seconds: float) -> Iterator[None]:
         _deadline.reset(token)
 
 
-class AdmissionBackend:
-    """Wraps a ModelBackend with admission control; the same contract, plus Overloaded on the model calls."""
+class AdmissionGate:
+    """The slots, the queue and the refusal counts of one admission budget. One gate may front several backends: a
+    catalogue's versions share the process's budget, so loading more versions does not multiply how much model work
+    may run or wait at once."""
 
-    def __init__(self, inner: ModelBackend, cfg: AdmissionConfig | None = None) -> None:
-        self.inner, self.cfg = inner, cfg or AdmissionConfig()
-        self._slots = asyncio.Semaphore(self.cfg.max_in_flight)
+    def __init__(self, cfg: AdmissionConfig | None = None) -> None:
+        self.cfg = cfg or AdmissionConfig()
+        self.slots = asyncio.Semaphore(self.cfg.max_in_flight)
         self.waiting = 0  # calls queued for a slot now
         self.refused = {"RESOURCE_EXHAUSTED": 0, "UNAVAILABLE": 0}
+
+
+class AdmissionBackend:
+    """Wraps a ModelBackend with admission control; the same contract, plus Overloaded on the model calls.
+    `gate`: share the budget of other backends (default: a gate of this backend's own, from `cfg`)."""
+
+    def __init__(self, inner: ModelBackend, cfg: AdmissionConfig | None = None, gate: AdmissionGate | None = None) -> None:
+        if gate is not None and cfg is not None and gate.cfg != cfg:
+            raise ValueError("give an admission config or a gate, not two that differ")
+        self.inner, self.gate = inner, gate or AdmissionGate(cfg)
+
+    @property
+    def cfg(self) -> AdmissionConfig:
+        return self.gate.cfg
+
+    @property
+    def waiting(self) -> int:
+        return self.gate.waiting
+
+    @property
+    def refused(self) -> dict[str, int]:
+        return self.gate.refused
 
     @property
     def spec(self) -> WorldSpec:
@@ -92,8 +116,9 @@ class AdmissionBackend:
         if _held.get():  # inside admit(): the slot is already ours
             yield
             return
-        if self._slots.locked():  # every slot busy: queue, within bounds
-            if self.waiting >= self.cfg.max_queue:
+        gate = self.gate
+        if gate.slots.locked():  # every slot busy: queue, within bounds
+            if gate.waiting >= self.cfg.max_queue:
                 raise self._refuse("RESOURCE_EXHAUSTED", f"model queue full ({self.cfg.max_queue} calls waiting); retry later")
             deadline = _deadline.get()
             timeout = self.cfg.queue_timeout_s
@@ -101,22 +126,22 @@ class AdmissionBackend:
                 timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
                 raise self._refuse("UNAVAILABLE", "step deadline passed before a model slot was free; retry later")
-            self.waiting += 1
+            gate.waiting += 1
             try:
-                await asyncio.wait_for(self._slots.acquire(), timeout)
+                await asyncio.wait_for(gate.slots.acquire(), timeout)
             except TimeoutError:
                 raise self._refuse("UNAVAILABLE", f"no model slot free within {timeout * 1000:.0f} ms; retry later") from None
             finally:
-                self.waiting -= 1
+                gate.waiting -= 1
         else:
-            await self._slots.acquire()
+            await gate.slots.acquire()
         try:
             yield
         finally:
-            self._slots.release()
+            gate.slots.release()
 
     def _refuse(self, code: str, message: str) -> Overloaded:
-        self.refused[code] += 1
+        self.gate.refused[code] += 1
         return Overloaded(code, message)
 
     async def start(self) -> None:

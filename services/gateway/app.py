@@ -12,7 +12,7 @@ from pathlib import Path
 
 from genie.catalog import DirectoryCatalog, WorldVersion
 from genie.device import resolve_inference_device, resolve_precision
-from services.backends.admission import AdmissionBackend, AdmissionConfig
+from services.backends.admission import AdmissionBackend, AdmissionConfig, AdmissionGate
 from services.backends.backend import BackendUnavailable, ModelBackend
 from services.backends.factory import BackendConfig, make_backend, triton_tls
 from services.backends.worlds import ServedWorlds
@@ -121,6 +121,7 @@ def served_catalogue(cfg: GatewayConfig, registry=None) -> ServedWorlds:
     """The catalogue's worlds, each version through its own backend (with admission when configured): in-process
     models, or its own models on a Triton with explicit model control (`genie triton serve --explicit`)."""
     metrics = None
+    gate = AdmissionGate(cfg.admission) if cfg.admission is not None else None  # one budget for every version
     if cfg.backend == "triton":
         from services.backends.triton_backend import RoutingMetrics
 
@@ -128,7 +129,7 @@ def served_catalogue(cfg: GatewayConfig, registry=None) -> ServedWorlds:
 
     def make(entry: WorldVersion) -> ModelBackend:
         backend = make_backend(cfg.backend_config(), registry, version=entry, metrics=metrics)
-        return AdmissionBackend(backend, cfg.admission) if cfg.admission is not None else backend
+        return AdmissionBackend(backend, gate=gate) if gate is not None else backend
 
     return ServedWorlds(catalog=DirectoryCatalog(cfg.registry), make=make, default=cfg.default_world,
                         budget_bytes=cfg.models_budget_bytes)

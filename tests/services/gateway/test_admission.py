@@ -16,7 +16,7 @@ from PIL import Image
 
 from genie.sampling import SamplingConfig, new_state
 from genie.worlds import load_prompts
-from services.backends.admission import AdmissionBackend, AdmissionConfig, Overloaded, step_deadline
+from services.backends.admission import AdmissionBackend, AdmissionConfig, AdmissionGate, Overloaded, step_deadline
 from services.backends.inprocess import InProcessBackend
 from services.cli import main as genie_cli
 from services.gateway.api.client import GatewayClient
@@ -60,6 +60,23 @@ async def test_past_the_queue_calls_are_refused_at_once_and_queued_ones_served(m
         assert adm.waiting == 1
     assert sorted(await asyncio.gather(*calls)) == ["OK"] + ["RESOURCE_EXHAUSTED"] * 4
     assert adm.refused == {"RESOURCE_EXHAUSTED": 4, "UNAVAILABLE": 0}
+
+
+async def test_backends_sharing_a_gate_share_its_slots_and_queue(models):
+    """A catalogue's versions share one admission budget: a slot held through one version's backend makes the other
+    version's calls queue, and past the shared queue they are refused."""
+    gate = AdmissionGate(AdmissionConfig(max_in_flight=1, max_queue=1, queue_timeout_s=60))
+    v1, v2 = AdmissionBackend(models, gate=gate), AdmissionBackend(models, gate=gate)
+    state, sampling = await _state(models), SamplingConfig(steps=2)
+    async with v1._admitted():
+        queued = asyncio.create_task(_outcome(v2.next_tokens(state, 0, sampling)))
+        await asyncio.sleep(0.05)
+        assert not queued.done() and v2.waiting == v1.waiting == 1
+        assert await _outcome(v1.next_tokens(state, 0, sampling)) == "RESOURCE_EXHAUSTED"  # the queue is shared too
+    assert await queued == "OK"
+    assert v2.refused == v1.refused == {"RESOURCE_EXHAUSTED": 1, "UNAVAILABLE": 0}
+    with pytest.raises(ValueError, match="not two that differ"):
+        AdmissionBackend(models, AdmissionConfig(max_in_flight=2), gate=gate)
 
 
 async def test_a_call_waiting_past_its_timeout_or_its_step_deadline_is_unavailable(models):
