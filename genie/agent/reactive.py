@@ -50,6 +50,7 @@ from genie.data.shards import ShardedDataset, ShardWriter
 log = logging.getLogger(__name__)
 # Worker processes start fresh: this process has run torch (OpenMP), and a forked child of it can hang in libgomp.
 _SPAWN = multiprocessing.get_context("spawn")
+TARGETS_FILE = "near_optimal.safetensors"  # an iteration's (labelled frames, A) uint8 near-optimal action sets
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ReactiveConfig:
     beta_decay: float = 0.5  # beta_i = beta_decay ** i: the share of frames the planner acts in iteration i
     candidates: int = 8  # the planner's random sequences per decision (after its fixed ones)
     horizon: int = 24  # frames the planner looks ahead
+    tolerance: float = 1.0  # a first action is near-optimal when its best sequence ends within this x of the best
     context: int = 2  # frames the student sees (the current one and the one before)
     width_mult: int = 32
     steps: int = 1500  # training steps after each iteration, on all labels so far
@@ -87,28 +89,45 @@ class ReactiveConfig:
         return self.beta_decay ** iteration
 
 
-def planner_choice(env, offset: int | None, rng: np.random.Generator, cfg: ReactiveConfig) -> int:
-    """The planner's action in the env's current state: the first action of its best sequence (as plan_episode scores
-    them: the coin beats everything, death loses, else the agent's x at the end; ties go to the fixed sequences). The
-    env is left in the state it was in."""
+def planner_targets(env, offset: int | None, rng: np.random.Generator, cfg: ReactiveConfig) -> tuple[int, np.ndarray]:
+    """The planner's view of the env's current state: its choice (the first action of its best sequence, as
+    plan_episode scores them: the coin beats everything, death loses, else the agent's x at the end; ties go to the
+    fixed sequences) and the near-optimal first actions, (A,) bool: those whose best sequence reaches the coin when
+    the best does, or survives and ends within cfg.tolerance of the best x. Where running and jumping right are both
+    fine the set holds both, and where only a jump survives it holds only the jump: the student learns the decision
+    the frame shows, not the tie the planner's random candidates broke. The env is left in the state it was in."""
     snapshot = env.get_state()
     ecfg = ExpertConfig(horizon=cfg.horizon, candidates=cfg.candidates, commit=1)
+    best_of: dict[int, float] = {}  # first action -> its best sequence's score
     best, best_score = None, -float("inf")
     for seq in _fixed(cfg.horizon) + [_sequence(rng, ecfg) for _ in range(cfg.candidates)]:
         score, _ = _try(env, snapshot, seq, offset)
+        best_of[seq[0]] = max(best_of.get(seq[0], -float("inf")), score)
         if score > best_score:
             best, best_score = seq, score
-        if score == float("inf"):
-            break
     env.set_state(snapshot)
-    return int(best[0])
+    near = np.zeros(len(ACTION_NAMES), dtype=bool)
+    for action, score in best_of.items():
+        if best_score == float("inf"):
+            near[action] = score == float("inf")
+        elif best_score <= -1e9 + cfg.horizon:  # every sequence dies: the longest-lived ones
+            near[action] = score == best_score
+        else:
+            near[action] = score > -1e9 + cfg.horizon and score >= best_score - cfg.tolerance
+    near[int(best[0])] = True
+    return int(best[0]), near
+
+
+def planner_choice(env, offset: int | None, rng: np.random.Generator, cfg: ReactiveConfig) -> int:
+    """The planner's action in the env's current state (planner_targets' choice)."""
+    return planner_targets(env, offset, rng, cfg)[0]
 
 
 def rollout(cfg: ReactiveConfig, iteration: int, episode: int,
-            weights: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+            weights: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """One DAgger episode on a fresh train-split level: frames (F, H, W, C), the planner's label of every frame but
-    the last (F-1,), meta. The student acts with probability 1 - beta (sampling its softmax); without weights the
-    planner plays throughout."""
+    the last (F-1,), its near-optimal actions there (F-1, A) bool, meta. The student acts with probability 1 - beta
+    (sampling its softmax); without weights the planner plays throughout."""
     torch.set_num_threads(1)
     index = iteration * cfg.episodes + episode  # distinct levels across iterations
     level = episode_level("train", cfg.seed, index, cfg.num_levels)
@@ -121,9 +140,10 @@ def rollout(cfg: ReactiveConfig, iteration: int, episode: int,
         policy.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     beta = 1.0 if policy is None else cfg.beta(iteration)
     offset = _x_offset(env)
-    frames, labels, success, student_frames = [env.observe()[1]["rgb"][0].copy()], [], False, 0
+    frames, labels, masks, success, student_frames = [env.observe()[1]["rgb"][0].copy()], [], [], False, 0
     while len(frames) < cfg.max_frames:
-        label = planner_choice(env, offset, rng, cfg)
+        label, near = planner_targets(env, offset, rng, cfg)
+        masks.append(near)
         action = label
         if policy is not None and rng.random() >= beta:
             ctx = context_frames(np.stack(frames[-cfg.context:]), np.array([len(frames[-cfg.context:]) - 1]), cfg.context)
@@ -135,11 +155,13 @@ def rollout(cfg: ReactiveConfig, iteration: int, episode: int,
         if first[0]:
             success = bool(rew[0] > 0)
             labels.pop()  # the episode ended: the frame it led to belongs to the next level, and is not kept
+            masks.pop()
             break
         frames.append(obs["rgb"][0].copy())
     meta = {"iteration": iteration, "episode": episode, "level": level, "success": success,
             "return": 10.0 if success else 0.0, "beta": beta, "student_frames": student_frames, "labels": len(labels)}
-    return np.stack(frames[: len(labels) + 1]), np.array(labels, dtype=np.int16), meta
+    near = np.stack(masks) if masks else np.zeros((0, len(ACTION_NAMES)), dtype=bool)
+    return np.stack(frames[: len(labels) + 1]), np.array(labels, dtype=np.int16), near, meta
 
 
 def _weights(policy: Policy) -> dict[str, np.ndarray]:
@@ -168,21 +190,25 @@ def _collect(cfg: ReactiveConfig, iteration: int, weights: dict[str, np.ndarray]
     """Plays an iteration's episodes (in worker processes) into shards at `out`; returns their metas."""
     shutil.rmtree(out, ignore_errors=True)
     writer = ShardWriter(out)
-    metas = []
+    metas, masks = [], []
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=_SPAWN) as pool:
         jobs = [pool.submit(rollout, cfg, iteration, e, weights) for e in range(cfg.episodes)]
         for job in jobs:  # in episode order: the shards do not depend on which worker finished first
-            frames, labels, meta = job.result()
+            frames, labels, near, meta = job.result()
             writer.add(frames, labels, meta)
+            masks.append(near)
             metas.append(meta)
     writer.close({"source": "reactive-dagger", "config": asdict(cfg), "iteration": iteration,
                   "num_true_actions": len(ACTION_NAMES), "action_names": list(ACTION_NAMES)})
+    # The near-optimal sets, every labelled frame of the iteration in episode order (beside the shards' labels).
+    save_file({"near_optimal": torch.from_numpy(np.concatenate(masks).astype(np.uint8))}, out / TARGETS_FILE)
     return metas
 
 
 def _examples(dirs: list[Path]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Every labelled frame of the iterations so far: episode frame arrays, (row -> episode, t), labels."""
-    episodes, index, labels = [], [], []
+    """Every labelled frame of the iterations so far: episode frame arrays, (row -> episode, t), the near-optimal
+    action sets (rows, A) bool."""
+    episodes, index, near = [], [], []
     for d in dirs:
         data = ShardedDataset(d)
         for i in range(len(data.episodes)):
@@ -190,14 +216,18 @@ def _examples(dirs: list[Path]) -> tuple[list[np.ndarray], np.ndarray, np.ndarra
             e = len(episodes)
             episodes.append(np.asarray(frames))
             index += [(e, t) for t in range(len(actions))]
-            labels.append(np.asarray(actions, dtype=np.int64))
-    return episodes, np.array(index, dtype=np.int64), np.concatenate(labels)
+        near.append(load_file(d / TARGETS_FILE)["near_optimal"].numpy().astype(bool))
+    near_all = np.concatenate(near)
+    if len(near_all) != len(index):
+        raise ValueError(f"{dirs}: {len(index)} labelled frames but {len(near_all)} near-optimal sets")
+    return episodes, np.array(index, dtype=np.int64), near_all
 
 
 def train_student(policy: Policy, cfg: ReactiveConfig, dirs: list[Path], iteration: int) -> float:
-    """`cfg.steps` AdamW steps on every label of `dirs` (batches a function of (seed, iteration, step)); returns the
-    training accuracy over the last 200 steps."""
-    episodes, index, labels = _examples(dirs)
+    """`cfg.steps` AdamW steps on every labelled frame of `dirs` (batches a function of (seed, iteration, step)),
+    maximising the probability the student gives the near-optimal set: any of its actions is what the planner
+    would accept. Returns the share of the last 200 steps' frames whose argmax is in the set."""
+    episodes, index, near = _examples(dirs)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, iteration, 11]))
     policy.train()
@@ -205,14 +235,15 @@ def train_student(policy: Policy, cfg: ReactiveConfig, dirs: list[Path], iterati
     for step in range(cfg.steps):
         rows = rng.integers(len(index), size=cfg.batch_size)
         ctx = np.stack([context_frames(episodes[e], np.array([t]), cfg.context)[0] for e, t in index[rows]])
-        target = torch.from_numpy(labels[rows])
+        allowed = torch.from_numpy(near[rows])  # (B, A) bool
         logits = policy(torch.from_numpy(ctx))
-        loss = F.cross_entropy(logits, target)
+        logp = F.log_softmax(logits, -1)
+        loss = -torch.logsumexp(logp.masked_fill(~allowed, -float("inf")), -1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step >= cfg.steps - 200:
-            correct += int((logits.argmax(-1) == target).sum())
+            correct += int(allowed.gather(1, logits.argmax(-1, keepdim=True)).sum())
             seen += len(rows)
     policy.eval()
     return correct / max(seen, 1)

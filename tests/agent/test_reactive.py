@@ -13,6 +13,7 @@ from genie.agent.reactive import (
     ReactiveConfig,
     load_reactive_policy,
     planner_choice,
+    planner_targets,
     record_reactive,
     rollout,
     run_dagger,
@@ -32,20 +33,26 @@ def test_planner_choice_is_an_action_and_leaves_the_game_where_it_was():
         env.act(np.array([7]))
     before = env.get_state()[0]
     frame = env.observe()[1]["rgb"][0].copy()
-    choice = planner_choice(env, _x_offset(env), np.random.default_rng(0), ReactiveConfig(candidates=2, horizon=8))
+    cfg = ReactiveConfig(candidates=2, horizon=8)
+    choice = planner_choice(env, _x_offset(env), np.random.default_rng(0), cfg)
     assert choice in (7, 8, 5, 4, 1, 2)  # the planner's sequences are made of these
     assert env.get_state()[0] == before
+    again, near = planner_targets(env, _x_offset(env), np.random.default_rng(0), cfg)
+    assert again == choice and near.shape == (15,) and near[choice]
+    assert set(np.flatnonzero(near)) <= {7, 8, 5, 4, 1, 2}
     np.testing.assert_array_equal(env.observe()[1]["rgb"][0], frame)
 
 
 def test_a_rollout_labels_every_kept_frame_and_is_reproducible():
     cfg = ReactiveConfig(**TINY)
-    frames, labels, meta = rollout(cfg, 0, 0, None)
+    frames, labels, near, meta = rollout(cfg, 0, 0, None)
     assert frames.shape[1:] == (64, 64, 3) and labels.shape == (frames.shape[0] - 1,)
+    assert near.shape == (len(labels), 15) and near[np.arange(len(labels)), labels].all()  # the choice is in its set
     assert meta["beta"] == 1.0 and meta["student_frames"] == 0 and meta["labels"] == len(labels)
     again = rollout(cfg, 0, 0, None)
     np.testing.assert_array_equal(again[0], frames)
     np.testing.assert_array_equal(again[1], labels)
+    np.testing.assert_array_equal(again[2], near)
 
 
 def test_dagger_iterations_resume_and_record(tmp_path):
