@@ -13,7 +13,8 @@ A run directory holds:
     iteration_<i>/              that iteration's episodes as dataset shards (frames; actions = the planner's labels)
     iteration_<i>/policy/       the student after training on iterations 0..i (config.json + model.safetensors)
     metrics.jsonl               one line per iteration: episodes, frames, success of the rollouts, training accuracy
-An interrupted run resumes at the first iteration without a policy (an iteration's data are rewritten whole).
+An interrupted run resumes at the first iteration without a policy (an iteration's data are rewritten whole); a
+finished run is extended by running it again with more iterations.
 """
 
 from __future__ import annotations
@@ -253,12 +254,13 @@ def run_dagger(cfg: ReactiveConfig, run: Path, progress: bool = True) -> dict[st
     """Runs (or resumes) the DAgger iterations in `run`; returns the last iteration's metrics."""
     run.mkdir(parents=True, exist_ok=True)
     cfg_file = run / "config.json"
+    wanted = json.loads(json.dumps(asdict(cfg)))
     if cfg_file.exists():
         saved = json.loads(cfg_file.read_text())
-        if saved != json.loads(json.dumps(asdict(cfg))):
+        # More iterations extend a run (its finished ones are kept); any other change is another run.
+        if {k: v for k, v in saved.items() if k != "iterations"} != {k: v for k, v in wanted.items() if k != "iterations"}:
             raise ValueError(f"{run} holds a run with another config; use another directory")
-    else:
-        cfg_file.write_text(json.dumps(asdict(cfg), indent=2))
+    cfg_file.write_text(json.dumps(wanted, indent=2))
     torch.manual_seed(cfg.seed)
     policy = Policy(cfg.policy_config())
     last: dict[str, Any] = {}

@@ -73,6 +73,9 @@ def test_dagger_iterations_resume_and_record(tmp_path):
     assert (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="another config"):
         run_dagger(ReactiveConfig(**{**TINY, "steps": 5}), run, progress=False)
+    extended = run_dagger(ReactiveConfig(**{**TINY, "iterations": 3}), run, progress=False)  # one more iteration
+    assert extended["iteration"] == 2 and extended["beta"] == 0.25
+    assert (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp  # kept
 
     out = tmp_path / "rec"
     summary = record_reactive(policy, ExpertConfig(split="val", episodes=2, max_frames=20), out, workers=1, progress=False)

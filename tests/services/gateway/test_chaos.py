@@ -11,7 +11,7 @@ from harness.chaos import ChaosConfig, run_chaos
 
 
 async def test_kill_a_gateway_the_redis_master_and_triton_and_lose_nothing(trained_world_dir, tmp_path):
-    cfg = ChaosConfig(world=trained_world_dir, root=tmp_path, sessions=8, duration_s=75, kills=1, think_s=0.1)
+    cfg = ChaosConfig(world=trained_world_dir, root=tmp_path, sessions=8, duration_s=45, kills=1, think_s=0.1)
     r = await run_chaos(cfg)
     summary = r.to_dict()
     # A string, not the dict: pytest would shorten a dict's repr, and the errors by code are what tells a cause.
