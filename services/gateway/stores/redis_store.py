@@ -44,7 +44,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -357,10 +364,18 @@ class RedisStore:
             return await self._call(what, lambda: script(keys=keys, args=args))
 
         async def op() -> tuple[int, int]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await script(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
-                return tuple(await pipe.execute())
+            for attempt in range(2):
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        await script(keys=keys, args=args, client=pipe)
+                        pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
+                        return tuple(await pipe.execute())
+                except NoScriptError:
+                    # A failover between the pipeline's check that the master holds the script and its EVALSHA: the
+                    # new master has never seen it, so the script ran nothing. The retry loads it there first.
+                    if attempt:
+                        raise
+            raise AssertionError("unreachable")
 
         result, acked = await self._call(what, op)
         if result and acked < self.wait_replicas:

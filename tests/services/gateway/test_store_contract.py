@@ -136,3 +136,31 @@ async def test_redis_down_is_unavailable_not_a_crash():
     with pytest.raises(StoreUnavailable):
         await store.create(_record(), 4)
     await store.close()
+
+
+async def test_a_failover_that_loses_the_scripts_between_check_and_run_is_retried(redis_url, monkeypatch):
+    """With replica acknowledgement the write script runs in a pipeline, which checks that the master holds the script
+    just before it sends EVALSHA. A failover in between gives a master that never saw it: NoScriptError, the script
+    ran nothing. The store loads it and runs the write again (it used to surface as INTERNAL in the chaos soak)."""
+    from redis.asyncio.client import Pipeline
+
+    from services.gateway.stores.store import NotReplicated
+
+    store = RedisStore(redis_url, prefix=f"genie-test-{uuid.uuid4().hex[:8]}:", wait_replicas=1, wait_ms=10)
+    record = _record()
+    with pytest.raises(NotReplicated):  # this Redis has no replica: the write lands, WAIT counts 0
+        await store.create(record, max_per_owner=10)
+    original, skipped = Pipeline.load_scripts, []
+
+    async def lose_the_scripts_once(self):
+        if not skipped:  # the master "changed" after the check: it holds no script
+            skipped.append(True)
+            await self.immediate_execute_command("SCRIPT", "FLUSH")
+            return None
+        return await original(self)
+
+    monkeypatch.setattr(Pipeline, "load_scripts", lose_the_scripts_once)
+    with pytest.raises(NotReplicated):
+        await store.commit(_bump(record), record.version)
+    assert skipped and (await store.get(record.session_id)).version == record.version + 1  # the retry committed
+    await store.close()
