@@ -72,11 +72,16 @@ def _reactive_policy_dir(run: Path) -> Path:
 @click.option("--beta-decay", type=float, default=0.5, show_default=True,
               help="Iteration i lets the planner act in a share beta_decay**i of the frames, the student in the rest.")
 @click.option("--max-frames", type=int, default=400, show_default=True)
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="A first action is near-optimal when its best sequence ends within this x of the best.")
+@click.option("--context", type=int, default=2, show_default=True, help="Frames the student sees.")
+@click.option("--width", "width_mult", type=int, default=32, show_default=True, help="Channels of the student's CNN.")
 @click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Processes playing and labelling episodes.")
 @click.option("--quiet", is_flag=True)
-def reactive(out, iterations, episodes, steps, beta_decay, max_frames, distribution_mode, seed, workers, quiet) -> None:
+def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance, context, width_mult, distribution_mode,
+             seed, workers, quiet) -> None:
     """Distil the planner into a reactive expert by DAgger: a CNN that acts from the last two frames, trained on the
     planner's choice at every state it visits. Resumes at the first unfinished iteration."""
     import logging
@@ -88,7 +93,8 @@ def reactive(out, iterations, episodes, steps, beta_decay, max_frames, distribut
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = ReactiveConfig(iterations=iterations, episodes=episodes, steps=steps, beta_decay=beta_decay,
-                             max_frames=max_frames, distribution_mode=distribution_mode, seed=seed, workers=workers)
+                             max_frames=max_frames, tolerance=tolerance, context=context, width_mult=width_mult,
+                             distribution_mode=distribution_mode, seed=seed, workers=workers)
         summary = run_dagger(cfg, out, progress=not quiet)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))

@@ -165,6 +165,22 @@ def rollout(cfg: ReactiveConfig, iteration: int, episode: int,
     return np.stack(frames[: len(labels) + 1]), np.array(labels, dtype=np.int16), near, meta
 
 
+def _in_workers(fn, jobs: list[tuple], workers: int):
+    """fn(*job) for each job, in job order: in this process with one worker, else in `workers` spawned processes."""
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        try:
+            for job in jobs:
+                yield fn(*job)
+        finally:
+            torch.set_num_threads(threads)  # fn runs its policy on one thread, as a worker process does
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for future in futures:  # in job order: the output does not depend on which worker finished first
+            yield future.result()
+
+
 def _weights(policy: Policy) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in policy.state_dict().items()}
 
@@ -192,13 +208,11 @@ def _collect(cfg: ReactiveConfig, iteration: int, weights: dict[str, np.ndarray]
     shutil.rmtree(out, ignore_errors=True)
     writer = ShardWriter(out)
     metas, masks = [], []
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=_SPAWN) as pool:
-        jobs = [pool.submit(rollout, cfg, iteration, e, weights) for e in range(cfg.episodes)]
-        for job in jobs:  # in episode order: the shards do not depend on which worker finished first
-            frames, labels, near, meta = job.result()
-            writer.add(frames, labels, meta)
-            masks.append(near)
-            metas.append(meta)
+    for frames, labels, near, meta in _in_workers(rollout, [(cfg, iteration, e, weights) for e in range(cfg.episodes)],
+                                                  cfg.workers):
+        writer.add(frames, labels, meta)
+        masks.append(near)
+        metas.append(meta)
     writer.close({"source": "reactive-dagger", "config": asdict(cfg), "iteration": iteration,
                   "num_true_actions": len(ACTION_NAMES), "action_names": list(ACTION_NAMES)})
     # The near-optimal sets, every labelled frame of the iteration in episode order (beside the shards' labels).
@@ -328,13 +342,11 @@ def record_reactive(policy: Policy, cfg: ExpertConfig, out: Path, workers: int =
     successes = 0
     bar = tqdm(total=cfg.episodes, desc=f"reactive expert {cfg.env}/{cfg.split}", disable=not progress, unit="ep")
     try:
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
-            jobs = [pool.submit(_play_reactive, str(policy_dir), cfg, e) for e in range(cfg.episodes)]
-            for job in jobs:
-                frames, actions, meta = job.result()
-                writer.add(frames, actions, meta)
-                successes += meta["success"]
-                bar.update(1)
+        for frames, actions, meta in _in_workers(_play_reactive, [(str(policy_dir), cfg, e) for e in range(cfg.episodes)],
+                                                 workers):
+            writer.add(frames, actions, meta)
+            successes += meta["success"]
+            bar.update(1)
     finally:
         bar.close()
         if tmp_dir is not None:
