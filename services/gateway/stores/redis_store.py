@@ -296,8 +296,8 @@ class _RetryOutages(Retry):
     """redis-py's retry of a failed connection or command (its default backoff and count), except when the server
     refused our password or certificate: retrying those only delays the error (and a health check) by seconds."""
 
-    def __init__(self) -> None:
-        super().__init__(ExponentialWithJitterBackoff(base=0.01, cap=1.0), retries=10)
+    def __init__(self, retries: int = 10) -> None:
+        super().__init__(ExponentialWithJitterBackoff(base=0.01, cap=1.0), retries=retries)
 
     async def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
         def retryable(exc: Exception) -> bool:
@@ -320,13 +320,17 @@ def _hostports(spec: str) -> tuple[tuple[str, int], ...]:
 
 class RedisStore:
     def __init__(self, url: str | RedisTarget = "redis://127.0.0.1:6379/0", prefix: str = "genie:", timeout_s: float = 2.0,
-                 clock: Callable[[], float] = time.time, wait_replicas: int = 0, wait_ms: int = 100) -> None:
-        if wait_replicas < 0 or wait_ms < 0:
-            raise ValueError(f"wait_replicas and wait_ms must be >= 0, got {wait_replicas}, {wait_ms}")
+                 clock: Callable[[], float] = time.time, wait_replicas: int = 0, wait_ms: int = 100,
+                 outage_retries: int = 10) -> None:
+        """outage_retries: how often a call retries a lost connection or a timeout (backoff 10 ms doubling to 1 s):
+        the default rides out a Sentinel failover (a few seconds) and reports a Redis that stays down after ~4 s."""
+        if wait_replicas < 0 or wait_ms < 0 or outage_retries < 0:
+            raise ValueError(f"wait_replicas, wait_ms and outage_retries must be >= 0, got {wait_replicas}, {wait_ms}, "
+                             f"{outage_retries}")
         self.target = url if isinstance(url, RedisTarget) else RedisTarget.parse(url)
         self.url, self.prefix, self._clock = self.target.describe(), prefix, clock
         self.wait_replicas, self.wait_ms = wait_replicas, wait_ms
-        kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": _RetryOutages()}
+        kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": _RetryOutages(outage_retries)}
         if self.target.sentinels:
             self._sentinel = Sentinel(list(self.target.sentinels), sentinel_kwargs={**kw, **self.target.sentinel_kwargs()},
                                       **kw)

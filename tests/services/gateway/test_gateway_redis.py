@@ -28,10 +28,11 @@ def _png(world_dir) -> bytes:
     return buf.getvalue()
 
 
-def _gateway(world_dir, redis_url, prefix, **cfg) -> Gateway:
+def _gateway(world_dir, redis_url, prefix, outage_retries: int = 10, **cfg) -> Gateway:
     config = GatewayConfig(world=str(world_dir), grpc_port=0, http_port=-1, metrics_port=-1, tokens=f"alice:{ALICE}",
                            store="redis", redis_url=redis_url, **cfg)
-    return Gateway(config, backend=InProcessBackend(world_dir), store=RedisStore(redis_url, prefix=prefix))
+    store = RedisStore(redis_url, prefix=prefix, outage_retries=outage_retries)
+    return Gateway(config, backend=InProcessBackend(world_dir), store=store)
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ async def test_redis_down_is_unavailable_and_the_session_survives_its_restart(tr
     # An append-only file of its own, so a restart keeps the data.
     own = OwnRedis(tmp_path, "--save", "", "--appendonly", "yes", "--appendfsync", "always")
     own.start()
-    gw = _gateway(trained_world_dir, own.url, "genie:")
+    gw = _gateway(trained_world_dir, own.url, "genie:", outage_retries=3)  # the default 10 take ~4 s a call
     await gw.start()
     try:
         async with GatewayClient(gw.grpc_address, ALICE) as client:
