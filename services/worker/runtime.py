@@ -136,8 +136,9 @@ class AsyncRunner:
         return self.loop.run_until_complete(coro)
 
     def backend(self, settings: WorkerSettings, world: str, factory: Callable[[], Any]) -> Any:
-        key = (settings.rollout_backend, world if settings.rollout_backend == "inprocess" else "",
-               settings.triton_url, settings.triton_model_urls)
+        # One backend per world in process; on Triton one for the fixed models and one per catalogue version ("name@N").
+        per_world = settings.rollout_backend == "inprocess" or "@" in world
+        key = (settings.rollout_backend, world if per_world else "", settings.triton_url, settings.triton_model_urls)
         if key not in self._backends:
             backend = factory()
             try:

@@ -270,17 +270,18 @@ def _run_chunk(run: Execution, job: RolloutJobSpec, out: Path, index: int, items
 
     t0 = time.perf_counter()
     world = job.world or settings.world
-    if job.world_ref and settings.rollout_backend != "inprocess":
-        raise ValueError(f"world {job.world_ref} is a catalogue version: catalogue rollouts run on the in-process "
-                         f"backend (this worker's is {settings.rollout_backend})")
+    version = None
     if job.world_digest:  # a catalogue version: the files must still be the ones the job pinned
-        from genie.catalog import file_digests, world_digest
+        from genie.catalog import WorldVersion, file_digests, parse_ref, world_digest
 
         if world_digest(file_digests(Path(world))) != job.world_digest:
             raise ValueError(f"world {job.world_ref} at {world} no longer has the digest the job pinned "
                              f"({job.world_digest}): it was changed after publishing")
+        name, number = parse_ref(job.world_ref)
+        # On Triton, the version's own models (loaded into a Triton with explicit model control, as gateways do).
+        version = WorldVersion(name, int(number or 0), job.world_digest, Path(world))
     cfg = rollout_backend_config(settings, world)
-    backend = runner().backend(settings, world, lambda: make_backend(cfg))
+    backend = runner().backend(settings, job.world_ref or world, lambda: make_backend(cfg, version=version))
     spec = backend.spec
     bad = sorted({a for item in items for a in item.actions if a >= spec.num_actions})
     if bad:

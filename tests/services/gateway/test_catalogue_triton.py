@@ -203,3 +203,26 @@ async def test_a_model_of_the_same_name_from_another_catalogue_is_replaced(regis
         finally:
             await triton.close()
         assert config["config"]["parameters"]["world_digest"]["string_value"] == digest
+
+
+async def test_a_rollout_worker_backend_for_a_version_matches_the_in_process_one(registry, explicit_triton):
+    """What a Triton rollout worker builds for a job pinned to a catalogue version (make_backend with the version:
+    services/worker/tasks.py) loads that version into the explicit Triton and rolls out the frames the in-process
+    backend of the same version gives."""
+    from genie.media import load_image
+    from services.backends.factory import BackendConfig, make_backend
+    from services.rollout import rollout_trace
+
+    entry = registry.resolve("tiny", 1)
+    traces = []
+    for cfg in (BackendConfig(backend="triton", triton_url=explicit_triton.grpc_url), BackendConfig()):
+        backend = make_backend(cfg, version=entry)
+        await backend.start()
+        try:
+            spec = backend.spec
+            prompt = load_image(load_prompts(entry.path)[0], spec.height, spec.width)[None]
+            traces.append(await rollout_trace(backend, prompt, [1, 2, 3, 0], seed=7))
+        finally:
+            await backend.close()
+    np.testing.assert_array_equal(traces[0].frames, traces[1].frames)
+    np.testing.assert_array_equal(traces[0].tokens, traces[1].tokens)
