@@ -31,6 +31,11 @@ def triton() -> None:
                    "them and unload idle ones (the catalogue directory must be mounted at the same path here). Their "
                    "settings come from the gateway (--threads, --cache-bytes); the options on models, devices and "
                    "batching here do not apply.")
+@click.option("--models-budget-mb", type=int, default=0, show_default=True,
+              help="With --explicit: keep the loaded catalogue versions' checkpoints under this many MB, unloading "
+                   "idle versions (least recently used first) that gateways left loaded; 0 = no budget here.")
+@click.option("--models-idle-s", type=float, default=60.0, show_default=True,
+              help="With --models-budget-mb: a version used within this many seconds is in play and never unloaded.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every endpoint binds (0.0.0.0 in a pod).")
 @click.option("--grpc-port", default=8001, show_default=True)
 @click.option("--http-port", default=8000, show_default=True)
@@ -73,7 +78,8 @@ def triton() -> None:
 @click.option("--tls-restart-jitter-s", default=300.0, show_default=True, envvar="GENIE_TRITON_TLS_RESTART_JITTER_S",
               help="Wait a random 0..this many seconds before that restart, so replicas sharing a Secret restart at "
                    "different times and the gateways fail over between them.")
-def serve(world_dir: Path | None, explicit: bool, host: str, grpc_port: int, http_port: int, http_host: str,
+def serve(world_dir: Path | None, explicit: bool, models_budget_mb: int, models_idle_s: float, host: str, grpc_port: int,
+          http_port: int, http_host: str,
           metrics_port: int, threads: int, instances: int, device: str, instances_per_gpu: int, gpus: str,
           precision: str, max_batch: str, queue_delay_us: str, dry_run: bool, cache_bytes: int, models: str,
           repository: Path | None, tls_cert: str, tls_key: str, tls_client_ca: str, tls_check_s: float,
@@ -89,6 +95,8 @@ def serve(world_dir: Path | None, explicit: bool, host: str, grpc_port: int, htt
                 raise ValueError("--tls-check-s and --tls-restart-jitter-s must be >= 0")
             if (world_dir is None) == (not explicit):
                 raise ValueError("give --world DIR (one world) or --explicit (a catalogue's versions, loaded by gateways)")
+            if models_budget_mb < 0 or (models_budget_mb and not explicit) or not models_idle_s >= 0:
+                raise ValueError("--models-budget-mb (>= 0) is for --explicit, and --models-idle-s must be >= 0")
             placement, batching = _placement_and_batching(device, instances, instances_per_gpu, gpus, precision,
                                                           max_batch, queue_delay_us, names)
             if explicit:
@@ -114,6 +122,11 @@ def serve(world_dir: Path | None, explicit: bool, host: str, grpc_port: int, htt
             except (RuntimeError, TimeoutError) as exc:
                 raise click.ClickException(str(exc)) from exc
             click.echo(f"Triton ready in {seconds:.1f} s: " + ", ".join(f"{k} {v}" for k, v in server.urls.items()), err=True)
+            if models_budget_mb:
+                from services.triton.budget import ModelsBudget
+
+                budget = ModelsBudget(server.http_url.removeprefix("http://"), models_budget_mb << 20, models_idle_s)
+                budget.start()
             if tls is not None and tls_check_s > 0:
                 code = RenewalRestarts(server, tls, tls_check_s, tls_restart_jitter_s, started_with).run()
             else:

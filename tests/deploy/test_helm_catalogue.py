@@ -55,6 +55,7 @@ def test_catalogue_volume_and_commands(helm):
         deploy = named(docs, "Deployment", f"t-genie-{model}")
         c = pod_spec(deploy)["containers"][0]
         assert "--explicit" in c["args"] and "--world" not in arg_map(c["args"])
+        assert arg_map(c["args"])["--models-budget-mb"] == "4096" and arg_map(c["args"])["--models-idle-s"] == "60"
         assert _mounts(c)["catalogue"]["mountPath"] == "/registry" and _mounts(c)["catalogue"]["readOnly"] is True
         assert volume_claim(deploy) == "t-genie-catalogue"
     for queue in ("train", "rollout"):
@@ -74,7 +75,8 @@ def test_an_existing_claim_is_used_and_none_created(helm):
 
 
 def test_schema_refuses_bad_catalogue_values(helm):
-    for bad in ("catalogue.mountPath=registry", "catalogue.defaultWorld=Bad Name", "catalogue.modelsBudgetMb=-1"):
+    for bad in ("catalogue.mountPath=registry", "catalogue.defaultWorld=Bad Name", "catalogue.modelsBudgetMb=-1",
+                "catalogue.serverBudgetMb=-5"):
         out = helm.template(*ON, "--set", bad)
         assert out.returncode != 0 and "catalogue" in out.stderr, bad
 
@@ -90,6 +92,8 @@ def test_rendered_commands_are_accepted_by_the_clis(helm, tmp_path):
     command = json.loads(out.output.strip().splitlines()[-1])["command"]
     assert "--model-control-mode=explicit" in command
     assert not any((tmp_path / "repo" / "models").iterdir())  # no model until a gateway loads one
+    refused = CliRunner().invoke(cli, ["triton", "serve", "--world", str(tmp_path), "--models-budget-mb", "10", "--dry-run"])
+    assert refused.exit_code == 2 and "--models-budget-mb (>= 0) is for --explicit" in refused.output
     help_out = subprocess.run([sys.executable, "-m", "services.cli", "serve", "--help"], capture_output=True, text=True)
     gateway_flags = {a.split("=", 1)[0] for a in container(docs, "Deployment", "t-genie-gateway")["args"][1:]}
     assert all(flag in help_out.stdout for flag in gateway_flags), gateway_flags

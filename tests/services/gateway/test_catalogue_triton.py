@@ -226,3 +226,42 @@ async def test_a_rollout_worker_backend_for_a_version_matches_the_in_process_one
             await backend.close()
     np.testing.assert_array_equal(traces[0].frames, traces[1].frames)
     np.testing.assert_array_equal(traces[0].tokens, traces[1].tokens)
+
+
+async def test_the_servers_own_budget_unloads_idle_versions_least_recently_used_first(
+        registry, trained_world_dir, tmp_path, explicit_triton):
+    """`genie triton serve --explicit --models-budget-mb`: versions that gateways left loaded are unloaded, least
+    recently used first, until the loaded checkpoints fit; a version in play (used within idle_s) never is."""
+    from tritonclient.http import InferenceServerClient as HttpClient
+
+    from services.backends.triton_backend import TritonBackend
+    from services.backends.triton_catalogue import VersionModels
+    from services.triton.budget import LoadedVersion, ModelsBudget
+
+    old = registry.publish(_changed_world(trained_world_dir, tmp_path / "a"), "swept")
+    new = registry.publish(_changed_world(trained_world_dir, tmp_path / "b"), "swept")
+    frames = np.zeros((1, 16, 16, 3), np.uint8)
+    backends = {}
+    for entry in (old, new):  # both loaded; only the newer one used since
+        backends[entry.ref] = TritonBackend(explicit_triton.grpc_url, models=VersionModels(entry), timeout_s=30.0)
+        await backends[entry.ref].start()
+    await backends[new.ref].encode(frames)
+    http = HttpClient(explicit_triton.http_url.removeprefix("http://"))
+    try:
+        budget = ModelsBudget(explicit_triton.http_url.removeprefix("http://"), weights_bytes(new.path) + 1024, idle_s=0)
+        loaded = budget.loaded(http)
+        assert set(loaded) == {"swept.v1", "swept.v2"} and loaded["swept.v1"].bytes == weights_bytes(old.path)
+        assert budget.sweep(http) == ["swept.v1"]  # the least recently used goes; then the rest fits
+        assert set(budget.loaded(http)) == {"swept.v2"}
+        await backends[old.ref].encode(frames)  # a session on it comes back: it loads again, and is in play
+        for _ in range(100):  # Triton counts an inference in its statistics a moment after it answers
+            if budget.loaded(http).get("swept.v1", LoadedVersion([], 0, 0.0)).last_used > 0:
+                break
+            await asyncio.sleep(0.05)
+        in_play = ModelsBudget(explicit_triton.http_url.removeprefix("http://"), 1, idle_s=3600)
+        assert in_play.sweep(http) == [] and set(in_play.loaded(http)) == {"swept.v1", "swept.v2"}
+    finally:
+        http.close()
+        for backend in backends.values():
+            await backend.unload_models()
+            await backend.close()
