@@ -238,6 +238,9 @@ async def test_the_servers_own_budget_unloads_idle_versions_least_recently_used_
     from services.backends.triton_catalogue import VersionModels
     from services.triton.budget import LoadedVersion, ModelsBudget
 
+    url = explicit_triton.http_url.removeprefix("http://")
+    http = HttpClient(url)
+    ModelsBudget(url, 1, idle_s=0).sweep(http)  # a clean slate: what the module's other tests left loaded goes
     old = registry.publish(_changed_world(trained_world_dir, tmp_path / "a"), "swept")
     new = registry.publish(_changed_world(trained_world_dir, tmp_path / "b"), "swept")
     frames = np.zeros((1, 16, 16, 3), np.uint8)
@@ -246,9 +249,9 @@ async def test_the_servers_own_budget_unloads_idle_versions_least_recently_used_
         backends[entry.ref] = TritonBackend(explicit_triton.grpc_url, models=VersionModels(entry), timeout_s=30.0)
         await backends[entry.ref].start()
     await backends[new.ref].encode(frames)
-    http = HttpClient(explicit_triton.http_url.removeprefix("http://"))
     try:
-        budget = ModelsBudget(explicit_triton.http_url.removeprefix("http://"), weights_bytes(new.path) + 1024, idle_s=0)
+        assert set(ModelsBudget(url, 1).loaded(http)) == {"swept.v1", "swept.v2"}
+        budget = ModelsBudget(url, weights_bytes(new.path) + 1024, idle_s=0)
         loaded = budget.loaded(http)
         assert set(loaded) == {"swept.v1", "swept.v2"} and loaded["swept.v1"].bytes == weights_bytes(old.path)
         assert budget.sweep(http) == ["swept.v1"]  # the least recently used goes; then the rest fits
@@ -258,7 +261,7 @@ async def test_the_servers_own_budget_unloads_idle_versions_least_recently_used_
             if budget.loaded(http).get("swept.v1", LoadedVersion([], 0, 0.0)).last_used > 0:
                 break
             await asyncio.sleep(0.05)
-        in_play = ModelsBudget(explicit_triton.http_url.removeprefix("http://"), 1, idle_s=3600)
+        in_play = ModelsBudget(url, 1, idle_s=3600)
         assert in_play.sweep(http) == [] and set(in_play.loaded(http)) == {"swept.v1", "swept.v2"}
     finally:
         http.close()
