@@ -76,12 +76,16 @@ def _reactive_policy_dir(run: Path) -> Path:
               help="A first action is near-optimal when its best sequence ends within this x of the best.")
 @click.option("--context", type=int, default=2, show_default=True, help="Frames the student sees.")
 @click.option("--width", "width_mult", type=int, default=32, show_default=True, help="Channels of the student's CNN.")
+@click.option("--arch", type=click.Choice(["nature", "impala"]), default="nature", show_default=True,
+              help="The student's trunk: the halved Nature-DQN CNN or the IMPALA ResNet.")
+@click.option("--augment", type=int, default=0, show_default=True,
+              help="Pixels of random shift applied to the student's training frames (0: none).")
 @click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Processes playing and labelling episodes.")
 @click.option("--quiet", is_flag=True)
-def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance, context, width_mult, distribution_mode,
-             seed, workers, quiet) -> None:
+def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance, context, width_mult, arch, augment,
+             distribution_mode, seed, workers, quiet) -> None:
     """Distil the planner into a reactive expert by DAgger: a CNN that acts from the last two frames, trained on the
     planner's choice at every state it visits. Resumes at the first unfinished iteration."""
     import logging
@@ -94,7 +98,7 @@ def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance
     try:
         cfg = ReactiveConfig(iterations=iterations, episodes=episodes, steps=steps, beta_decay=beta_decay,
                              max_frames=max_frames, tolerance=tolerance, context=context, width_mult=width_mult,
-                             distribution_mode=distribution_mode, seed=seed, workers=workers)
+                             arch=arch, augment=augment, distribution_mode=distribution_mode, seed=seed, workers=workers)
         summary = run_dagger(cfg, out, progress=not quiet)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))
@@ -115,12 +119,17 @@ def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance
 @click.option("--labelled", default="10,50,200,1000", show_default=True, help="k: labelled transitions per mapping.")
 @click.option("--context", type=int, default=2, show_default=True, help="Frames the policy sees (the current one and "
               "context-1 before it).")
+@click.option("--arch", type=click.Choice(["nature", "impala"]), default="nature", show_default=True,
+              help="The policy's trunk: the halved Nature-DQN CNN or the IMPALA ResNet.")
+@click.option("--width", "width_mult", type=int, default=32, show_default=True, help="Channels of the policy's CNN.")
+@click.option("--augment", type=int, default=0, show_default=True,
+              help="Pixels of random shift applied to the training frames (0: none).")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option("--stop-after", type=int, help="Stop (resumably) after this step.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
 @click.option("--quiet", is_flag=True)
-def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelled, context, checkpoint_every, stop_after,
-          threads, quiet) -> None:
+def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelled, context, arch, width_mult, augment,
+          checkpoint_every, stop_after, threads, quiet) -> None:
     """Behavioural cloning from expert frames: the policy predicts the frozen LAM's latent action (or the true one),
     then latent -> real mappings are fitted from k labelled transitions. Checkpoints and resumes like every training."""
     import torch
@@ -137,7 +146,8 @@ def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelle
             raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
         cfg = AgentTrainConfig(data=str(data_dir), world=str(world_dir or DEFAULT_WORLD), target=target, steps=steps,
                                batch_size=batch_size, lr=lr, seed=seed, labelled=_labelled(labelled),
-                               checkpoint_every=checkpoint_every, policy=PolicyConfig(context=context))
+                               augment=augment, checkpoint_every=checkpoint_every,
+                               policy=PolicyConfig(context=context, arch=arch, width_mult=width_mult))
         summary = train_agent(cfg, out, progress=not quiet, stop_after=stop_after)
     except ValueError as exc:
         _fail(str(exc))

@@ -20,27 +20,55 @@ class PolicyConfig:
     channels: int = 3
     width_mult: int = 32  # channels of the conv trunk
     hidden: int = 256
+    # "nature": the Nature-DQN trunk, halved (an 8x8 stride-4 first layer: cheap, coarse); "impala": the IMPALA
+    # ResNet trunk (Espeholt et al., 2018: three stages of conv, max-pool and two residual blocks, channels
+    # width_mult/2, width_mult, width_mult), the one that generalises across Procgen levels (Cobbe et al., 2020).
+    arch: str = "nature"
 
     def __post_init__(self) -> None:
-        if self.num_actions < 2 or self.context < 1 or self.width_mult < 1 or self.hidden < 1:
-            raise ValueError(f"need num_actions >= 2, context >= 1, width_mult >= 1, hidden >= 1; got {self}")
+        if self.num_actions < 2 or self.context < 1 or self.width_mult < 2 or self.hidden < 1:
+            raise ValueError(f"need num_actions >= 2, context >= 1, width_mult >= 2, hidden >= 1; got {self}")
+        if self.arch not in ("nature", "impala"):
+            raise ValueError(f"arch must be 'nature' or 'impala', got {self.arch!r}")
         if self.height < 32 or self.width < 32:
             raise ValueError(f"frames must be at least 32x32, got {self.height}x{self.width}")
 
 
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv1(F.relu(self.conv0(F.relu(x))))
+
+
+def _impala_stage(c_in: int, c_out: int) -> nn.Sequential:
+    """conv 3x3 -> max-pool 3x3 stride 2 (halves H and W) -> two residual blocks."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.MaxPool2d(3, stride=2, padding=1),
+                         _Residual(c_out), _Residual(c_out))
+
+
 class Policy(nn.Module):
-    """frames (B, context, H, W, C) uint8 -> logits (B, A). Nature-DQN-style trunk, halved."""
+    """frames (B, context, H, W, C) uint8 -> logits (B, A). A Nature-DQN-style trunk, halved, or the IMPALA one."""
 
     def __init__(self, cfg: PolicyConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        c = cfg.width_mult
-        self.trunk = nn.Sequential(
-            nn.Conv2d(cfg.context * cfg.channels, c // 2, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(c // 2, c, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(c, c, 3, stride=1), nn.ReLU(),
-            nn.Flatten(),
-        )
+        c, k = cfg.width_mult, cfg.context * cfg.channels
+        if cfg.arch == "impala":
+            self.trunk = nn.Sequential(
+                _impala_stage(k, c // 2), _impala_stage(c // 2, c), _impala_stage(c, c),  # (B, c, H/8, W/8)
+                nn.ReLU(), nn.Flatten(),
+            )
+        else:
+            self.trunk = nn.Sequential(
+                nn.Conv2d(k, c // 2, 8, stride=4), nn.ReLU(),
+                nn.Conv2d(c // 2, c, 4, stride=2), nn.ReLU(),
+                nn.Conv2d(c, c, 3, stride=1), nn.ReLU(),
+                nn.Flatten(),
+            )
         with torch.no_grad():
             flat = self.trunk(torch.zeros(1, cfg.context * cfg.channels, cfg.height, cfg.width)).shape[1]
         self.head = nn.Sequential(nn.Linear(flat, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.num_actions))
@@ -68,6 +96,18 @@ def context_frames(frames: np.ndarray, t: np.ndarray, context: int) -> np.ndarra
     before the first frame repeat it, as at the start of an episode in the game."""
     idx = np.clip(t[:, None] + np.arange(1 - context, 1)[None, :], 0, None)  # (B, context)
     return frames[idx]
+
+
+def random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+    """Data augmentation: each example's frames (B, K, H, W, C) moved by one random (dy, dx) in [-pad, pad], the
+    border repeating its edge pixels (as DrQ / RAD do), the same shift for all K frames of an example so the motion
+    between them is kept. pad=0 returns the frames unchanged."""
+    if pad <= 0:
+        return frames
+    b, _, h, w, _ = frames.shape
+    padded = np.pad(frames, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    offsets = rng.integers(0, 2 * pad + 1, size=(b, 2))
+    return np.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
 
 
 @dataclass(frozen=True)

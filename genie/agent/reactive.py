@@ -43,7 +43,7 @@ from genie.agent.expert import (
     episode_level,
     make_env,
 )
-from genie.agent.policy import Policy, PolicyConfig, context_frames
+from genie.agent.policy import Policy, PolicyConfig, context_frames, random_shift
 from genie.config import from_dict
 from genie.data.procgen import ACTION_NAMES, SPLIT_LEVELS
 from genie.data.shards import ShardedDataset, ShardWriter
@@ -69,6 +69,8 @@ class ReactiveConfig:
     tolerance: float = 1.0  # a first action is near-optimal when its best sequence ends within this x of the best
     context: int = 2  # frames the student sees (the current one and the one before)
     width_mult: int = 32
+    arch: str = "nature"  # the student's trunk (PolicyConfig.arch): "nature" or "impala"
+    augment: int = 0  # pixels of random shift applied to the student's training frames (0: none)
     steps: int = 1500  # training steps after each iteration, on all labels so far
     batch_size: int = 128
     lr: float = 5e-4
@@ -78,13 +80,16 @@ class ReactiveConfig:
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.episodes < 1 or self.steps < 1 or self.batch_size < 1 or self.workers < 1:
             raise ValueError(f"iterations, episodes, steps, batch_size and workers must be >= 1, got {self}")
+        if self.augment < 0:
+            raise ValueError(f"augment must be >= 0 pixels, got {self.augment}")
         if not 0 <= self.beta_decay <= 1:
             raise ValueError(f"beta_decay must be in [0, 1], got {self.beta_decay}")
         ExpertConfig(env=self.env, seed=self.seed, num_levels=self.num_levels, distribution_mode=self.distribution_mode,
                      max_frames=self.max_frames, candidates=self.candidates, horizon=self.horizon, commit=1)
 
     def policy_config(self) -> PolicyConfig:
-        return PolicyConfig(num_actions=len(ACTION_NAMES), context=self.context, width_mult=self.width_mult)
+        return PolicyConfig(num_actions=len(ACTION_NAMES), context=self.context, width_mult=self.width_mult,
+                            arch=self.arch)
 
     def beta(self, iteration: int) -> float:
         return self.beta_decay ** iteration
@@ -250,6 +255,7 @@ def train_student(policy: Policy, cfg: ReactiveConfig, dirs: list[Path], iterati
     for step in range(cfg.steps):
         rows = rng.integers(len(index), size=cfg.batch_size)
         ctx = np.stack([context_frames(episodes[e], np.array([t]), cfg.context)[0] for e, t in index[rows]])
+        ctx = random_shift(ctx, cfg.augment, rng)  # (B, context, H, W, C)
         allowed = torch.from_numpy(near[rows])  # (B, A) bool
         logits = policy(torch.from_numpy(ctx))
         logp = F.log_softmax(logits, -1)

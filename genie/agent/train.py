@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from genie.agent.policy import ActionMapping, Policy, PolicyConfig, context_frames, label_latent_actions
+from genie.agent.policy import (
+    ActionMapping,
+    Policy,
+    PolicyConfig,
+    context_frames,
+    label_latent_actions,
+    random_shift,
+)
 from genie.config import from_dict
 from genie.data.shards import ShardedDataset
 from genie.train.checkpoint import (
@@ -57,6 +64,7 @@ class AgentTrainConfig:
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 1e-4
+    augment: int = 0  # pixels of random shift of the training frames (policy.random_shift; 0: none)
     seed: int = 0
     labelled: tuple[int, ...] = DEFAULT_LABELLED  # k: a mapping is fitted from each many labelled transitions
     val_fraction: float = 0.1  # episodes held out for the logged accuracy
@@ -69,8 +77,8 @@ class AgentTrainConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.target == "latent" and not self.world:
             raise ValueError("target latent needs a world (its LAM labels the frames)")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, weight_decay >= 0; got {self}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.augment < 0:
+            raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, augment >= 0; got {self}")
         if not self.labelled or any(k < 1 for k in self.labelled):
             raise ValueError(f"labelled transition counts must be >= 1, got {self.labelled}")
         if not 0 <= self.val_fraction < 1 or self.log_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -217,7 +225,10 @@ def train_agent(cfg: AgentTrainConfig, run: Path, progress: bool = True, stop_af
     t0, losses = time.perf_counter(), []
     for step in bar:
         rows = _batch_rows(train_rows, cfg.seed, step, cfg.batch_size)
-        loss = F.cross_entropy(model(tr.inputs(rows, cfg.policy.context)), torch.from_numpy(targets[rows]))
+        inputs = tr.inputs(rows, cfg.policy.context)  # (B, context, H, W, C) uint8
+        if cfg.augment:  # the shifts, like the batch, are a function of (seed, step): a resumed run is exact
+            inputs = torch.from_numpy(random_shift(inputs.numpy(), cfg.augment, np.random.default_rng([cfg.seed, step, 5])))
+        loss = F.cross_entropy(model(inputs), torch.from_numpy(targets[rows]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

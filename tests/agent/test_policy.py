@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from genie.agent.policy import ActionMapping, Policy, PolicyConfig, context_frames, label_latent_actions
+from genie.agent.policy import (
+    ActionMapping,
+    Policy,
+    PolicyConfig,
+    context_frames,
+    label_latent_actions,
+    random_shift,
+)
 
 from .conftest import tiny_lam
 
@@ -56,6 +63,33 @@ def test_policy_shapes_and_errors():
     assert a.shape == (3,) and ((a >= 0) & (a < 5)).all()
     with pytest.raises(ValueError, match="expected frames"):
         p(frames[:, :1])
+
+
+def test_the_impala_trunk_takes_the_same_frames_and_bad_configs_are_refused():
+    p = Policy(PolicyConfig(num_actions=15, context=2, width_mult=8, arch="impala"))
+    frames = torch.randint(0, 256, (2, 2, 64, 64, 3), dtype=torch.uint8)
+    assert p(frames).shape == (2, 15)
+    assert p.trunk[0][2].conv0.in_channels == 4  # stage 1: width_mult/2 channels, two residual blocks
+    with pytest.raises(ValueError, match="arch"):
+        PolicyConfig(arch="resnet")
+    with pytest.raises(ValueError, match="width_mult"):
+        PolicyConfig(width_mult=1)
+
+
+def test_random_shift_moves_all_frames_of_an_example_alike():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(16, 2, 12, 12, 3), dtype=np.uint8)
+    frames[:, 1] = frames[:, 0]  # two identical frames: any shift keeps them identical
+    shifted = random_shift(frames, 2, np.random.default_rng(1))
+    assert shifted.shape == frames.shape and shifted.dtype == np.uint8
+    np.testing.assert_array_equal(shifted[:, 0], shifted[:, 1])
+    assert any(not np.array_equal(shifted[i], frames[i]) for i in range(16))  # something moved
+    # an unshifted interior: every shifted example holds the original's centre somewhere within +-2 pixels
+    for i in range(16):
+        centre = frames[i, 0, 2:10, 2:10]
+        assert any(np.array_equal(shifted[i, 0, 2 + dy : 10 + dy, 2 + dx : 10 + dx], centre)
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    assert random_shift(frames, 0, rng) is frames
 
 
 def test_context_frames_repeat_the_first_frame():

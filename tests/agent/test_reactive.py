@@ -77,6 +77,13 @@ def test_dagger_iterations_resume_and_record(tmp_path):
     assert extended["iteration"] == 2 and extended["beta"] == 0.25
     assert (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp  # kept
 
+    impala = run_dagger(ReactiveConfig(**{**TINY, "iterations": 1, "arch": "impala", "augment": 2}),
+                        tmp_path / "impala", progress=False)
+    assert impala["iteration"] == 0
+    assert load_reactive_policy(tmp_path / "impala" / "policy").cfg.arch == "impala"
+    with pytest.raises(ValueError, match="augment"):
+        ReactiveConfig(augment=-1)
+
     out = tmp_path / "rec"
     summary = record_reactive(policy, ExpertConfig(split="val", episodes=2, max_frames=20), out, workers=1, progress=False)
     rec = ShardedDataset(out)

@@ -44,6 +44,23 @@ def test_oracle_trains_on_the_true_actions(expert_data, lam_world, tmp_path):
     assert (load_file(tmp_path / "labels.safetensors")["latent"] == -1).all()  # the oracle never asks the LAM
 
 
+def test_an_augmented_impala_policy_resumes_exactly(expert_data, lam_world, tmp_path):
+    from genie.agent.policy import PolicyConfig
+
+    cfg = _cfg(expert_data, lam_world, target="true", augment=3, policy=PolicyConfig(arch="impala", width_mult=8))
+    train_agent(cfg, tmp_path / "full", progress=False)
+    train_agent(cfg, tmp_path / "part", progress=False, stop_after=3)
+    train_agent(cfg, tmp_path / "part", progress=False)  # the shifts, like the batches, are replayed
+    a, b = load_file(tmp_path / "full/policy/model.safetensors"), load_file(tmp_path / "part/policy/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_policy(tmp_path / "full/policy").cfg.arch == "impala"
+    plain = train_agent(_cfg(expert_data, lam_world, target="true", augment=0,
+                             policy=PolicyConfig(arch="impala", width_mult=8)), tmp_path / "plain", progress=False)
+    assert plain["finished"]
+    c = load_file(tmp_path / "plain/policy/model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the augmentation changed what was learnt
+
+
 def test_a_changed_config_does_not_resume(expert_data, lam_world, tmp_path):
     train_agent(_cfg(expert_data, lam_world), tmp_path, progress=False, stop_after=2)
     with pytest.raises(ValueError, match="different config"):
