@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--world", type=Path, default=Path("worlds/demo"))
     parser.add_argument("--data", type=Path, default=Path("data/coinrun/val"), help="held-out shards (prompts, eval)")
     parser.add_argument("--setting", action="append", default=[], help="name=field:value,... (repeatable)")
+    parser.add_argument("--reference", default="", help="field:value,... of the fp32 reference over the world's own "
+                        "sampling (issue 24's gate: steps:8, the 8-iteration reference; default: the world's own)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--reps", type=int, default=24, help="timed steps per setting and batch size")
     parser.add_argument("--clips", type=int, default=64)
@@ -146,7 +148,10 @@ def main() -> None:
     args = parser.parse_args()
     machine = setup_run(args)
     base = load_world_config_of(args.world).sampling
-    settings = [Setting("reference", dataclasses.replace(base), "fp32")]
+    reference = Setting.parse(f"reference={args.reference}", base)
+    if reference.precision not in ("auto", "fp32"):
+        raise SystemExit("error: the reference runs in fp32")
+    settings = [dataclasses.replace(reference, precision="fp32")]
     settings += [Setting.parse(text, base) for text in args.setting]
     prompts = held_out_prompts(args.world, args.data, 16, 4)
     if args.speed_only and args.quality_only:

@@ -106,3 +106,19 @@ def test_bad_config(kwargs, message):
 def test_too_many_frames():
     with pytest.raises(ValueError, match="max_frames=6"):
         STTransformer(CFG)(torch.randn(1, 7, 4, 32))
+
+
+def test_attend_runs_in_fp32_on_a_cpu_under_bf16_autocast():
+    import torch.nn.functional as F
+
+    from genie.nn.st_transformer import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 5, 8, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, is_causal=True)
+    assert out.dtype == torch.bfloat16
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+    assert torch.equal(out, want)  # the fp32 kernel, rounded once at the end
+    x = torch.randn(3, 2, 4, 8, generator=g)
+    assert torch.equal(attend(x, x, x), F.scaled_dot_product_attention(x, x, x))  # fp32 passes straight through
