@@ -11,7 +11,7 @@ from genie import device as dev
 from genie.models.dynamics import DynamicsModel
 from genie.models.tokenizer import VideoTokenizer
 from genie.presets import tiny
-from genie.sampling import DynamicsEngine, FrameDecoder, SamplingConfig, World, new_state
+from genie.sampling import DynamicsEngine, FrameDecoder, SamplingConfig, World, _Engine, new_state
 
 
 def _gpus(monkeypatch, count: int) -> None:
@@ -73,6 +73,37 @@ def test_an_engine_on_a_cpu_without_bf16_runs_fp32_and_refuses_bf16(monkeypatch)
     assert engine.dtype == torch.float32 and engine.pool.k.dtype == torch.float32
     with pytest.raises(ValueError, match="without bf16 hardware"):
         World(VideoTokenizer(cfg.tokenizer), DynamicsModel(cfg.dynamics), precision="bf16")
+
+
+def test_bf16_engines_on_a_cpu_precast_their_own_copy_and_step_as_autocast_would(monkeypatch):
+    """On a CPU in bf16 the engines keep a copy of their model with the Linear weights in bf16 (the decoder's only:
+    the encoder runs in fp32); the caller's model is untouched and the tokens and frames are those of casting at
+    every call."""
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)  # torch emulates bf16 where the CPU lacks it: same values
+    cfg = tiny()
+    torch.manual_seed(0)
+    dynamics, tokenizer = DynamicsModel(cfg.dynamics).eval(), VideoTokenizer(cfg.tokenizer).eval()
+    n = cfg.dynamics.tokens_per_frame
+    states = [new_state(f"s{i}", torch.randint(0, cfg.dynamics.num_tokens, (t, n)), seed=i) for i, t in enumerate((1, 3))]
+    sampling = SamplingConfig(steps=3, temperature=1.0)
+
+    def run():
+        engine = DynamicsEngine(dynamics, cache_bytes=0, precision="bf16")
+        decoder = FrameDecoder(tokenizer, cache_bytes=0, precision="bf16")
+        return engine, decoder, engine.next_tokens(states, [1, 2], sampling), decoder.decode_last(states)
+
+    engine, decoder, tokens, frames = run()
+    assert engine.dynamics is not dynamics and decoder.tokenizer is not tokenizer
+    assert all(m.weight.dtype == torch.bfloat16 for m in engine.dynamics.modules() if isinstance(m, nn.Linear))
+    assert decoder.tokenizer.dec_out.weight.dtype == torch.bfloat16
+    assert decoder.tokenizer.enc_in.weight.dtype == torch.float32  # encode runs in fp32
+    assert all(p.dtype == torch.float32 for p in [*dynamics.parameters(), *tokenizer.parameters()])  # the caller's
+    video = torch.randint(0, 256, (1, 2, *cfg.tokenizer.frame.__dict__.values()), dtype=torch.uint8)
+    torch.testing.assert_close(decoder.encode(video), FrameDecoder(tokenizer, cache_bytes=0, precision="fp32").encode(video))
+    monkeypatch.setattr(_Engine, "_precast", lambda self, parts: None)  # autocast casts at every call instead
+    plain, _, tokens_cast, frames_cast = run()
+    assert plain.dynamics is dynamics
+    assert torch.equal(tokens, tokens_cast) and torch.equal(frames, frames_cast)
 
 
 # --- every engine's step on a stand-in device -------------------------------------------------------------------------
