@@ -103,6 +103,7 @@ class _Engine:
         self.model = model.eval()
         if next(model.parameters()).device != self.device:
             self.model.to(self.device)
+        self.source = self.model  # the model as given (on the device); self.model may become a pre-cast copy
         # The pool is the step's working memory too; cache_bytes=0 only turns off keeping it between steps.
         self.caching = cache_bytes > 0
         self.pool = KVPool(cfg, tokens, cache_bytes, self.device, self.dtype)
@@ -383,11 +384,11 @@ class World:
 
     @property
     def tokenizer(self) -> VideoTokenizer:
-        return self.decoder.tokenizer
+        return self.decoder.source  # the model as given, in fp32 (the engine may run a bf16 copy)
 
     @property
     def dynamics(self) -> DynamicsModel:
-        return self.engine.dynamics
+        return self.engine.source
 
     @property
     def num_actions(self) -> int:

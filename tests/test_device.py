@@ -100,6 +100,9 @@ def test_bf16_engines_on_a_cpu_precast_their_own_copy_and_step_as_autocast_would
     assert all(p.dtype == torch.float32 for p in [*dynamics.parameters(), *tokenizer.parameters()])  # the caller's
     video = torch.randint(0, 256, (1, 2, *cfg.tokenizer.frame.__dict__.values()), dtype=torch.uint8)
     torch.testing.assert_close(decoder.encode(video), FrameDecoder(tokenizer, cache_bytes=0, precision="fp32").encode(video))
+    world = World(tokenizer, dynamics, sampling, precision="bf16")  # its public models are the caller's, in fp32
+    assert world.tokenizer is tokenizer and world.dynamics is dynamics
+    assert world.tokenizer.decode(torch.zeros(1, 1, n, dtype=torch.long)).dtype == torch.float32  # no autocast here
     monkeypatch.setattr(_Engine, "_precast", lambda self, parts: None)  # autocast casts at every call instead
     plain, _, tokens_cast, frames_cast = run()
     assert plain.dynamics is dynamics
