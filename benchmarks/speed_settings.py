@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=24, help="timed steps per setting and batch size")
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--drift-steps", type=int, default=32)
+    parser.add_argument("--drift-clips", type=int, default=16, help="held-out episodes the drift is averaged over")
     parser.add_argument("--control-levels", type=int, default=16)
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--quality-only", action="store_true", help="skip the timing (for a machine that is not idle)")
@@ -160,7 +161,8 @@ def main() -> None:
     speed = {b: time_settings(args.world, settings, prompts, b, args.reps) for b in batch_sizes}
     figures: dict[str, dict[str, Any]] = {}
     if not args.speed_only:
-        cfg = EvalConfig(clips=args.clips, drift_steps=args.drift_steps, control_levels=args.control_levels,
+        cfg = EvalConfig(clips=args.clips, drift_steps=args.drift_steps, drift_clips=args.drift_clips,
+                         control_levels=args.control_levels,
                          gif_clips=0, atlas_prompts=0)
         keys, _ = load_key_bindings(args.world, load_world(args.world)[0].num_actions)
         for s in settings:

@@ -80,12 +80,14 @@ def _reactive_policy_dir(run: Path) -> Path:
               help="The student's trunk: the halved Nature-DQN CNN or the IMPALA ResNet.")
 @click.option("--augment", type=int, default=0, show_default=True,
               help="Pixels of random shift applied to the student's training frames (0: none).")
+@click.option("--least-action", is_flag=True,
+              help="Train on the least near-optimal action (walk unless a jump is needed), not the whole set.")
 @click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Processes playing and labelling episodes.")
 @click.option("--quiet", is_flag=True)
 def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance, context, width_mult, arch, augment,
-             distribution_mode, seed, workers, quiet) -> None:
+             least_action, distribution_mode, seed, workers, quiet) -> None:
     """Distil the planner into a reactive expert by DAgger: a CNN that acts from the last two frames, trained on the
     planner's choice at every state it visits. Resumes at the first unfinished iteration."""
     import logging
@@ -98,7 +100,8 @@ def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance
     try:
         cfg = ReactiveConfig(iterations=iterations, episodes=episodes, steps=steps, beta_decay=beta_decay,
                              max_frames=max_frames, tolerance=tolerance, context=context, width_mult=width_mult,
-                             arch=arch, augment=augment, distribution_mode=distribution_mode, seed=seed, workers=workers)
+                             arch=arch, augment=augment, least_action=least_action,
+                             distribution_mode=distribution_mode, seed=seed, workers=workers)
         summary = run_dagger(cfg, out, progress=not quiet)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))

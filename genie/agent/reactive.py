@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # Worker processes start fresh: this process has run torch (OpenMP), and a forked child of it can hang in libgomp.
 _SPAWN = multiprocessing.get_context("spawn")
 TARGETS_FILE = "near_optimal.safetensors"  # an iteration's (labelled frames, A) uint8 near-optimal action sets
+# The least action first: walk right, jump right, wait, jump, walk left, jump left, then the rest in index order.
+PREFERENCE = (7, 8, 4, 5, 1, 2) + tuple(a for a in range(len(ACTION_NAMES)) if a not in (7, 8, 4, 5, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class ReactiveConfig:
     width_mult: int = 32
     arch: str = "nature"  # the student's trunk (PolicyConfig.arch): "nature" or "impala"
     augment: int = 0  # pixels of random shift applied to the student's training frames (0: none)
+    # True: the student's target is the least action of each near-optimal set (PREFERENCE: walk unless a jump is
+    # needed), not the whole set. With whole sets a student learns to jump right almost everywhere (it is nearly always
+    # acceptable in easy CoinRun), and its choices hardly depend on what the frame shows.
+    least_action: bool = False
     steps: int = 1500  # training steps after each iteration, on all labels so far
     batch_size: int = 128
     lr: float = 5e-4
@@ -243,11 +249,22 @@ def _examples(dirs: list[Path]) -> tuple[list[np.ndarray], np.ndarray, np.ndarra
     return episodes, np.array(index, dtype=np.int64), near_all
 
 
+def least_action(near: np.ndarray) -> np.ndarray:
+    """(rows, A) bool near-optimal sets -> (rows, A) one-hot sets holding each set's first action in PREFERENCE."""
+    order = near[:, PREFERENCE]  # (rows, A) in preference order
+    first = np.asarray(PREFERENCE)[order.argmax(1)]  # every set holds at least the planner's choice
+    out = np.zeros_like(near)
+    out[np.arange(len(near)), first] = True
+    return out
+
+
 def train_student(policy: Policy, cfg: ReactiveConfig, dirs: list[Path], iteration: int) -> float:
     """`cfg.steps` AdamW steps on every labelled frame of `dirs` (batches a function of (seed, iteration, step)),
     maximising the probability the student gives the near-optimal set: any of its actions is what the planner
     would accept. Returns the share of the last 200 steps' frames whose argmax is in the set."""
     episodes, index, near = _examples(dirs)
+    if cfg.least_action:
+        near = least_action(near)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, iteration, 11]))
     policy.train()

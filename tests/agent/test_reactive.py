@@ -10,7 +10,9 @@ from click.testing import CliRunner
 
 from genie.agent.expert import ExpertConfig, _x_offset, episode_level, make_env
 from genie.agent.reactive import (
+    PREFERENCE,
     ReactiveConfig,
+    least_action,
     load_reactive_policy,
     planner_choice,
     planner_targets,
@@ -41,6 +43,17 @@ def test_planner_choice_is_an_action_and_leaves_the_game_where_it_was():
     assert again == choice and near.shape == (15,) and near[choice]
     assert set(np.flatnonzero(near)) <= {7, 8, 5, 4, 1, 2}
     np.testing.assert_array_equal(env.observe()[1]["rgb"][0], frame)
+
+
+def test_least_action_keeps_the_first_preferred_action_of_each_set():
+    near = np.zeros((3, 15), dtype=bool)
+    near[0, [7, 8]] = True  # walking and jumping right both work: walk
+    near[1, [8, 5]] = True  # only jumps work: jump right
+    near[2, [1]] = True
+    out = least_action(near)
+    assert out.sum(1).tolist() == [1, 1, 1] and np.flatnonzero(out[0]) == [7] and np.flatnonzero(out[1]) == [8]
+    assert np.flatnonzero(out[2]) == [1] and (out <= near).all()
+    assert sorted(PREFERENCE) == list(range(15))
 
 
 def test_a_rollout_labels_every_kept_frame_and_is_reproducible():
@@ -81,6 +94,9 @@ def test_dagger_iterations_resume_and_record(tmp_path):
                         tmp_path / "impala", progress=False)
     assert impala["iteration"] == 0
     assert load_reactive_policy(tmp_path / "impala" / "policy").cfg.arch == "impala"
+    least = run_dagger(ReactiveConfig(**{**TINY, "iterations": 1, "least_action": True}), tmp_path / "least",
+                       progress=False)
+    assert least["iteration"] == 0
     with pytest.raises(ValueError, match="augment"):
         ReactiveConfig(augment=-1)
 
