@@ -26,7 +26,7 @@ TOKEN = "bench-page-token-0123456789"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-def engine_rate(world_dir: Path, action: int, steps: int) -> float:
+def engine_rate(world_dir: Path, action: int, steps: int, precision: str = "auto") -> float:
     """Median frames/s of `World.step` at B=1 from the world's first prompt, holding `action`.
 
     Run it in its own process (`engine_rate_apart`): torch's OpenMP team belongs to the thread that ran it, and a
@@ -34,7 +34,7 @@ def engine_rate(world_dir: Path, action: int, steps: int) -> float:
     kind: 61 vs 34 ms a dynamics call, page 11.7 vs 19 frames/s), a fault of the benchmark, not of a gateway."""
     from PIL import Image
 
-    world, _ = load_world(world_dir)
+    world, _ = load_world(world_dir, precision=precision)
     prompt = torch.from_numpy(np.array(Image.open(load_prompts(world_dir)[0]).convert("RGB")))[None, None]
     states, _ = world.reset(prompt, [0])
     for _ in range(3):
@@ -47,12 +47,12 @@ def engine_rate(world_dir: Path, action: int, steps: int) -> float:
     return 1.0 / float(np.median(times))
 
 
-def engine_rate_apart(world_dir: Path, action: int, steps: int) -> float:
+def engine_rate_apart(world_dir: Path, action: int, steps: int, precision: str = "auto") -> float:
     """engine_rate in a fresh process, so this process's server runs as a gateway's does."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(engine_rate, (world_dir, action, steps))
+        return pool.apply(engine_rate, (world_dir, action, steps, precision))
 
 
 def browser(profile: Path):
@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--key", default="right", choices=["right", "left", "up", "down"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--engine-steps", type=int, default=40)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="the engine's precision, for the page's server and the engine's own rate alike")
     parser.add_argument("--profile-dir", type=Path, default=Path("/tmp/genie-bench-page-chromium"))
     args = parser.parse_args()
     for need in (CHROMIUM, CHROMEDRIVER):
@@ -114,14 +116,15 @@ def main() -> None:
     keys, _ = load_key_bindings(args.world, world_spec_of(args.world).num_actions)
     if keys.get(args.key) is None:
         sys.exit(f"error: {args.world} binds no latent to {args.key}")
-    engine = engine_rate_apart(args.world, keys[args.key], args.engine_steps)
-    server = PageServer(args.world, TOKEN)
+    engine = engine_rate_apart(args.world, keys[args.key], args.engine_steps, args.precision)
+    server = PageServer(args.world, TOKEN, backend_options={"precision": args.precision})
     server.start()
     try:
         page = held_key_rate(server, args.key, args.seconds, args.profile_dir)
     finally:
         server.stop()
     emit({"bench": "page_held_key", "world": str(args.world), "key": args.key, "latent": keys[args.key],
+          "precision": args.precision,
           "engine_b1_frames_per_s": round(engine, 2), **{k: round(v, 2) for k, v in page.items()},
           "page_share_of_engine": round(page["page_frames_per_s"] / engine, 3)}, machine, args.out)
 
