@@ -70,7 +70,7 @@ class Policy(nn.Module):
                 nn.Flatten(),
             )
         with torch.no_grad():
-            flat = self.trunk(torch.zeros(1, cfg.context * cfg.channels, cfg.height, cfg.width)).shape[1]
+            flat = self.trunk(torch.zeros(1, k, cfg.height, cfg.width)).shape[1]
         self.head = nn.Sequential(nn.Linear(flat, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.num_actions))
 
     def forward(self, frames: Tensor) -> Tensor:

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 _SPAWN = multiprocessing.get_context("spawn")
 TARGETS_FILE = "near_optimal.safetensors"  # an iteration's (labelled frames, A) uint8 near-optimal action sets
 # The least action first: walk right, jump right, wait, jump, walk left, jump left, then the rest in index order.
-PREFERENCE = (7, 8, 4, 5, 1, 2) + tuple(a for a in range(len(ACTION_NAMES)) if a not in (7, 8, 4, 5, 1, 2))
+_LEAST_FIRST = (7, 8, 4, 5, 1, 2)
+PREFERENCE = _LEAST_FIRST + tuple(a for a in range(len(ACTION_NAMES)) if a not in _LEAST_FIRST)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ def run_dagger(cfg: ReactiveConfig, run: Path, progress: bool = True) -> dict[st
     cfg_file = run / "config.json"
     wanted = json.loads(json.dumps(asdict(cfg)))
     if cfg_file.exists():
-        saved = json.loads(cfg_file.read_text())
+        # A run saved before a field existed ran with that field's default.
+        saved = {**json.loads(json.dumps(asdict(ReactiveConfig()))), **json.loads(cfg_file.read_text())}
         # More iterations extend a run (its finished ones are kept); any other change is another run.
         if {k: v for k, v in saved.items() if k != "iterations"} != {k: v for k, v in wanted.items() if k != "iterations"}:
             raise ValueError(f"{run} holds a run with another config; use another directory")

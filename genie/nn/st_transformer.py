@@ -97,9 +97,10 @@ class FrameLayout:
 def attend(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     """F.scaled_dot_product_attention, in fp32 on a CPU even under bf16 autocast: torch's CPU flash-attention kernel
     is slower in bf16 than in fp32 (measured on an AVX-512 BF16 EPYC, demo world B=16: 2.5 vs 1.9 ms a call), while
-    the projections around it run ~2.4x faster in bf16. The output comes back in q's dtype."""
+    the projections around it run ~2.4x faster in bf16. k and v may be in another dtype (a K/V cache's); the
+    output comes back in q's dtype."""
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), **kwargs)
     with torch.autocast("cpu", enabled=False):
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
 
@@ -188,8 +189,6 @@ class STBlock(nn.Module):
         t = layout.t_used
         keys = k_cache[:, :, :, :t].reshape(b * n, heads, t, -1)  # (B*N, heads, t, dh), a view
         values = v_cache[:, :, :, :t].reshape(b * n, heads, t, -1)
-        if keys.device.type != "cpu" or q.dtype != torch.bfloat16:  # (a CPU under bf16 autocast attends in fp32)
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
         attn_mask = None if layout.mask is None else layout.mask.repeat_interleave(n, dim=0)  # (B*N, 1, 1, t)
         out = attend(q.reshape(b * n, heads, 1, -1), keys, values, attn_mask=attn_mask)
         x = x + self.temporal.proj(out.view(b, n, d))  # (B*N, heads, 1, dh) -> (B, N, D)

@@ -84,6 +84,11 @@ def test_dagger_iterations_resume_and_record(tmp_path):
     stamp = (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns
     assert run_dagger(cfg, run, progress=False) == {}  # everything done: nothing re-run
     assert (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp
+    saved = json.loads((run / "config.json").read_text())
+    for field in ("arch", "augment", "least_action"):  # a run saved before these fields existed still resumes
+        saved.pop(field)
+    (run / "config.json").write_text(json.dumps(saved))
+    assert run_dagger(cfg, run, progress=False) == {}
     with pytest.raises(ValueError, match="another config"):
         run_dagger(ReactiveConfig(**{**TINY, "steps": 5}), run, progress=False)
     extended = run_dagger(ReactiveConfig(**{**TINY, "iterations": 3}), run, progress=False)  # one more iteration
