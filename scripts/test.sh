@@ -16,4 +16,5 @@ fi
 stop_redis() { if [ -n "$started_redis" ]; then redis-cli -h 127.0.0.1 -p 6379 shutdown nosave >/dev/null 2>&1 || true; fi; }
 trap stop_redis EXIT
 .venv/bin/ruff check .
-.venv/bin/python -m pytest "$@"
+# Two xdist workers (GENIE_TEST_WORKERS=0 runs in one process): about half the suite waits on servers, not the CPU.
+.venv/bin/python -m pytest -n "${GENIE_TEST_WORKERS:-2}" --dist worksteal "$@"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from genie.presets import tiny
 from genie.train.loop import train
@@ -26,8 +29,22 @@ def tiny_world_cfg():
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_world_cfg) -> Path:
-    """Trains tokenizer, LAM and dynamics of the tiny preset (200 steps each, ~15 s on 2 cores)."""
-    root = tmp_path_factory.mktemp("tiny-run")
+    """Trains tokenizer, LAM and dynamics of the tiny preset (200 steps each, ~15 s on 2 cores), once per run: under
+    pytest-xdist the first worker to get here trains into the directory the workers share and the others wait for it
+    (the tests only read the run)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _train_tiny(tmp_path_factory.mktemp("tiny-run"), tiny_world_cfg)
+    shared = tmp_path_factory.getbasetemp().parent  # the run's base directory, above each worker's own
+    root, done = shared / "tiny-run", shared / "tiny-run.done"
+    with FileLock(str(shared / "tiny-run.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that died mid-training left half a run
+            _train_tiny(root, tiny_world_cfg)
+            done.touch()
+    return root
+
+
+def _train_tiny(root: Path, tiny_world_cfg) -> Path:
     for kind in ("tokenizer", "lam"):
         train(kind, tiny_world_cfg, root / kind, progress=False, tensorboard=False)
     from genie.train.checkpoint import latest_checkpoint

@@ -83,18 +83,24 @@ def procgen_env_class():
     return ProcgenGym3Env
 
 
-def _chunk(cfg: ProcgenConfig, chunk: int) -> list[tuple[np.ndarray, np.ndarray, dict]]:
-    """Plays the episodes of one chunk; returns [(frames (F,64,64,3) uint8, actions (F-1,) int16, meta)]."""
+def make_env(cfg: ProcgenConfig, chunk: int):
+    """Chunk `chunk`'s environment (seeded from (seed, split, chunk)) and its policy's random generator."""
     ProcgenGym3Env = procgen_env_class()  # noqa: N806 - a class
 
-    n = min(cfg.episodes_per_env, cfg.episodes - chunk * cfg.episodes_per_env)
     seq = np.random.SeedSequence([cfg.seed, SPLIT_LEVELS[cfg.split], chunk])
     env_seed, policy_seed = seq.generate_state(2)
     env = ProcgenGym3Env(
         num=1, env_name=cfg.env, start_level=SPLIT_LEVELS[cfg.split], num_levels=cfg.num_levels,
         distribution_mode=cfg.distribution_mode, rand_seed=int(env_seed) & 0x7FFFFFFF,
     )
-    rng = np.random.default_rng(policy_seed)
+    return env, np.random.default_rng(policy_seed)
+
+
+def _chunk(cfg: ProcgenConfig, chunk: int, states: bool = False) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """Plays the episodes of one chunk; returns [(frames (F,64,64,3) uint8, actions (F-1,) int16, meta)]. With
+    states, meta["states"] holds the game's state before each recorded action (`env.get_state()`)."""
+    n = min(cfg.episodes_per_env, cfg.episodes - chunk * cfg.episodes_per_env)
+    env, rng = make_env(cfg, chunk)
     num_actions = int(env.ac_space.eltype.n)
     if combo_names(env.get_combos()) != ACTION_NAMES:
         raise ValueError(f"procgen's actions {combo_names(env.get_combos())} are not the expected {ACTION_NAMES}")
@@ -103,11 +109,13 @@ def _chunk(cfg: ProcgenConfig, chunk: int) -> list[tuple[np.ndarray, np.ndarray,
     while len(out) < n and attempts < 20 * n:
         attempts += 1
         level = int(env.get_info()[0]["level_seed"])
-        frames, actions = [env.observe()[1]["rgb"][0].copy()], []
+        frames, actions, snapshots = [env.observe()[1]["rgb"][0].copy()], [], []
         action, hold = 0, 0
         while len(frames) < cfg.max_frames:
             if hold == 0:
                 action, hold = cfg.draw_action(rng, num_actions), int(rng.integers(cfg.hold_min, cfg.hold_max + 1))
+            if states:
+                snapshots.append(env.get_state())
             env.act(np.array([action]))
             hold -= 1
             _, obs, first = env.observe()
@@ -118,7 +126,7 @@ def _chunk(cfg: ProcgenConfig, chunk: int) -> list[tuple[np.ndarray, np.ndarray,
         else:
             _finish_episode(env, rng, num_actions)
         if len(frames) >= cfg.min_frames:
-            meta = {"chunk": chunk, "level": level}
+            meta = {"chunk": chunk, "level": level, **({"states": snapshots[: len(actions)]} if states else {})}
             out.append((np.stack(frames), np.array(actions, dtype=np.int16), meta))
     return out
 

@@ -1,5 +1,6 @@
 """Real Celery workers for the job tests: `celery -A services.worker.app worker --pool solo` subprocesses on Redis DB 3
-(flushed first; DB 0 belongs to the gateway tests), the tiny trained world, and a job client on the same broker."""
+(3 + N for pytest-xdist worker gwN; flushed first; DB 0 belongs to the gateway tests), the tiny trained world, and a
+job client on the same broker."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from services.worker.jobs import JobClient
 from services.worker.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[3]
-BROKER = os.environ.get("GENIE_TEST_WORKER_BROKER", "redis://127.0.0.1:6379/3")
+# Each pytest-xdist worker (gw0, gw1, ...) gets its own DB from 3 up, since every module flushes its DB first.
+_XDIST = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+BROKER = os.environ.get("GENIE_TEST_WORKER_BROKER", f"redis://127.0.0.1:6379/{3 + _XDIST}")
 
 
 def free_port() -> int:
@@ -77,7 +80,7 @@ class Worker:
 
 
 class Kit:
-    """What the worker tests share: Redis DB 3, worker processes (stopped at teardown), job clients."""
+    """What the worker tests share: their Redis DB, worker processes (stopped at teardown), job clients."""
 
     def __init__(self, broker_url: str, world: Path) -> None:
         self.broker_url, self.world = broker_url, world
@@ -154,7 +157,8 @@ def broker_url(require_redis) -> str:
 
 @pytest.fixture(scope="module")
 def kit(broker_url, trained_world_dir):
-    """Per test module: a flushed DB 3; every worker a module started is stopped when it ends."""
+    """Per test module: a flushed DB (3, or 3 + the xdist worker's number); every worker a module started is
+    stopped when it ends."""
     k = Kit(broker_url, trained_world_dir)
     k.flush()
     yield k
