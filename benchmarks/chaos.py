@@ -2,7 +2,7 @@
 tritonserver; N sessions step for `--duration` seconds from clients that retry retryable codes on the other
 gateway, while a gateway, the Redis master and Triton are each kill -9'd `--kills` times (and restarted).
 One row: acknowledged steps lost, sessions corrupted, duplicate step numbers, heal time per fault kind.
-The harness is harness/chaos.py; tests/services/gateway/test_chaos.py runs a 75 s version.
+The harness is harness/chaos.py; tests/services/gateway/test_chaos.py runs a 45 s version.
 """
 
 from __future__ import annotations

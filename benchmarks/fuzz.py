@@ -1,4 +1,4 @@
-"""Fuzz at volume: runs tests/services/gateway/test_fuzz.py (hypothesis, seeded) with `--examples` requests per
+"""Fuzz at volume: runs tests/services/gateway/api/test_fuzz.py (hypothesis, seeded) with `--examples` requests per
 gateway (4 gateways: in-process/Triton backend x memory/Redis store) and reports how the RPCs answered: the
 count per (method, code), the total, and how many were UNKNOWN or INTERNAL (the goal is 0). Needs the Redis
 the tests use (GENIE_TEST_REDIS_URL) and trains the tests' tiny world (~1 min)."""
@@ -29,7 +29,7 @@ def main() -> None:
         env = {**os.environ, "GENIE_FUZZ_EXAMPLES": str(args.examples), "GENIE_FUZZ_REPORT": str(report),
                "PYTHONPATH": str(ROOT)}
         t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "pytest", "tests/services/gateway/test_fuzz.py", "-q", "-p", "no:cacheprovider"]
+        cmd = [sys.executable, "-m", "pytest", "tests/services/gateway/api/test_fuzz.py", "-q", "-p", "no:cacheprovider"]
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
         seconds = time.monotonic() - t0
         tally: Counter = Counter()

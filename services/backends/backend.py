@@ -1,6 +1,6 @@
 """The model backend interface the gateway (and rollout jobs) call: one session at a time, batched underneath.
 
-Two implementations answer the same contract (tests/services/gateway/test_backend_contract.py):
+Two implementations answer the same contract (tests/services/backends/test_backend_contract.py):
     InProcessBackend  (services/backends/inprocess.py)   the world's models in this process; the embedded default
     TritonBackend     (services/backends/triton_backend.py)  the Triton model services over gRPC
 

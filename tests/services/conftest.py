@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import pytest_asyncio
 import redis
@@ -23,6 +25,15 @@ def require_redis():
         return url
 
     return check
+
+
+REDIS_URL = os.environ.get("GENIE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url(require_redis) -> str:
+    """The real Redis the gateway and store tests use (DB 0; the job tests take DB 3 and up)."""
+    return require_redis(REDIS_URL)
 
 
 @pytest.fixture(scope="session")

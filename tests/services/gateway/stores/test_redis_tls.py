@@ -17,11 +17,11 @@ import torch
 from services.gateway.stores.redis_store import RedisStore, RedisTarget, RedisTLS, StoreMisconfigured
 from services.gateway.stores.store import StoreUnavailable
 from services.triton import free_ports
-from tests.services.gateway.test_store_contract import _record
+from tests.services.gateway.stores.test_store_contract import _record
 from tests.tls_certs import make_certs, tls_redis_server
 
 PASSWORD = "s3cret-for-tests"
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ async def test_a_gateway_steps_over_tls_redis_and_turns_unavailable_when_the_pas
     from services.backends.inprocess import InProcessBackend
     from services.gateway.api.client import GatewayClient
     from services.gateway.app import Gateway, GatewayConfig
-    from tests.services.gateway.test_gateway_redis import ALICE, _png
+    from tests.services.gateway.stores.test_gateway_redis import ALICE, _png
 
     port, admin = tls_redis
     cfg = GatewayConfig(world=str(trained_world_dir), grpc_port=0, http_port=-1, metrics_port=-1, tokens=f"alice:{ALICE}",

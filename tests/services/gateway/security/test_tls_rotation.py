@@ -21,12 +21,12 @@ from services.gateway.api.client import GatewayClient
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.security.tls import CertificateReloader, ClientTLS, ServerTLS
 from services.gateway.stores.memory_store import MemoryStore
-from tests.services.gateway.test_grpc_gateway import _png
-from tests.services.gateway.test_tls import _ca, _leaf
+from tests.services.gateway.api.test_grpc_gateway import _png
+from tests.services.gateway.security.test_tls import _ca, _leaf
 from tests.tls_certs import SecretMount, served_certificate
 
 TOKEN = "rotation-token-0123456789abcdef"
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 SAN = "DNS:localhost,IP:127.0.0.1"
 
 

@@ -31,7 +31,7 @@ from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.sessions import Limits
 from services.gateway.stores.memory_store import MemoryStore
 from services.gateway.stores.redis_store import RedisStore
-from tests.services.gateway.fuzz_requests import requests
+from tests.services.gateway.api.fuzz_requests import requests
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
 EXAMPLES = int(os.environ.get("GENIE_FUZZ_EXAMPLES", "100"))

@@ -21,13 +21,13 @@ from services.gateway.app import GatewayConfig, redis_target
 from services.gateway.stores.redis_store import RedisStore, RedisTarget, RedisTLS, StoreMisconfigured
 from services.gateway.stores.store import StoreUnavailable
 from services.triton import free_ports
-from tests.services.gateway.test_redis_failover import ALICE, _gateway, _png
-from tests.services.gateway.test_store_contract import _record
+from tests.services.gateway.stores.test_redis_failover import ALICE, _gateway, _png
+from tests.services.gateway.stores.test_store_contract import _record
 from tests.tls_certs import make_certs
 
 DATA_PASSWORD = "data-s3cret"
 SENTINEL_PASSWORD = "sentinel-s3cret"
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 
 @pytest.fixture(scope="module")

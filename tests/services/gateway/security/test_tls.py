@@ -21,10 +21,10 @@ from services.gateway.api.client import GatewayClient, frame_array
 from services.gateway.app import Gateway, GatewayConfig
 from services.gateway.security.tls import ClientTLS, ServerTLS
 from services.gateway.stores.memory_store import MemoryStore
-from tests.services.gateway.test_grpc_gateway import _png
+from tests.services.gateway.api.test_grpc_gateway import _png
 
 TOKEN = "tls-token-0123456789abcdef"
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def _openssl(*args: str, cwd: Path) -> None:

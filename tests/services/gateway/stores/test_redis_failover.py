@@ -88,7 +88,7 @@ async def test_a_commit_on_a_node_demoted_to_replica_is_unavailable(redis_ha):
     matches writes nothing, so its script passes there, but the WAIT after it is refused: that must be UNAVAILABLE
     (the client retries; seen as INTERNAL in a chaos run before), not an internal error."""
     from services.gateway.stores.store import StoreUnavailable
-    from tests.services.gateway.test_store_contract import _record
+    from tests.services.gateway.stores.test_store_contract import _record
 
     master = redis_ha.master_port()
     replica = next(p for p in redis_ha.data_ports if p != master)
