@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--key", default="right", choices=["right", "left", "up", "down"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--engine-steps", type=int, default=40)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
                         help="the engine's precision, for the page's server and the engine's own rate alike")
     parser.add_argument("--profile-dir", type=Path, default=Path("/tmp/genie-bench-page-chromium"))
     args = parser.parse_args()

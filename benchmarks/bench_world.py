@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="print the top N ops of 3 cached B=1 steps")
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="skip measuring the matmul peak")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     parser.add_argument("--fixed-shapes", action="store_true", help="attention over the whole window, masked")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="dotted world-config override, e.g. dynamics.transformer.depth=12 (a paper-size world)")

@@ -1,8 +1,9 @@
-"""Where inference runs and in what precision: --device auto|cpu|cuda[:N], --precision auto|fp32|bf16.
+"""Where inference runs and in what precision: --device auto|cpu|cuda[:N], --precision auto|fp32|bf16|int8.
 
 bf16 is worth it on GPUs and on CPUs with bf16 hardware (AVX-512 BF16, AMX); elsewhere torch emulates it and a bf16
 matmul runs at ~1 GFLOP/s against ~120 in fp32 (a 2-core AVX2 EPYC), so it is never chosen there by default and is
-refused when asked for.
+refused when asked for. int8 (CPU only) computes every Linear layer as int8 x int8 with int32 accumulation
+(`genie.nn.int8`) and the rest in fp32.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that run bf16 matmuls natively
 
 
@@ -52,12 +53,17 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of inference on `device`: bf16 (autocast) or fp32.
+    """The compute dtype of inference on `device`: bf16 (autocast) or fp32 (int8's Linear layers rescale to fp32).
 
-    auto = bf16 on a GPU, fp32 on any CPU (bf16 on a CPU must be asked for, and its hardware must have it).
+    auto = bf16 on a GPU, fp32 on any CPU (bf16 on a CPU must be asked for, and its hardware must have it); int8 only
+    on a CPU.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"precision int8 runs on a CPU only, not on {device}; use bf16 or fp32 there")
+        return torch.float32
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
         return torch.float32
     if device.type == "cpu" and not cpu_has_bf16():

@@ -25,6 +25,7 @@ from genie.kvpool import CacheKey, KVPool
 from genie.models.common import check_video, to_uint8
 from genie.models.dynamics import DynamicsModel
 from genie.models.tokenizer import VideoTokenizer
+from genie.nn.int8 import keep_freed_memory, quantize_linears
 from genie.nn.maskgit import SCHEDULES, counter_uniform, maskgit_decode, noise_key
 from genie.nn.st_transformer import STTransformerConfig
 from genie.state import WorldState, digest
@@ -100,6 +101,7 @@ class _Engine:
                  device: str | torch.device, precision: str) -> None:
         self.device = resolve_inference_device(device)
         self.dtype = resolve_precision(precision, self.device)
+        self.int8 = precision == "int8"
         self.model = model.eval()
         if next(model.parameters()).device != self.device:
             self.model.to(self.device)
@@ -112,9 +114,16 @@ class _Engine:
         """On a CPU in bf16: the engine's own copy of its model with the Linear weights of `parts(model)` already in
         bf16. Autocast casts each Linear's fp32 weight at every call (its cast cache holds only tensors that require
         grad), ~10% of a bf16 step on a CPU; pre-cast, the products are the same. Only parts that run under autocast
-        alone may be given (norms and embeddings stay fp32, as autocast runs them)."""
+        alone may be given (norms and embeddings stay fp32, as autocast runs them). In int8: the engine's own copy
+        with those Linear layers computed in int8 (`genie.nn.int8`); the caller's model stays fp32."""
+        if self.int8:
+            self.model = copy.deepcopy(self.model)
+            quantize_linears(self.model, parts(self.model))
+            keep_freed_memory()  # both make fresh (M, N) buffers at every call: reused, they cost no page faults
+            return
         if self.dtype != torch.bfloat16 or self.device.type != "cpu":
             return
+        keep_freed_memory()
         self.model = copy.deepcopy(self.model)
         for part in parts(self.model):
             for module in part.modules():
@@ -154,7 +163,8 @@ class DynamicsEngine(_Engine):
         dynamics: the model; moved to `device` (the engine owns it from then on).
         keep_frames: frames kept when a full window slides (0 = half the window).
         cache_bytes: cap of the K/V pool kept between steps (0 = recompute every history every step).
-        device: auto | cpu | cuda | cuda:N.  precision: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16.
+        device: auto | cpu | cuda | cuda:N.  precision: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 | int8
+            (CPU: the Linear layers in int8, the rest in fp32).
         fixed_shapes: attention always spans the whole window (masked) and nothing is read back from the device
             mid-step, so the step could be captured as a CUDA graph; the same tokens as sized shapes.
     """

@@ -28,9 +28,9 @@ main.add_command(jobs)
 
 
 def _device_options(f):
-    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
                      envvar="GENIE_PRECISION", help="In-process models: auto = bf16 on a GPU, fp32 on a CPU (bf16 on a CPU "
-                     "only with bf16 hardware).")(f)
+                     "only with bf16 hardware; int8 on a CPU only).")(f)
     f = click.option("--device", default="auto", show_default=True, envvar="GENIE_DEVICE",
                      help="In-process models: auto (a GPU when torch sees one), cpu, cuda or cuda:N.")(f)
     return f

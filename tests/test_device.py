@@ -56,6 +56,13 @@ def test_precision_never_bf16_on_a_cpu_by_default(monkeypatch, has_bf16):
         dev.resolve_precision("fp8", cpu)
 
 
+def test_int8_runs_on_a_cpu_only():
+    """int8's Linear layers rescale to fp32, so the engines' compute dtype is fp32; on a GPU it is refused."""
+    assert dev.resolve_precision("int8", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="CPU only"):
+        dev.resolve_precision("int8", torch.device("cuda", 0))
+
+
 def test_cpu_bf16_detection_reads_the_flags(monkeypatch, tmp_path):
     for flags, expected in (("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
         info = tmp_path / "cpuinfo"

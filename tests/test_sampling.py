@@ -6,6 +6,7 @@ import torch
 from genie.data.synthetic import MovingSprites
 from genie.models.dynamics import DynamicsModel
 from genie.models.tokenizer import VideoTokenizer
+from genie.nn.int8 import Int8Linear
 from genie.sampling import SamplingConfig, World
 from genie.state import WorldState
 from genie.worlds import load_world
@@ -159,3 +160,29 @@ def test_guidance_one_is_the_plain_step_and_other_values_change_the_frames(rando
 def test_guidance_out_of_range_is_refused():
     with pytest.raises(ValueError, match="guidance"):
         SamplingConfig(guidance=-1.0)
+
+
+def test_int8_keeps_the_engines_contract_and_stays_near_fp32(trained_world_dir, tiny_world_cfg):
+    """precision int8 (CPU): a session's frames do not depend on its batch mates, order or slots (int32 accumulation
+    is exact and each row has its own scale), the caller's models stay fp32, and a trained world's frames stay close
+    to its fp32 frames."""
+    fp32, _ = load_world(trained_world_dir, precision="fp32")
+    int8, _ = load_world(trained_world_dir, precision="int8")
+    assert not any(isinstance(m, Int8Linear) for m in [*int8.dynamics.modules(), *int8.tokenizer.modules()])
+    assert any(isinstance(m, Int8Linear) for m in int8.engine.model.modules())
+    assert any(isinstance(m, Int8Linear) for m in int8.decoder.model.decoder.modules())
+    assert not any(isinstance(m, Int8Linear) for m in int8.decoder.model.encoder.modules())  # encoding stays fp32
+    prompts = _prompt(tiny_world_cfg, b=3, t0=2)
+    states, _ = int8.reset(prompts, seeds=[5, 6, 7])
+    steps = [[a % 4, (a + 1) % 4, (a + 2) % 4] for a in range(8)]  # past a slide of the 6-frame window
+    together = _play(int8, states, steps)[1]
+    fresh, _ = load_world(trained_world_dir, precision="int8")
+    fresh.reset(_prompt(tiny_world_cfg, b=2, t0=1, seed=40), seeds=[0, 0])  # other sessions take the first slots
+    alone = _play(fresh, [states[2], states[0]], [[s[2], s[0]] for s in steps])[1]
+    assert torch.equal(alone[0], together[2]) and torch.equal(alone[1], together[0])
+    # Near fp32: the first generated frame from the same prompt and seed (later frames may branch, as samples do).
+    f32_states, _ = fp32.reset(prompts, seeds=[5, 6, 7])
+    first_fp32 = _play(fp32, f32_states, steps[:1])[1][:, 0].float()
+    first_int8 = together[:, 0].float()
+    mse = (first_fp32 - first_int8).pow(2).mean(dim=(1, 2, 3))
+    assert (10 * torch.log10(255**2 / mse.clamp_min(1e-6)) > 25).all(), mse

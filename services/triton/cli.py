@@ -52,7 +52,7 @@ def triton() -> None:
                    "torch or `nvidia-smi -L` sees one). gpu with no GPU visible is an error.")
 @click.option("--instances-per-gpu", default=1, show_default=True, help="KIND_GPU instances per model on each GPU.")
 @click.option("--gpus", default="", help="Comma-separated GPU ids for the instances (default: every visible GPU).")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "int8"]),
               help="The engines' compute precision (auto: bf16 on a GPU, fp32 on a CPU).")
 @click.option("--max-batch", default="",
               help="Triton max_batch_size: one number for every model, or model=N,... (default: 32 on a CPU; "

@@ -60,7 +60,7 @@ class Repository:
 
 
 DEVICE_CHOICES = ("cpu", "gpu", "cuda", "auto")  # cuda is an alias of gpu; auto = gpu when one is visible
-PRECISIONS = ("auto", "fp32", "bf16")  # P.PARAM_PRECISION; auto: bf16 on a GPU, fp32 on a CPU (the engines decide)
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # P.PARAM_PRECISION; auto: bf16 on a GPU, fp32 on a CPU (the engines decide)
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,8 @@ def resolve_placement(device: str, instances: int = 1, gpus: Sequence[int] = (),
         missing = sorted(set(gpus) - set(seen))
         if missing:
             raise ValueError(f"GPU ids {missing} are not visible; this machine shows {seen}")
+        if precision == "int8":
+            raise ValueError("--precision int8 runs on a CPU only; use bf16 or fp32 on a GPU")
     elif gpus:
         raise ValueError("GPU ids are given but the device is cpu")
     return Placement(device, instances, tuple(gpus), precision)

@@ -49,7 +49,7 @@ class WorkerSettings:
     triton_url: str = "127.0.0.1:8001"
     triton_model_urls: str = ""  # "tokenizer=host:port,dynamics=host:port,lam=host:port", as `genie serve`
     rollout_device: str = "auto"  # the in-process backend's device: auto | cpu | cuda | cuda:N (GENIE_ROLLOUT_DEVICE)
-    rollout_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 (GENIE_ROLLOUT_PRECISION)
+    rollout_precision: str = "auto"  # auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 | int8 (GENIE_ROLLOUT_PRECISION)
     # gRPC over TLS to Triton for rollouts, as `genie serve --triton-tls/--triton-ca/--triton-cert/--triton-key`
     triton_tls: bool = False  # GENIE_TRITON_TLS=1 (implied by a CA or client certificate)
     triton_ca: str = ""  # GENIE_TRITON_CA: PEM CA that signed Triton's certificate

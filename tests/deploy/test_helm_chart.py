@@ -269,7 +269,7 @@ def test_triton_commands(rendered):
         args = arg_map(c["args"])
         assert args["--models"] == model and args["--host"] == "0.0.0.0"
         assert (args["--grpc-port"], args["--http-port"], args["--metrics-port"]) == ("8001", "8000", "8002")
-        assert args["--world"] and int(args["--threads"]) >= 0 and args["--precision"] in ("auto", "fp32", "bf16")
+        assert args["--world"] and int(args["--threads"]) >= 0 and args["--precision"] in ("auto", "fp32", "bf16", "int8")
         if which == "default":  # CPU pods, the launcher's CPU defaults
             assert not {"--device", "--instances-per-gpu", "--max-batch", "--queue-delay-us"} & set(args)
         assert {"/dev/shm", "/tmp"} <= {m["mountPath"] for m in c["volumeMounts"]}

@@ -87,6 +87,7 @@ def test_batching_overrides_on_cpu(trained_world_dir, tmp_path):
     (lambda: resolve_placement("gpu", visible=[]), "no GPU is visible"),
     (lambda: resolve_placement("cuda", gpus=[2], visible=[0, 1]), r"GPU ids \[2\] are not visible"),
     (lambda: resolve_placement("tpu", visible=[]), "device must be one of"),
+    (lambda: resolve_placement("gpu", precision="int8", visible=[0]), "int8 runs on a CPU only"),
 ])
 def test_bad_placement_and_batching_are_one_line_value_errors(make, message):
     with pytest.raises(ValueError, match=message) as err:
