@@ -14,9 +14,6 @@ from pathlib import Path
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that run bf16 matmuls natively
-
-
 def resolve_inference_device(name: str | torch.device) -> torch.device:
     """"auto" = the first GPU when torch sees one, else the CPU; "cpu"; "cuda" / "cuda:N". ValueError when a GPU is
     asked for and absent, or the name is unknown. A torch.device is taken as it is (tests use a stand-in device)."""
@@ -41,15 +38,38 @@ def resolve_inference_device(name: str | torch.device) -> torch.device:
     raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that run bf16 matmuls natively
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # ... and int8 dot products (VNNI, AMX)
+
+
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls in hardware (AVX-512 BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+def cpu_flags() -> frozenset[str]:
+    """This CPU's flags from /proc/cpuinfo (Linux; empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(f in flags for f in BF16_CPU_FLAGS)
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls in hardware (AVX-512 BF16 or AMX)."""
+    return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX)."""
+    return any(f in cpu_flags() for f in INT8_CPU_FLAGS)
+
+
+def single_process_precision(precision: str, device: str) -> str:
+    """What `auto` means where one process serves every session (`genie play`): int8 on a CPU with int8 dot products,
+    where it measured 1.35x fp32 at B=1 and the play page 1.3x (benchmarks/README.md, "int8 on a CPU"); otherwise the
+    precision as given. Deployments keep `auto` = fp32 on a CPU, so that no two replicas pick different precisions by
+    their own CPU flags and give one session different frames."""
+    if precision != "auto" or resolve_inference_device(device).type != "cpu" or not cpu_has_int8_dot():
+        return precision
+    return "int8"
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

@@ -198,12 +198,15 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
          token, open_browser, threads, device, precision) -> None:
     """Play a world interactively: starts a gateway on the embedded defaults (models in process, sessions in
     memory) and serves the web play page; number keys send latent actions, arrow keys the ones the world binds to
-    them (`genie world names`). Ctrl-C stops it."""
+    them (`genie world names`). Ctrl-C stops it. One process serves every session here, so `--precision auto` is int8
+    on a CPU with int8 dot products (VNNI, AMX), its fastest setting there."""
+    from genie.device import single_process_precision
     from services.gateway.app import GatewayConfig
 
     if not (Path(world_dir) / "world.json").exists():
         _fail(f"{world_dir} is not a world directory (no world.json)")
     try:
+        precision = single_process_precision(precision, device)
         cfg = GatewayConfig(world=str(world_dir), host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                             tokens=f"local:{token}" if token else "", threads=threads, device=device, precision=precision,
                             **_tls_config(tls_cert, tls_key, tls_client_ca, plaintext_grpc_port, tls_reload_s))
@@ -212,7 +215,8 @@ def play(world_dir, host, grpc_port, http_port, metrics_port, tls_cert, tls_key,
 
     def ready(gw) -> None:
         url = gw.page_url() or ""
-        info = {"page": url, "grpc": gw.grpc_address, "metrics_port": gw.metrics_port, "token": token or gw.token}
+        info = {"page": url, "grpc": gw.grpc_address, "metrics_port": gw.metrics_port, "token": token or gw.token,
+                "precision": precision}
         if gw.grpc.plaintext_address:
             info["grpc_plaintext"] = gw.grpc.plaintext_address
         click.echo(json.dumps(info), nl=True)

@@ -63,14 +63,24 @@ def test_int8_runs_on_a_cpu_only():
         dev.resolve_precision("int8", torch.device("cuda", 0))
 
 
-def test_cpu_bf16_detection_reads_the_flags(monkeypatch, tmp_path):
-    for flags, expected in (("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
+def test_cpu_bf16_and_int8_detection_reads_the_flags(monkeypatch, tmp_path):
+    for flags, bf16, int8 in (("fpu avx2 fma", False, False), ("fpu avx512f avx512_bf16 avx512_vnni", True, True),
+                              ("amx_bf16 amx_tile", True, False), ("avx2 avx_vnni", False, True)):
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         monkeypatch.setattr(dev, "Path", lambda _p, info=info: info)
-        dev.cpu_has_bf16.cache_clear()
-        assert dev.cpu_has_bf16() is expected
-    dev.cpu_has_bf16.cache_clear()
+        dev.cpu_flags.cache_clear()
+        assert (dev.cpu_has_bf16(), dev.cpu_has_int8_dot()) == (bf16, int8)
+    dev.cpu_flags.cache_clear()
+
+
+@pytest.mark.parametrize("int8_dot", [False, True])
+def test_one_process_reads_auto_as_int8_on_a_cpu_with_int8_dot_products(monkeypatch, int8_dot):
+    monkeypatch.setattr(dev, "cpu_has_int8_dot", lambda: int8_dot)
+    assert dev.single_process_precision("auto", "cpu") == ("int8" if int8_dot else "auto")
+    assert dev.single_process_precision("fp32", "cpu") == "fp32"  # an explicit choice stands
+    _gpus(monkeypatch, 1)
+    assert dev.single_process_precision("auto", "auto") == "auto"  # a GPU: bf16, as auto says there
 
 
 def test_an_engine_on_a_cpu_without_bf16_runs_fp32_and_refuses_bf16(monkeypatch):

@@ -112,7 +112,9 @@ async def test_concurrent_sessions_batch_and_match_one_at_a_time(backend, clips)
     runs, requests = np.subtract(await _executions(backend), before)
     for x, y in zip(alone, together, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert requests == 8 and runs < 8, (runs, requests)  # some model execution held more than one session
+    # Some model execution held more than one session. Triton's counters are the server's: a late call of an earlier
+    # test on the same server (seen once under two xdist workers: 9 rows in 2 runs) may land in the window.
+    assert requests >= 8 and runs < requests, (runs, requests)
 
 
 async def _executions(backend) -> tuple[int, int]:
