@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -288,18 +289,26 @@ def train_student(policy: Policy, cfg: ReactiveConfig, dirs: list[Path], iterati
     return correct / max(seen, 1)
 
 
-def run_dagger(cfg: ReactiveConfig, run: Path, progress: bool = True) -> dict[str, Any]:
-    """Runs (or resumes) the DAgger iterations in `run`; returns the last iteration's metrics."""
-    run.mkdir(parents=True, exist_ok=True)
-    cfg_file = run / "config.json"
+def check_run(cfg: ReactiveConfig, run: Path) -> None:
+    """ValueError when `run` holds a run of another config. More iterations extend a run (its finished ones are
+    kept); any other change is another run. A run saved before a field existed ran with that field's default."""
+    cfg_file = Path(run) / "config.json"
+    if not cfg_file.exists():
+        return
+    saved = {**json.loads(json.dumps(asdict(ReactiveConfig()))), **json.loads(cfg_file.read_text())}
     wanted = json.loads(json.dumps(asdict(cfg)))
-    if cfg_file.exists():
-        # A run saved before a field existed ran with that field's default.
-        saved = {**json.loads(json.dumps(asdict(ReactiveConfig()))), **json.loads(cfg_file.read_text())}
-        # More iterations extend a run (its finished ones are kept); any other change is another run.
-        if {k: v for k, v in saved.items() if k != "iterations"} != {k: v for k, v in wanted.items() if k != "iterations"}:
-            raise ValueError(f"{run} holds a run with another config; use another directory")
-    cfg_file.write_text(json.dumps(wanted, indent=2))
+    if {k: v for k, v in saved.items() if k != "iterations"} != {k: v for k, v in wanted.items() if k != "iterations"}:
+        raise ValueError(f"{run} holds a run with another config; use another directory")
+
+
+def run_dagger(cfg: ReactiveConfig, run: Path, progress: bool = True,
+               on_iteration: Callable[[int], bool] | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the DAgger iterations in `run`; returns the last iteration's metrics. on_iteration(done) is
+    called after each finished iteration (done = iterations finished); True stops the run there (a job cancelled),
+    and the result then has "stopped": True."""
+    check_run(cfg, run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(json.loads(json.dumps(asdict(cfg))), indent=2))
     torch.manual_seed(cfg.seed)
     policy = Policy(cfg.policy_config())
     last: dict[str, Any] = {}
@@ -323,6 +332,10 @@ def run_dagger(cfg: ReactiveConfig, run: Path, progress: bool = True) -> dict[st
             f.write(json.dumps(last) + "\n")
         if progress:
             log.info("dagger iteration %d: %s", i, last)
+        if on_iteration is not None and on_iteration(i + 1) and i + 1 < cfg.iterations:
+            return {**last, "stopped": True}
+    if not last and (run / "metrics.jsonl").exists():  # every iteration was finished before: the newest metrics
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     final = run / f"iteration_{cfg.iterations - 1}" / "policy"
     save_policy(load_reactive_policy(final), run / "policy")
     return last

@@ -170,6 +170,97 @@ def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed,
         _follow(client, job_id)
 
 
+def _with_overrides(cls, fields: dict, overrides: tuple[str, ...]):
+    """cls(**fields) with KEY=VALUE overrides of any of its fields, each parsed as the field's default's type."""
+    import dataclasses
+
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
+        kind = type(known[key].default)
+        try:
+            fields[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} takes a {kind.__name__}") from None
+    return cls(**fields)
+
+
+@submit.command("reactive")
+@click.option("--out", default="", help="Run dir the workers write (a re-submitted job with more --iterations extends "
+              "it). Default: GENIE_JOBS_DIR/<job id> on the worker.")
+@click.option("--iterations", type=int, default=4, show_default=True, help="DAgger iterations (0 plays the planner).")
+@click.option("--episodes", type=int, default=48, show_default=True, help="Train-split episodes per iteration.")
+@click.option("--steps", type=int, default=1500, show_default=True, help="Training steps after each iteration.")
+@click.option("--arch", type=click.Choice(["nature", "impala"]), default="nature", show_default=True)
+@click.option("--augment", type=int, default=0, show_default=True, help="Pixels of random shift (0: none).")
+@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, help="Any other ReactiveConfig field, KEY=VALUE (repeatable).")
+@click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
+@click.pass_context
+def submit_reactive(ctx, out, iterations, episodes, steps, arch, augment, distribution_mode, seed, overrides, threads,
+                    wait) -> None:
+    """Queue `genie agent reactive`: DAgger distils the planner into a policy that acts from the frames it sees
+    (progress in iterations; a redelivery keeps the finished ones; cancel stops after the current one)."""
+    from genie.agent.reactive import ReactiveConfig
+    from services.worker.specs import ReactiveJobSpec
+
+    client = _client(ctx)
+    try:
+        cfg = _with_overrides(ReactiveConfig, {"iterations": iterations, "episodes": episodes, "steps": steps,
+                                               "arch": arch, "augment": augment,
+                                               "distribution_mode": distribution_mode, "seed": seed}, overrides)
+        spec = ReactiveJobSpec(cfg, out=str(Path(out).resolve()) if out else "", threads=threads)
+        job_id = client.submit_reactive(spec)
+    except ValueError as exc:
+        _fail(str(exc))
+    except _connection_errors() as exc:
+        _fail(_broker_failure(exc, _broker(client)))
+    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "reactive", "iterations": iterations}))
+    if wait:
+        _follow(client, job_id)
+
+
+@submit.command("expert")
+@click.option("--out", required=True, help="New dataset dir the workers write (and BC jobs then read).")
+@click.option("--reactive", "policy_run", default="", help="A finished reactive run (`genie jobs submit reactive`): "
+              "record its policy instead of the planner.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
+@click.option("--episodes", type=int, default=100, show_default=True)
+@click.option("--max-frames", type=int, default=500, show_default=True, help="An episode still running here fails.")
+@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, help="Any other ExpertConfig field, KEY=VALUE (repeatable).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes recording episodes on the worker.")
+@click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
+@click.pass_context
+def submit_expert(ctx, out, policy_run, split, episodes, max_frames, distribution_mode, seed, overrides, workers, threads,
+                  wait) -> None:
+    """Queue `genie agent expert`: record the planner's (or, with --reactive, a reactive expert's) episodes with
+    their true actions, the unseen videos the BC jobs learn from."""
+    from genie.agent.expert import ExpertConfig
+    from services.worker.specs import ExpertJobSpec
+
+    client = _client(ctx)
+    try:
+        cfg = _with_overrides(ExpertConfig, {"split": split, "episodes": episodes, "max_frames": max_frames,
+                                             "distribution_mode": distribution_mode, "seed": seed}, overrides)
+        spec = ExpertJobSpec(cfg, out=str(Path(out).resolve()), policy_run=str(Path(policy_run).resolve()) if policy_run
+                             else "", workers=workers, threads=threads)
+        job_id = client.submit_expert(spec)
+    except ValueError as exc:
+        _fail(str(exc))
+    except _connection_errors() as exc:
+        _fail(_broker_failure(exc, _broker(client)))
+    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "expert", "episodes": episodes}))
+    if wait:
+        _follow(client, job_id)
+
+
 @submit.command("world")
 @click.option("--data", "data_dir", default="", help="Training dataset dir the workers can read (default: the "
               "config's data section); its frame size sets the world's.")

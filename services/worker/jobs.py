@@ -15,7 +15,16 @@ from typing import Any
 
 from genie.config import WorldConfig, apply_overrides, from_dict, load_world_config
 from services.worker.settings import WorkerSettings
-from services.worker.specs import AgentJobSpec, RolloutJobSpec, TrainJobSpec, WorldJobSpec, chunk_id, stage_id
+from services.worker.specs import (
+    AgentJobSpec,
+    ExpertJobSpec,
+    ReactiveJobSpec,
+    RolloutJobSpec,
+    TrainJobSpec,
+    WorldJobSpec,
+    chunk_id,
+    stage_id,
+)
 from services.worker.store import JobStore
 
 TERMINAL = ("SUCCESS", "FAILURE", "CANCELLED")
@@ -192,6 +201,16 @@ class JobClient:
         check_agent_spec(spec)
         return self._send("agent", "genie.agent", spec.to_json(), spec.steps, job_id, queue="train")
 
+    def submit_reactive(self, spec: ReactiveJobSpec, job_id: str | None = None) -> str:
+        """Queues `genie agent reactive` (queue train): DAgger iterations, progress counted in iterations."""
+        check_reactive_spec(spec)
+        return self._send("reactive", "genie.reactive", spec.to_json(), spec.steps, job_id, queue="train")
+
+    def submit_expert(self, spec: ExpertJobSpec, job_id: str | None = None) -> str:
+        """Queues `genie agent expert` (queue train): recording the planner's or a reactive expert's episodes."""
+        check_expert_spec(spec)
+        return self._send("expert", "genie.expert", spec.to_json(), spec.steps, job_id, queue="train")
+
     def _send(self, kind: str, task: str, args: dict, total: int, job_id: str | None, extra: dict | None = None,
               queue: str | None = None) -> str:
         job_id = job_id or uuid.uuid4().hex[:16]
@@ -335,6 +354,23 @@ def check_agent_spec(spec: AgentJobSpec) -> None:
         raise ValueError(f"{spec.train.data} records no true actions; record it with `genie agent expert`")
     if spec.train.target == "latent":
         read_meta(Path(spec.train.world) / "lam")
+
+
+def check_reactive_spec(spec: ReactiveJobSpec) -> None:
+    """A run dir given must not hold another config's run (more iterations extend one)."""
+    from genie.agent.reactive import check_run
+
+    if spec.out:
+        check_run(spec.reactive, Path(spec.out))
+
+
+def check_expert_spec(spec: ExpertJobSpec) -> None:
+    """The output is not a dataset already, and a reactive expert's run is finished."""
+    if (Path(spec.out) / "index.json").exists():
+        raise ValueError(f"{spec.out} already holds a dataset (index.json); choose a new --out")
+    if spec.policy_run and not (Path(spec.policy_run) / "policy" / "model.safetensors").exists():
+        raise ValueError(f"{spec.policy_run} holds no finished reactive expert (no policy/model.safetensors); run "
+                         "`genie jobs submit reactive` (or `genie agent reactive`) to the end first")
 
 
 def check_world_spec(spec: WorldJobSpec) -> None:

@@ -268,6 +268,8 @@ def celery_config(s: WorkerSettings) -> dict:
         "task_routes": {
             "genie.train": {"queue": "train"},
             "genie.agent": {"queue": "train"},
+            "genie.reactive": {"queue": "train"},
+            "genie.expert": {"queue": "train"},
             "genie.rollout": {"queue": "rollout"},
             "genie.rollout.chunk": {"queue": "rollout"},
             "genie.rollout.manifest": {"queue": "rollout"},

@@ -183,6 +183,88 @@ class AgentJobSpec:
 
 
 @dataclass(frozen=True)
+class ReactiveJobSpec:
+    """`genie agent reactive` as a job: DAgger distils the planner into a frame-based policy in OUT; a redelivered or
+    continued job keeps the iterations it finished."""
+
+    reactive: Any  # genie.agent.reactive.ReactiveConfig
+    out: str = ""  # the run dir; "" = the worker's GENIE_JOBS_DIR/<job id>
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        from genie.agent.reactive import ReactiveConfig
+
+        if not isinstance(self.reactive, ReactiveConfig):
+            raise ValueError(f"reactive must be a ReactiveConfig, got {type(self.reactive).__name__}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+    @property
+    def steps(self) -> int:  # progress counts DAgger iterations
+        return self.reactive.iterations
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"reactive": asdict(self.reactive), "out": self.out, "threads": self.threads}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ReactiveJobSpec:
+        from genie.agent.reactive import ReactiveConfig
+
+        data = _object(data, "reactive job", {"reactive", "out", "threads"})
+        try:
+            cfg = ReactiveConfig(**_typed(data, "reactive", dict))
+        except TypeError as exc:  # unknown or missing keys
+            raise ValueError(f"reactive job: {exc}") from None
+        return cls(reactive=cfg, out=_typed(data, "out", str, ""), threads=_typed(data, "threads", int, 0))
+
+
+@dataclass(frozen=True)
+class ExpertJobSpec:
+    """`genie agent expert` as a job: records expert episodes (the planner, or with `policy_run` a finished reactive
+    expert) into the dataset directory OUT."""
+
+    expert: Any  # genie.agent.expert.ExpertConfig
+    out: str  # the dataset dir the workers write (and the BC jobs then read)
+    policy_run: str = ""  # a finished `genie agent reactive` run; "" = the planner
+    workers: int = 1  # processes recording episodes in parallel on the worker
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        from genie.agent.expert import ExpertConfig
+
+        if not isinstance(self.expert, ExpertConfig):
+            raise ValueError(f"expert must be an ExpertConfig, got {type(self.expert).__name__}")
+        if not self.out:
+            raise ValueError("an expert job needs out: the dataset directory to write")
+        if self.workers < 1 or self.threads < 0:
+            raise ValueError(f"need workers >= 1 and threads >= 0, got {self.workers}, {self.threads}")
+
+    @property
+    def steps(self) -> int:  # progress counts episodes
+        return self.expert.episodes
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"expert": asdict(self.expert), "out": self.out, "policy_run": self.policy_run, "workers": self.workers,
+                "threads": self.threads}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ExpertJobSpec:
+        from genie.agent.expert import ExpertConfig
+
+        data = _object(data, "expert job", {"expert", "out", "policy_run", "workers", "threads"})
+        try:
+            cfg = ExpertConfig(**_typed(data, "expert", dict))
+        except TypeError as exc:
+            raise ValueError(f"expert job: {exc}") from None
+        return cls(expert=cfg, out=_typed(data, "out", str), policy_run=_typed(data, "policy_run", str, ""),
+                   workers=_typed(data, "workers", int, 1), threads=_typed(data, "threads", int, 0))
+
+
+@dataclass(frozen=True)
 class RolloutItem:
     """One output of a rollout job: a prompt under one action sequence, with its own seed."""
 

@@ -32,6 +32,8 @@ from services.worker.runtime import PROGRESS, Execution, JobTask, runner
 from services.worker.settings import WorkerSettings
 from services.worker.specs import (
     AgentJobSpec,
+    ExpertJobSpec,
+    ReactiveJobSpec,
     RolloutItem,
     RolloutJobSpec,
     TrainJobSpec,
@@ -136,6 +138,73 @@ def agent(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
         if stop:
             run.end(stop[0], {"done": summary["step"], "total": job.steps, "run": str(out)})
     return {"job": job_id, **summary, "total": job.steps}
+
+
+@app.task(bind=True, base=JobTask, name="genie.reactive", autoretry_for=_TRANSIENT, **_RETRY)
+@fails_when_disk_full
+def reactive(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
+    """Distils the planner into a reactive expert by DAgger (`genie agent reactive`) in OUT; a redelivery keeps the
+    iterations finished before it; a cancel stops after the iteration in progress."""
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    from genie.agent.reactive import run_dagger
+
+    job_id = self.request.id
+    job = ReactiveJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
+    total = job.reactive.iterations
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"done": 0, "total": total})
+    out = resolve_dir(job.out, settings.job_dir(job_id))
+    stop: list[str] = []
+    with self.execution(job_id, total) as run:
+        def on_iteration(done: int) -> bool:
+            run.report(done, force=True, iteration=done)
+            reason = run.stop_reason() if done < total else None
+            if reason:
+                stop.append(reason)
+            return bool(reason)
+
+        last = _with_threads(job.threads, lambda: run_dagger(job.reactive, out, progress=False, on_iteration=on_iteration))
+        if stop:
+            run.end(stop[0], {"done": last.get("iteration", -1) + 1, "total": total, "run": str(out)})
+    return {"job": job_id, "run": str(out), "policy": str(out / "policy"), "iterations": total, "last": last}
+
+
+@app.task(bind=True, base=JobTask, name="genie.expert", autoretry_for=_TRANSIENT, **_RETRY)
+@fails_when_disk_full
+def expert(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
+    """Records expert episodes (`genie agent expert [--reactive RUN]`) into the dataset OUT. The episodes are a pure
+    function of the config, so a redelivery records them again; a dataset already closed is the result."""
+    stored = self.stored_success()
+    if stored is not None:
+        return stored
+    from genie.agent.expert import record
+    from genie.data.shards import ShardedDataset
+
+    job_id = self.request.id
+    job = ExpertJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
+    total = job.expert.episodes
+    if self.store.cancel_requested(job_id):
+        self.cancel(job_id, {"done": 0, "total": total})
+    out = Path(job.out)
+    with self.execution(job_id, total) as run:
+        if not (out / "index.json").exists():  # a delivery that died after closing the dataset left it whole
+            def go() -> None:
+                if job.policy_run:
+                    from genie.agent.reactive import load_reactive_policy, record_reactive
+
+                    policy_dir = Path(job.policy_run) / "policy"
+                    record_reactive(load_reactive_policy(policy_dir), job.expert, out, workers=job.workers,
+                                    progress=False, policy_dir=policy_dir)
+                else:
+                    record(job.expert, out, workers=job.workers, progress=False)
+
+            _with_threads(job.threads, go)
+        info = ShardedDataset(out).info
+        run.report(total, force=True, episodes=total)
+    return {"job": job_id, "out": str(out), "episodes": total, "expert": "reactive" if job.policy_run else "planner",
+            "success_rate": info.get("success_rate")}
 
 
 @app.task(bind=True, base=JobTask, name="genie.world", autoretry_for=_TRANSIENT, **_RETRY)

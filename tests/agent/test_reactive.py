@@ -82,16 +82,21 @@ def test_dagger_iterations_resume_and_record(tmp_path):
     assert policy.cfg.num_actions == 15 and policy.cfg.context == 2
 
     stamp = (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns
-    assert run_dagger(cfg, run, progress=False) == {}  # everything done: nothing re-run
+    assert run_dagger(cfg, run, progress=False) == lines[-1]  # everything done: nothing re-run, the newest metrics
     assert (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp
     saved = json.loads((run / "config.json").read_text())
     for field in ("arch", "augment", "least_action"):  # a run saved before these fields existed still resumes
         saved.pop(field)
     (run / "config.json").write_text(json.dumps(saved))
-    assert run_dagger(cfg, run, progress=False) == {}
+    assert run_dagger(cfg, run, progress=False) == lines[-1]
     with pytest.raises(ValueError, match="another config"):
         run_dagger(ReactiveConfig(**{**TINY, "steps": 5}), run, progress=False)
-    extended = run_dagger(ReactiveConfig(**{**TINY, "iterations": 3}), run, progress=False)  # one more iteration
+    seen = []
+    stopped = run_dagger(ReactiveConfig(**{**TINY, "iterations": 4}), run, progress=False,
+                         on_iteration=lambda done: seen.append(done) or True)  # asked to stop after each iteration
+    assert stopped["iteration"] == 2 and stopped["stopped"] and seen == [3]
+    assert not (run / "iteration_3").exists()
+    extended = run_dagger(ReactiveConfig(**{**TINY, "iterations": 3}), run, progress=False)  # resumes: nothing left
     assert extended["iteration"] == 2 and extended["beta"] == 0.25
     assert (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp  # kept
 

@@ -1,5 +1,6 @@
-"""`genie jobs submit agent` on a real train worker: LAM-BC trains to a finished run with its mappings; bad arguments
-are rejected before anything is queued."""
+"""`genie jobs submit agent|reactive|expert` on a real train worker: LAM-BC trains to a finished run with its mappings,
+DAgger to a reactive expert whose episodes (and the planner's) record as datasets; bad arguments are rejected before
+anything is queued."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from genie.agent.expert import ExpertConfig, record
+from genie.data.shards import ShardedDataset
 from genie.models.common import FrameSpec
 from genie.models.lam import LatentActionModel, LatentActionModelConfig
 from genie.nn.st_transformer import STTransformerConfig
@@ -82,3 +84,78 @@ def test_agent_spec_round_trips_and_routes_to_train(agent_inputs):
             AgentJobSpec.from_json(bad)
     assert app.amqp.router.route({}, "genie.agent")["queue"].name == "train"
     assert "genie.agent" in app.tasks
+
+
+# Tiny DAgger and planner settings (tests/agent/test_reactive.py's TINY): seconds, not minutes.
+REACTIVE_SET = ["--set", "candidates=1", "--set", "horizon=6", "--set", "batch_size=8", "--set", "width_mult=8",
+                "--set", "workers=1", "--set", "max_frames=24"]
+
+
+def test_reactive_expert_trains_and_records_as_jobs(worker, kit, tmp_path):
+    """`genie jobs submit reactive` runs DAgger to a finished reactive expert; `genie jobs submit expert --reactive`
+    records its episodes as a dataset, and without --reactive the planner's; the BC job can read either."""
+    env, client = worker["env"], worker["client"]
+    run = tmp_path / "reactive"
+    job = kit.submitted(kit.cli(env, "submit", "reactive", "--out", str(run), "--iterations", "2", "--episodes", "2",
+                                "--steps", "4", *REACTIVE_SET))
+    st = client.wait(job, timeout=300)
+    assert st.state == "SUCCESS", st.to_json()
+    assert st.result["iterations"] == 2 and st.result["last"]["iteration"] == 1
+    assert (run / "policy" / "model.safetensors").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+    for expert, extra in (("reactive", ["--reactive", str(run)]), ("planner", ["--set", "candidates=2", "--set",
+                                                                                 "horizon=8", "--set", "commit=4"])):
+        out = tmp_path / f"{expert}-data"
+        job = kit.submitted(kit.cli(env, "submit", "expert", "--out", str(out), "--episodes", "2", "--max-frames", "24",
+                                    *extra))
+        st = client.wait(job, timeout=300)
+        assert st.state == "SUCCESS", st.to_json()
+        assert st.result["expert"] == expert and st.result["episodes"] == 2
+        data = ShardedDataset(out)
+        assert len(data.episodes) == 2 and data.info["num_true_actions"] == 15
+        assert data.info["source"] == ("procgen-reactive-expert" if expert == "reactive" else "procgen-expert")
+
+
+def test_bad_expert_and_reactive_jobs_are_rejected_before_queueing(worker, agent_inputs, kit, tmp_path):
+    env = worker["env"]
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"episodes": 999}))
+    before = kit.queue_lengths()
+    for args, needle in [
+        (["expert", "--out", str(agent_inputs["data"])], "already holds a dataset"),
+        (["expert", "--out", str(tmp_path / "d"), "--reactive", str(tmp_path / "nope")], "no finished reactive expert"),
+        (["expert", "--out", str(tmp_path / "d"), "--set", "bogus=1"], "KEY one of"),
+        (["expert", "--out", str(tmp_path / "d"), "--set", "horizon=x"], "takes a int"),
+        (["expert", "--out", str(tmp_path / "d"), "--episodes", "0"], "episodes"),
+        (["reactive", "--out", str(other)], "another config"),
+        (["reactive", "--iterations", "0"], "iterations"),
+    ]:
+        result = kit.cli(env, "submit", *args)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
+    assert kit.queue_lengths() == before
+
+
+def test_expert_and_reactive_specs_round_trip_and_route_to_train():
+    from genie.agent.expert import ExpertConfig
+    from genie.agent.reactive import ReactiveConfig
+    from services.worker.app import app
+    from services.worker.specs import ExpertJobSpec, ReactiveJobSpec
+
+    reactive = ReactiveJobSpec(ReactiveConfig(iterations=3, arch="impala"), out="/r", threads=1)
+    expert = ExpertJobSpec(ExpertConfig(episodes=5, split="val"), out="/d", policy_run="/r", workers=2)
+    assert ReactiveJobSpec.from_json(reactive.to_json()) == reactive
+    assert ExpertJobSpec.from_json(expert.to_json()) == expert
+    for bad in ({**reactive.to_json(), "nope": 1}, {**reactive.to_json(), "reactive": {"bogus": 1}},
+                {**reactive.to_json(), "threads": -1}):
+        with pytest.raises(ValueError):
+            ReactiveJobSpec.from_json(bad)
+    for bad in ({**expert.to_json(), "out": ""}, {**expert.to_json(), "expert": {"split": "nope"}},
+                {**expert.to_json(), "workers": 0}):
+        with pytest.raises(ValueError):
+            ExpertJobSpec.from_json(bad)
+    for task in ("genie.reactive", "genie.expert"):
+        assert app.amqp.router.route({}, task)["queue"].name == "train" and task in app.tasks
