@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from common import base_parser, emit, setup_run
 
+from genie.device import single_process_precision
 from genie.spec import world_spec_of
 from genie.worlds import load_key_bindings, load_prompts, load_world
 from harness.page_server import PageServer
@@ -104,13 +105,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--engine-steps", type=int, default=40)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
-                        help="the engine's precision, for the page's server and the engine's own rate alike")
+                        help="the engine's precision, for the page's server and the engine's own rate alike; auto is "
+                             "read as `genie play` reads it (int8 on a CPU with int8 dot products)")
     parser.add_argument("--profile-dir", type=Path, default=Path("/tmp/genie-bench-page-chromium"))
     args = parser.parse_args()
     for need in (CHROMIUM, CHROMEDRIVER):
         if not need.exists():
             sys.exit(f"error: {need} is missing: bash scripts/system-deps.sh installs chromium and chromium-driver")
     machine = setup_run(args)
+    args.precision = single_process_precision(args.precision, "cpu")  # what `genie play` would run
     # No torch work on this thread: a second OpenMP team (this thread's beside the page server's model thread) halves
     # the server's rate, which a gateway process never does (see engine_rate).
     keys, _ = load_key_bindings(args.world, world_spec_of(args.world).num_actions)
