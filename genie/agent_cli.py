@@ -45,23 +45,15 @@ def expert(split, episodes, out, seed, num_levels, max_frames, distribution_mode
         cfg = ExpertConfig(split=split, episodes=episodes, seed=seed, num_levels=num_levels, max_frames=max_frames,
                            distribution_mode=distribution_mode)
         if reactive_run is not None:
-            from genie.agent.reactive import load_reactive_policy, record_reactive
+            from genie.agent.reactive import finished_policy_dir, load_reactive_policy, record_reactive
 
-            policy = load_reactive_policy(_reactive_policy_dir(reactive_run))
+            policy = load_reactive_policy(finished_policy_dir(reactive_run))
             summary = record_reactive(policy, cfg, out, workers=workers, progress=not quiet)
         else:
             summary = record(cfg, out, workers=workers, progress=not quiet)
     except (ValueError, ImportError, OSError) as exc:
         _fail(str(exc))
     click.echo(json.dumps(summary))
-
-
-def _reactive_policy_dir(run: Path) -> Path:
-    directory = Path(run) / "policy"
-    if not (directory / "model.safetensors").is_file():
-        raise ValueError(f"{run} holds no finished reactive expert (no policy/model.safetensors): run "
-                         f"`genie agent reactive --out {run}` to the end first")
-    return directory
 
 
 @agent.command("reactive")
@@ -192,9 +184,9 @@ def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_
         counts = expert_action_counts(oracle_run or lam_run, len(ACTION_NAMES)) if (oracle_run or lam_run) else None
         reactive_policy = None
         if reactive_run is not None:
-            from genie.agent.reactive import load_reactive_policy
+            from genie.agent.reactive import finished_policy_dir, load_reactive_policy
 
-            reactive_policy = load_reactive_policy(_reactive_policy_dir(reactive_run))
+            reactive_policy = load_reactive_policy(finished_policy_dir(reactive_run))
         report = evaluate_agents(cfg, oracle, lam_bc, mappings, expert=not no_expert, expert_action_counts=counts,
                                  reactive=reactive_policy)
         summary = write_report(report, out)

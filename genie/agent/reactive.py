@@ -289,6 +289,15 @@ def train_student(policy: Policy, cfg: ReactiveConfig, dirs: list[Path], iterati
     return correct / max(seen, 1)
 
 
+def finished_policy_dir(run: Path) -> Path:
+    """The reactive expert of a finished run (`run/policy`); ValueError when the run has not finished."""
+    directory = Path(run) / "policy"
+    if not (directory / "model.safetensors").is_file():
+        raise ValueError(f"{run} holds no finished reactive expert (no policy/model.safetensors): run "
+                         f"`genie agent reactive --out {run}` to the end first")
+    return directory
+
+
 def check_run(cfg: ReactiveConfig, run: Path) -> None:
     """ValueError when `run` holds a run of another config. More iterations extend a run (its finished ones are
     kept); any other change is another run. A run saved before a field existed ran with that field's default."""

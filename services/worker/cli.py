@@ -170,23 +170,6 @@ def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed,
         _follow(client, job_id)
 
 
-def _with_overrides(cls, fields: dict, overrides: tuple[str, ...]):
-    """cls(**fields) with KEY=VALUE overrides of any of its fields, each parsed as the field's default's type."""
-    import dataclasses
-
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
-        kind = type(known[key].default)
-        try:
-            fields[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise ValueError(f"--set {item!r}: {key} takes a {kind.__name__}") from None
-    return cls(**fields)
-
-
 @submit.command("reactive")
 @click.option("--out", default="", help="Run dir the workers write (a re-submitted job with more --iterations extends "
               "it). Default: GENIE_JOBS_DIR/<job id> on the worker.")
@@ -206,13 +189,14 @@ def submit_reactive(ctx, out, iterations, episodes, steps, arch, augment, distri
     """Queue `genie agent reactive`: DAgger distils the planner into a policy that acts from the frames it sees
     (progress in iterations; a redelivery keeps the finished ones; cancel stops after the current one)."""
     from genie.agent.reactive import ReactiveConfig
+    from genie.config import apply_overrides
     from services.worker.specs import ReactiveJobSpec
 
     client = _client(ctx)
     try:
-        cfg = _with_overrides(ReactiveConfig, {"iterations": iterations, "episodes": episodes, "steps": steps,
-                                               "arch": arch, "augment": augment,
-                                               "distribution_mode": distribution_mode, "seed": seed}, overrides)
+        cfg = apply_overrides(ReactiveConfig(iterations=iterations, episodes=episodes, steps=steps, arch=arch,
+                                             augment=augment, distribution_mode=distribution_mode, seed=seed),
+                              list(overrides))
         spec = ReactiveJobSpec(cfg, out=str(Path(out).resolve()) if out else "", threads=threads)
         job_id = client.submit_reactive(spec)
     except ValueError as exc:
@@ -243,12 +227,13 @@ def submit_expert(ctx, out, policy_run, split, episodes, max_frames, distributio
     """Queue `genie agent expert`: record the planner's (or, with --reactive, a reactive expert's) episodes with
     their true actions, the unseen videos the BC jobs learn from."""
     from genie.agent.expert import ExpertConfig
+    from genie.config import apply_overrides
     from services.worker.specs import ExpertJobSpec
 
     client = _client(ctx)
     try:
-        cfg = _with_overrides(ExpertConfig, {"split": split, "episodes": episodes, "max_frames": max_frames,
-                                             "distribution_mode": distribution_mode, "seed": seed}, overrides)
+        cfg = apply_overrides(ExpertConfig(split=split, episodes=episodes, max_frames=max_frames,
+                                           distribution_mode=distribution_mode, seed=seed), list(overrides))
         spec = ExpertJobSpec(cfg, out=str(Path(out).resolve()), policy_run=str(Path(policy_run).resolve()) if policy_run
                              else "", workers=workers, threads=threads)
         job_id = client.submit_expert(spec)

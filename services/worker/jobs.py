@@ -366,11 +366,12 @@ def check_reactive_spec(spec: ReactiveJobSpec) -> None:
 
 def check_expert_spec(spec: ExpertJobSpec) -> None:
     """The output is not a dataset already, and a reactive expert's run is finished."""
-    if (Path(spec.out) / "index.json").exists():
+    if (Path(spec.out) / "index.json").exists():  # ShardWriter's own refusal, before anything is queued
         raise ValueError(f"{spec.out} already holds a dataset (index.json); choose a new --out")
-    if spec.policy_run and not (Path(spec.policy_run) / "policy" / "model.safetensors").exists():
-        raise ValueError(f"{spec.policy_run} holds no finished reactive expert (no policy/model.safetensors); run "
-                         "`genie jobs submit reactive` (or `genie agent reactive`) to the end first")
+    if spec.policy_run:
+        from genie.agent.reactive import finished_policy_dir
+
+        finished_policy_dir(Path(spec.policy_run))
 
 
 def check_world_spec(spec: WorldJobSpec) -> None:

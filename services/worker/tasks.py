@@ -192,9 +192,9 @@ def expert(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
         if not (out / "index.json").exists():  # a delivery that died after closing the dataset left it whole
             def go() -> None:
                 if job.policy_run:
-                    from genie.agent.reactive import load_reactive_policy, record_reactive
+                    from genie.agent.reactive import finished_policy_dir, load_reactive_policy, record_reactive
 
-                    policy_dir = Path(job.policy_run) / "policy"
+                    policy_dir = finished_policy_dir(Path(job.policy_run))
                     record_reactive(load_reactive_policy(policy_dir), job.expert, out, workers=job.workers,
                                     progress=False, policy_dir=policy_dir)
                 else:

@@ -126,8 +126,8 @@ def test_bad_expert_and_reactive_jobs_are_rejected_before_queueing(worker, agent
     for args, needle in [
         (["expert", "--out", str(agent_inputs["data"])], "already holds a dataset"),
         (["expert", "--out", str(tmp_path / "d"), "--reactive", str(tmp_path / "nope")], "no finished reactive expert"),
-        (["expert", "--out", str(tmp_path / "d"), "--set", "bogus=1"], "KEY one of"),
-        (["expert", "--out", str(tmp_path / "d"), "--set", "horizon=x"], "takes a int"),
+        (["expert", "--out", str(tmp_path / "d"), "--set", "bogus=1"], "no such setting 'bogus'"),
+        (["expert", "--out", str(tmp_path / "d"), "--set", "horizon=x"], "horizon: expected an integer"),
         (["expert", "--out", str(tmp_path / "d"), "--episodes", "0"], "episodes"),
         (["reactive", "--out", str(other)], "another config"),
         (["reactive", "--iterations", "0"], "iterations"),
