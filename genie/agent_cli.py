@@ -66,6 +66,10 @@ def expert(split, episodes, out, seed, num_levels, max_frames, distribution_mode
 @click.option("--max-frames", type=int, default=400, show_default=True)
 @click.option("--tolerance", type=float, default=1.0, show_default=True,
               help="A first action is near-optimal when its best sequence ends within this x of the best.")
+@click.option("--horizon", type=int, default=48, show_default=True,
+              help="Frames the labelling planner looks ahead.")
+@click.option("--candidates", type=int, default=8, show_default=True,
+              help="The labelling planner's random sequences per frame (after its fixed ones).")
 @click.option("--context", type=int, default=2, show_default=True, help="Frames the student sees.")
 @click.option("--width", "width_mult", type=int, default=32, show_default=True, help="Channels of the student's CNN.")
 @click.option("--arch", type=click.Choice(["nature", "impala"]), default="nature", show_default=True,
@@ -74,12 +78,14 @@ def expert(split, episodes, out, seed, num_levels, max_frames, distribution_mode
               help="Pixels of random shift applied to the student's training frames (0: none).")
 @click.option("--least-action", is_flag=True,
               help="Train on the least near-optimal action (walk unless a jump is needed), not the whole set.")
+@click.option("--critical-weight", type=float, default=1.0, show_default=True,
+              help="Loss weight of the frames where the default action (jumping right) is not near-optimal.")
 @click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Processes playing and labelling episodes.")
 @click.option("--quiet", is_flag=True)
-def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance, context, width_mult, arch, augment,
-             least_action, distribution_mode, seed, workers, quiet) -> None:
+def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance, horizon, candidates, context,
+             width_mult, arch, augment, least_action, critical_weight, distribution_mode, seed, workers, quiet) -> None:
     """Distil the planner into a reactive expert by DAgger: a CNN that acts from the last two frames, trained on the
     planner's choice at every state it visits. Resumes at the first unfinished iteration."""
     import logging
@@ -91,8 +97,9 @@ def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = ReactiveConfig(iterations=iterations, episodes=episodes, steps=steps, beta_decay=beta_decay,
-                             max_frames=max_frames, tolerance=tolerance, context=context, width_mult=width_mult,
-                             arch=arch, augment=augment, least_action=least_action,
+                             max_frames=max_frames, tolerance=tolerance, horizon=horizon, candidates=candidates,
+                             context=context, width_mult=width_mult,
+                             arch=arch, augment=augment, least_action=least_action, critical_weight=critical_weight,
                              distribution_mode=distribution_mode, seed=seed, workers=workers)
         summary = run_dagger(cfg, out, progress=not quiet)
     except (ValueError, ImportError) as exc:

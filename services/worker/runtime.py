@@ -9,6 +9,7 @@ first) and re-sends itself with the same task id and chord options; no delivery 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -52,6 +53,11 @@ class JobTask(Task):
         result = AsyncResult(self.request.id, app=self.app)
         return result.result if result.state == "SUCCESS" else None
 
+    def cancel_if_requested(self, job_id: str, meta: dict[str, Any]) -> None:
+        """Ends this delivery as CANCELLED (see cancel) before any work when the job was cancelled while it waited."""
+        if self.store.cancel_requested(job_id):
+            self.cancel(job_id, meta)
+
     def execution(self, job_id: str, total: int) -> Execution:
         return Execution(self, job_id, total)
 
@@ -73,6 +79,16 @@ class JobTask(Task):
         raise Ignore()
 
 
+def once(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps a bound job task: a redelivery of a task whose earlier delivery finished (killed after storing its
+    result, before acking) returns that result instead of running again."""
+    @functools.wraps(fn)
+    def wrapper(self: JobTask, *args: Any, **kwargs: Any) -> Any:
+        stored = self.stored_success()
+        return stored if stored is not None else fn(self, *args, **kwargs)
+    return wrapper
+
+
 class Execution:
     """One delivery of a job task. Use as a context manager; raises Busy if a live worker runs the same task."""
 
@@ -82,6 +98,7 @@ class Execution:
         self.lease: Lease | None = None
         self._last_check = self._last_report = -1e9
         self._cancelled = False
+        self.stopped: str | None = None  # the first stop reason step() saw (for end())
 
     def __enter__(self) -> Execution:
         holder = f"{self.task.request.hostname} pid {os.getpid()}"
@@ -117,6 +134,15 @@ class Execution:
         if force or now - self._last_report >= 0.25:
             self._last_report = now
             self.task.update_state(state=PROGRESS, meta={"done": done, "total": self.total, **meta})
+
+    def step(self, done: int, force: bool = False, **meta: Any) -> bool:
+        """A job's per-step callback: reports progress, then True when the job must stop here (not finished, and a
+        stop reason holds); the reason is kept in `stopped` for end()."""
+        self.report(done, force=force, **meta)
+        reason = self.stop_reason() if done < self.total else None
+        if reason and self.stopped is None:
+            self.stopped = reason
+        return bool(reason)
 
     def end(self, reason: str, meta: dict[str, Any]) -> None:
         """Ends the delivery for a stop reason: cancel for good, or continue in a fresh delivery."""

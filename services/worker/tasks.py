@@ -28,7 +28,7 @@ from services.worker.outputs import (
     remove_partial_items,
     write_item,
 )
-from services.worker.runtime import PROGRESS, Execution, JobTask, runner
+from services.worker.runtime import PROGRESS, Execution, JobTask, once, runner
 from services.worker.settings import WorkerSettings
 from services.worker.specs import (
     AgentJobSpec,
@@ -56,17 +56,13 @@ class IncompleteRollout(Exception):
 
 @app.task(bind=True, base=JobTask, name="genie.train", autoretry_for=_TRANSIENT, **_RETRY)
 @fails_when_disk_full
+@once
 def train(self: JobTask, spec: dict[str, Any], parent: str | None = None) -> dict[str, Any]:
     """Trains spec.kind under RUN_ROOT/KIND; a redelivery (or a continuation) resumes from the newest checkpoint.
     `parent`: the world job this is a stage of (its cancel flag applies), None for a train job of its own."""
-
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     job_id = parent or self.request.id
     job = TrainJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"done": 0, "total": job.steps})
+    self.cancel_if_requested(job_id, {"done": 0, "total": job.steps})
     with self.execution(job_id, job.steps) as run:
         return _train(run, job, job_id)
 
@@ -85,16 +81,12 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
     if job.kind == "dynamics":
         frozen = {"tokenizer": Path(job.tokenizer) if job.tokenizer else latest_checkpoint(root / "tokenizer"),
                   "lam": Path(job.lam) if job.lam else latest_checkpoint(root / "lam")}
-    total, stop = job.steps, []
+    total = job.steps
     run.report(latest_step(root / job.kind) or 0, force=True, kind=job.kind, run_dir=str(root / job.kind))
 
     def on_step(done: int, logs: dict[str, float]) -> bool:
         METRICS.train_steps.labels(job.kind).inc()
-        run.report(done, force=done == total, kind=job.kind, step=done, loss=logs["loss"])
-        reason = run.stop_reason() if done < total else None
-        if reason:
-            stop.append(reason)
-        return bool(reason)
+        return run.step(done, force=done == total, kind=job.kind, step=done, loss=logs["loss"])
 
     result = _with_threads(job.threads, lambda: run_train(job.kind, job.world, root / job.kind, frozen=frozen,
                                                           progress=False, tensorboard=job.tensorboard, on_step=on_step))
@@ -105,88 +97,69 @@ def _train(run: Execution, job: TrainJobSpec, job_id: str) -> dict[str, Any]:
         "logs": {k: round(v, 6) for k, v in result.logs.items()},
         "losses": result.losses[-1000:],  # this delivery's steps (the newest 1000)
     }
-    if stop:
+    if run.stopped:
         run.report(result.step, force=True, kind=job.kind, step=result.step, checkpoint=summary["checkpoint"])
-        run.end(stop[0], {"done": result.step, **{k: summary[k] for k in ("kind", "step", "total", "checkpoint", "run_dir")}})
+        run.end(run.stopped, {"done": result.step, **{k: summary[k] for k in ("kind", "step", "total", "checkpoint", "run_dir")}})
     return summary
 
 
 @app.task(bind=True, base=JobTask, name="genie.agent", autoretry_for=_TRANSIENT, **_RETRY)
 @fails_when_disk_full
+@once
 def agent(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
     """Trains one BC policy (`genie agent train`) in OUT; a redelivery resumes from its newest checkpoint."""
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     from genie.agent.train import train_agent
 
     job_id = self.request.id
     job = AgentJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"done": 0, "total": job.steps})
+    self.cancel_if_requested(job_id, {"done": 0, "total": job.steps})
     out = resolve_dir(job.out, settings.job_dir(job_id))
-    stop: list[str] = []
     with self.execution(job_id, job.steps) as run:
         def on_step(done: int, loss: float) -> bool:
-            run.report(done, force=done == job.steps, target=job.train.target, step=done, loss=loss)
-            reason = run.stop_reason() if done < job.steps else None
-            if reason:
-                stop.append(reason)
-            return bool(reason)
+            return run.step(done, force=done == job.steps, target=job.train.target, step=done, loss=loss)
 
         summary = _with_threads(job.threads, lambda: train_agent(job.train, out, progress=False, on_step=on_step))
-        if stop:
-            run.end(stop[0], {"done": summary["step"], "total": job.steps, "run": str(out)})
+        if run.stopped:
+            run.end(run.stopped, {"done": summary["step"], "total": job.steps, "run": str(out)})
     return {"job": job_id, **summary, "total": job.steps}
 
 
 @app.task(bind=True, base=JobTask, name="genie.reactive", autoretry_for=_TRANSIENT, **_RETRY)
 @fails_when_disk_full
+@once
 def reactive(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
     """Distils the planner into a reactive expert by DAgger (`genie agent reactive`) in OUT; a redelivery keeps the
     iterations finished before it; a cancel stops after the iteration in progress."""
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     from genie.agent.reactive import run_dagger
 
     job_id = self.request.id
     job = ReactiveJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
     total = job.reactive.iterations
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"done": 0, "total": total})
+    self.cancel_if_requested(job_id, {"done": 0, "total": total})
     out = resolve_dir(job.out, settings.job_dir(job_id))
-    stop: list[str] = []
     with self.execution(job_id, total) as run:
         def on_iteration(done: int) -> bool:
-            run.report(done, force=True, iteration=done)
-            reason = run.stop_reason() if done < total else None
-            if reason:
-                stop.append(reason)
-            return bool(reason)
+            return run.step(done, force=True, iteration=done)
 
         last = _with_threads(job.threads, lambda: run_dagger(job.reactive, out, progress=False, on_iteration=on_iteration))
-        if stop:
-            run.end(stop[0], {"done": last.get("iteration", -1) + 1, "total": total, "run": str(out)})
+        if run.stopped:
+            run.end(run.stopped, {"done": last.get("iteration", -1) + 1, "total": total, "run": str(out)})
     return {"job": job_id, "run": str(out), "policy": str(out / "policy"), "iterations": total, "last": last}
 
 
 @app.task(bind=True, base=JobTask, name="genie.expert", autoretry_for=_TRANSIENT, **_RETRY)
 @fails_when_disk_full
+@once
 def expert(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
     """Records expert episodes (`genie agent expert [--reactive RUN]`) into the dataset OUT. The episodes are a pure
     function of the config, so a redelivery records them again; a dataset already closed is the result."""
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     from genie.agent.expert import record
     from genie.data.shards import ShardedDataset
 
     job_id = self.request.id
     job = ExpertJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
     total = job.expert.episodes
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"done": 0, "total": total})
+    self.cancel_if_requested(job_id, {"done": 0, "total": total})
     out = Path(job.out)
     with self.execution(job_id, total) as run:
         if not (out / "index.json").exists():  # a delivery that died after closing the dataset left it whole
@@ -209,16 +182,13 @@ def expert(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(bind=True, base=JobTask, name="genie.world", autoretry_for=_TRANSIENT, **_RETRY)
 @fails_when_disk_full
+@once
 def world(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
     """Replaces itself by the chain train(tokenizer) -> train(lam) -> train(dynamics) -> world.finish; the finish
     task inherits this task's id, so the job id's final result is the built world's summary."""
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     job_id = self.request.id
     job = WorldJobSpec.from_json(spec).resolved(settings.job_dir(job_id))
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"done": 0, "total": job.total})
+    self.cancel_if_requested(job_id, {"done": 0, "total": job.total})
     self.update_state(state=PROGRESS, meta={"done": 0, "total": job.total, "stage": "tokenizer", "out": job.out})
     stages = [train.si(job.train_spec(kind).to_json(), parent=job_id).set(task_id=stage_id(job_id, kind), queue="train")
               for kind in MODEL_KINDS]
@@ -228,16 +198,13 @@ def world(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(bind=True, base=JobTask, name="genie.world.finish", autoretry_for=_TRANSIENT, **_RETRY)
 @fails_when_disk_full
+@once
 def world_finish(self: JobTask, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Exports the trained models to the world dir, evaluates it (report, atlas) and names its actions."""
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     from genie.build import BuildConfig, build_world
 
     job = WorldJobSpec.from_json(spec)
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"done": job.total - 1, "total": job.total})
+    self.cancel_if_requested(job_id, {"done": job.total - 1, "total": job.total})
     cfg = BuildConfig(world=job.world, out=job.out, run_root=job.run_root, eval_clips=job.eval_clips,
                       drift_steps=job.drift_steps, atlas_prompts=job.atlas_prompts)
     with self.execution(job_id, job.total) as run:
@@ -281,16 +248,13 @@ def _with_threads(threads: int, fn):
 
 @app.task(bind=True, base=JobTask, name="genie.rollout", autoretry_for=_TRANSIENT, **_RETRY)
 @fails_when_disk_full
+@once
 def rollout(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
     """Writes the spec to the output dir and replaces itself by a chord of chunk tasks + the manifest task, which
     inherits this task's id: the job id's final result is the manifest summary."""
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     job = RolloutJobSpec.from_json(spec)
     job_id = self.request.id
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"done": 0, "total": job.total})
+    self.cancel_if_requested(job_id, {"done": 0, "total": job.total})
     out = resolve_dir(job.out, settings.job_dir(job_id))
     out.mkdir(parents=True, exist_ok=True)
     job = replace(job, out=str(out))
@@ -309,15 +273,12 @@ def _load_spec(out: str) -> RolloutJobSpec:
 @app.task(bind=True, base=JobTask, name="genie.rollout.chunk", autoretry_for=(BackendUnavailable, *_TRANSIENT),
           dont_autoretry_for=(BackendCredentialsRejected,), **_RETRY)
 @fails_when_disk_full
+@once
 def rollout_chunk(self: JobTask, job_id: str, out: str, index: int) -> dict[str, Any]:
     """Generates the chunk's items that are not on disk yet; each is written whole under its deterministic name."""
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     job = _load_spec(out)
     items = job.chunk(index)
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"chunk": index, "done": 0, "total": len(items)})
+    self.cancel_if_requested(job_id, {"chunk": index, "done": 0, "total": len(items)})
     with self.execution(job_id, len(items)) as run:
         return _run_chunk(run, job, Path(out), index, items)
 
@@ -395,15 +356,12 @@ def _run_chunk(run: Execution, job: RolloutJobSpec, out: Path, index: int, items
 @app.task(bind=True, base=JobTask, name="genie.rollout.manifest", autoretry_for=(IncompleteRollout, *_TRANSIENT),
           **{**_RETRY, "max_retries": 12})
 @fails_when_disk_full
+@once
 def rollout_manifest(self: JobTask, job_id: str, out: str) -> dict[str, Any]:
     """Checks every item is on disk, then writes manifest.json (rewriting it identically when redelivered)."""
-    stored = self.stored_success()
-    if stored is not None:
-        return stored
     job = _load_spec(out)
-    if self.store.cancel_requested(job_id):
-        self.cancel(job_id, {"done": job.total - len(missing_items(Path(out), job)), "total": job.total})
     missing = missing_items(Path(out), job)
+    self.cancel_if_requested(job_id, {"done": job.total - len(missing), "total": job.total})
     if missing:
         raise IncompleteRollout(f"{len(missing)} of {job.total} items are not written yet, e.g. {missing[:3]}")
     manifest = build_manifest(Path(out), job_id, job, settings.rollout_backend)

@@ -12,6 +12,7 @@ from genie.agent.expert import ExpertConfig, _x_offset, episode_level, make_env
 from genie.agent.reactive import (
     PREFERENCE,
     ReactiveConfig,
+    critical_rows,
     least_action,
     load_reactive_policy,
     planner_choice,
@@ -56,6 +57,19 @@ def test_least_action_keeps_the_first_preferred_action_of_each_set():
     assert sorted(PREFERENCE) == list(range(15))
 
 
+def test_critical_rows_are_those_whose_set_excludes_the_most_common_action():
+    near = np.zeros((4, 15), dtype=bool)
+    near[0, [7, 8]] = True
+    near[1, [8]] = True
+    near[2, [7]] = True
+    near[3, [4, 8]] = True
+    assert critical_rows(near).tolist() == [False, False, True, False]  # jumping right (8) is in 3 of 4 sets
+    near[:, 8] = False  # now walking right is the default: rows without it are critical
+    assert critical_rows(near).tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match="critical_weight"):
+        ReactiveConfig(critical_weight=0)
+
+
 def test_a_rollout_labels_every_kept_frame_and_is_reproducible():
     cfg = ReactiveConfig(**TINY)
     frames, labels, near, meta = rollout(cfg, 0, 0, None)
@@ -85,7 +99,7 @@ def test_dagger_iterations_resume_and_record(tmp_path):
     assert run_dagger(cfg, run, progress=False) == lines[-1]  # everything done: nothing re-run, the newest metrics
     assert (run / "iteration_1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp
     saved = json.loads((run / "config.json").read_text())
-    for field in ("arch", "augment", "least_action"):  # a run saved before these fields existed still resumes
+    for field in ("arch", "augment", "least_action", "critical_weight"):  # a run saved before these fields existed
         saved.pop(field)
     (run / "config.json").write_text(json.dumps(saved))
     assert run_dagger(cfg, run, progress=False) == lines[-1]
@@ -104,8 +118,8 @@ def test_dagger_iterations_resume_and_record(tmp_path):
                         tmp_path / "impala", progress=False)
     assert impala["iteration"] == 0
     assert load_reactive_policy(tmp_path / "impala" / "policy").cfg.arch == "impala"
-    least = run_dagger(ReactiveConfig(**{**TINY, "iterations": 1, "least_action": True}), tmp_path / "least",
-                       progress=False)
+    least = run_dagger(ReactiveConfig(**{**TINY, "iterations": 1, "least_action": True, "critical_weight": 4.0}),
+                       tmp_path / "least", progress=False)
     assert least["iteration"] == 0
     with pytest.raises(ValueError, match="augment"):
         ReactiveConfig(augment=-1)
@@ -125,3 +139,8 @@ def test_cli_refuses_an_unfinished_run(tmp_path):
     assert out.exit_code != 0 and "no finished reactive expert" in out.output
     out = CliRunner().invoke(main, ["agent", "reactive", "--out", str(tmp_path / "r"), "--iterations", "0"])
     assert out.exit_code != 0 and "must be >= 1" in out.output
+    # the labelling planner's search and the loss weight reach the config and are checked
+    for flag in ("--horizon", "--candidates", "--critical-weight"):
+        out = CliRunner().invoke(main, ["agent", "reactive", "--out", str(tmp_path / "r"), flag, "0"])
+        assert out.exit_code != 0 and flag[2:].replace("-", "_") in out.output.lower(), out.output
+    assert not (tmp_path / "r").exists()
