@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from genie.agent.policy import Policy, context_frames
 from genie.agent.reactive import (
     ReactiveConfig,
     _examples,
+    _in_workers,
     critical_rows,
     load_reactive_policy,
     rollout,
@@ -41,17 +40,13 @@ from genie.agent.reactive import (
 from genie.config import apply_overrides, from_dict
 
 
-def _planner_episode(cfg: ReactiveConfig, episode: int) -> tuple[bool, int]:
-    _, labels, _, meta = rollout(cfg, 0, episode, None)
-    return meta["success"], len(labels)
-
-
 def planner(args) -> None:
     for setting in args.set or [""]:  # none: the defaults
         cfg = apply_overrides(ReactiveConfig(episodes=args.episodes, seed=args.seed), [setting] if setting else [])
         t0 = time.perf_counter()
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            res = list(pool.map(_planner_episode, [cfg] * args.episodes, range(args.episodes)))
+        # DAgger's iteration 0: the planner plays every frame (no student weights), in DAgger's own worker processes
+        res = [(meta["success"], len(labels)) for _, labels, _, meta in
+               _in_workers(rollout, [(cfg, 0, e, None) for e in range(args.episodes)], args.workers)]
         failed = [e for e, (ok, _) in enumerate(res) if not ok]
         timeouts = [e for e in failed if res[e][1] >= cfg.max_frames - 1]
         print(json.dumps({"probe": "planner", "set": setting, "episodes": args.episodes,
@@ -72,6 +67,10 @@ def retrain(args) -> None:
                       "train_accuracy": acc, "out": args.out, "seconds": round(time.perf_counter() - t0, 1)}))
 
 
+def _mean(x: np.ndarray) -> float | None:
+    return float(x.mean()) if len(x) else None  # None: no such frame in the sample
+
+
 def accuracy(args) -> None:
     """Argmax in the near-optimal set, on a random sample of an iteration's labelled frames."""
     policy = load_reactive_policy(Path(args.policy))
@@ -87,7 +86,7 @@ def accuracy(args) -> None:
         critical = critical_rows(near)[rows]
         print(json.dumps({"probe": "accuracy", "policy": args.policy, "labels": labels, "frames": len(rows),
                           "accuracy": float(hit.mean()), "critical_share": float(critical.mean()),
-                          "critical_accuracy": float(hit[critical].mean()), "other_accuracy": float(hit[~critical].mean())}))
+                          "critical_accuracy": _mean(hit[critical]), "other_accuracy": _mean(hit[~critical])}))
 
 
 def play_levels(args) -> None:

@@ -144,3 +144,26 @@ def test_cli_refuses_an_unfinished_run(tmp_path):
         out = CliRunner().invoke(main, ["agent", "reactive", "--out", str(tmp_path / "r"), flag, "0"])
         assert out.exit_code != 0 and flag[2:].replace("-", "_") in out.output.lower(), out.output
     assert not (tmp_path / "r").exists()
+
+
+def test_the_probe_benchmark_runs_on_a_tiny_run(tmp_path, capsys):
+    """benchmarks/agent/reactive_probe.py against the code it probes: each subcommand prints its JSON line."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "agent" / "reactive_probe.py"
+    spec = importlib.util.spec_from_file_location("reactive_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    run = tmp_path / "run"
+    run_dagger(ReactiveConfig(**TINY), run, progress=False)
+    probe.main(["retrain", "--run", str(run), "--iterations", "2", "--set", "critical_weight=3.0", "--threads", "1",
+                "--out", str(tmp_path / "student")])
+    probe.main(["accuracy", "--policy", str(tmp_path / "student"), "--labels", str(run / "iteration_1"), "--frames", "20"])
+    probe.main(["play", "--policy", str(tmp_path / "student"), "--levels", "2", "--temperatures", "1,0"])
+    probe.main(["planner", "--episodes", "2", "--workers", "1", "--set", "horizon=6", "--set", "candidates=1"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [x["probe"] for x in lines] == ["retrain", "accuracy", "play", "play", "planner", "planner"]
+    assert 0 <= lines[1]["accuracy"] <= 1 and lines[1]["frames"] == 20
+    assert {x["temperature"] for x in lines[2:4]} == {1.0, 0.0} and all(x["levels"] == 2 for x in lines[2:4])
+    assert [x["set"] for x in lines[4:]] == ["horizon=6", "candidates=1"] and all(x["episodes"] == 2 for x in lines[4:])
