@@ -98,8 +98,8 @@ def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance
     try:
         cfg = ReactiveConfig(iterations=iterations, episodes=episodes, steps=steps, beta_decay=beta_decay,
                              max_frames=max_frames, tolerance=tolerance, horizon=horizon, candidates=candidates,
-                             context=context, width_mult=width_mult,
-                             arch=arch, augment=augment, least_action=least_action, critical_weight=critical_weight,
+                             context=context, width_mult=width_mult, arch=arch, augment=augment,
+                             least_action=least_action, critical_weight=critical_weight,
                              distribution_mode=distribution_mode, seed=seed, workers=workers)
         summary = run_dagger(cfg, out, progress=not quiet)
     except (ValueError, ImportError) as exc:

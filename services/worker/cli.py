@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -56,6 +58,20 @@ def _broker_failure(exc: BaseException, where: str) -> str:
     if isinstance(exc, redis.exceptions.ResponseError) and not isinstance(exc, redis.exceptions.ReadOnlyError):
         raise exc
     return f"cannot reach the broker at {where}: {text}"
+
+
+def _queue(client, submit: Callable[[], tuple[str, dict[str, Any]]], wait: bool) -> None:
+    """Runs submit() (validate the job, queue it; returns its id and the fields of the line printed), exits 2 with one
+    line on a bad argument or an unreachable broker, prints the job's JSON line and, with wait, follows it."""
+    try:
+        job_id, fields = submit()
+    except ValueError as exc:
+        _fail(str(exc))
+    except _connection_errors() as exc:
+        _fail(_broker_failure(exc, _broker(client)))
+    click.echo(json.dumps({"job": job_id, **fields}))
+    if wait:
+        _follow(client, job_id)
 
 
 def _job_call(client, method, job_id: str):
@@ -117,18 +133,14 @@ def submit_train(ctx, kind, preset, config, overrides, run_root, tokenizer_ckpt,
     from services.worker.specs import TrainJobSpec
 
     client = _client(ctx)
-    try:
+
+    def submit() -> tuple[str, dict[str, Any]]:
         spec = TrainJobSpec(kind, resolve_world(preset, config, overrides), run_root=run_root, tokenizer=tokenizer_ckpt,
                             lam=lam_ckpt, threads=threads, tensorboard=tensorboard, backend=backend, nodes=nodes,
                             gpus_per_node=gpus_per_node)
-        job_id = client.submit_train(spec)
-    except ValueError as exc:
-        _fail(str(exc))
-    except _connection_errors() as exc:
-        _fail(_broker_failure(exc, _broker(client)))
-    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": kind, "steps": spec.steps}))
-    if wait:
-        _follow(client, job_id)
+        return client.submit_train(spec), {"queue": "train", "kind": kind, "steps": spec.steps}
+
+    _queue(client, submit, wait)
 
 
 @submit.command("agent")
@@ -152,7 +164,8 @@ def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed,
     from services.worker.specs import AgentJobSpec
 
     client = _client(ctx)
-    try:
+
+    def submit() -> tuple[str, dict[str, Any]]:
         ks = tuple(int(k) for k in labelled.split(",")) if labelled.replace(",", "").isdigit() else None
         if ks is None:
             raise ValueError(f"--labelled takes comma-separated counts, e.g. 10,50,200,1000; got {labelled!r}")
@@ -160,14 +173,9 @@ def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed,
         train = AgentTrainConfig(data=str(Path(data_dir).resolve()), world=str(Path(world).resolve()) if world else "",
                                  target=target, steps=steps, batch_size=batch_size, seed=seed, labelled=ks)
         spec = AgentJobSpec(train, out=out, threads=threads)
-        job_id = client.submit_agent(spec)
-    except ValueError as exc:
-        _fail(str(exc))
-    except _connection_errors() as exc:
-        _fail(_broker_failure(exc, _broker(client)))
-    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "agent", "target": target, "steps": steps}))
-    if wait:
-        _follow(client, job_id)
+        return client.submit_agent(spec), {"queue": "train", "kind": "agent", "target": target, "steps": steps}
+
+    _queue(client, submit, wait)
 
 
 @submit.command("reactive")
@@ -193,19 +201,15 @@ def submit_reactive(ctx, out, iterations, episodes, steps, arch, augment, distri
     from services.worker.specs import ReactiveJobSpec
 
     client = _client(ctx)
-    try:
+
+    def submit() -> tuple[str, dict[str, Any]]:
         cfg = apply_overrides(ReactiveConfig(iterations=iterations, episodes=episodes, steps=steps, arch=arch,
                                              augment=augment, distribution_mode=distribution_mode, seed=seed),
                               list(overrides))
         spec = ReactiveJobSpec(cfg, out=str(Path(out).resolve()) if out else "", threads=threads)
-        job_id = client.submit_reactive(spec)
-    except ValueError as exc:
-        _fail(str(exc))
-    except _connection_errors() as exc:
-        _fail(_broker_failure(exc, _broker(client)))
-    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "reactive", "iterations": iterations}))
-    if wait:
-        _follow(client, job_id)
+        return client.submit_reactive(spec), {"queue": "train", "kind": "reactive", "iterations": iterations}
+
+    _queue(client, submit, wait)
 
 
 @submit.command("expert")
@@ -231,19 +235,15 @@ def submit_expert(ctx, out, policy_run, split, episodes, max_frames, distributio
     from services.worker.specs import ExpertJobSpec
 
     client = _client(ctx)
-    try:
+
+    def submit() -> tuple[str, dict[str, Any]]:
         cfg = apply_overrides(ExpertConfig(split=split, episodes=episodes, max_frames=max_frames,
                                            distribution_mode=distribution_mode, seed=seed), list(overrides))
         spec = ExpertJobSpec(cfg, out=str(Path(out).resolve()), policy_run=str(Path(policy_run).resolve()) if policy_run
                              else "", workers=workers, threads=threads)
-        job_id = client.submit_expert(spec)
-    except ValueError as exc:
-        _fail(str(exc))
-    except _connection_errors() as exc:
-        _fail(_broker_failure(exc, _broker(client)))
-    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "expert", "episodes": episodes}))
-    if wait:
-        _follow(client, job_id)
+        return client.submit_expert(spec), {"queue": "train", "kind": "expert", "episodes": episodes}
+
+    _queue(client, submit, wait)
 
 
 @submit.command("world")
@@ -273,18 +273,14 @@ def submit_world(ctx, data_dir, eval_data, preset, config, overrides, out, run_r
     from services.worker.specs import WorldJobSpec
 
     client = _client(ctx)
-    try:
+
+    def submit() -> tuple[str, dict[str, Any]]:
         world = with_data(resolve_world(preset, config, overrides), data_dir, eval_data)
         spec = WorldJobSpec(world, out=out, run_root=run_root, eval_clips=eval_clips, drift_steps=drift_steps,
                             atlas_prompts=atlas_prompts, threads=threads, publish=publish, registry=registry)
-        job_id = client.submit_world(spec)
-    except ValueError as exc:
-        _fail(str(exc))
-    except _connection_errors() as exc:
-        _fail(_broker_failure(exc, _broker(client)))
-    click.echo(json.dumps({"job": job_id, "queue": "train", "kind": "world", "steps": spec.stage_steps}))
-    if wait:
-        _follow(client, job_id)
+        return client.submit_world(spec), {"queue": "train", "kind": "world", "steps": spec.stage_steps}
+
+    _queue(client, submit, wait)
 
 
 @submit.command("rollout")
@@ -313,29 +309,25 @@ def submit_rollout(ctx, world_dir, world_ref, registry, prompts, actions, seed, 
     from services.worker.specs import RolloutJobSpec
 
     client = _client(ctx)
-    world = Path(world_dir or client.settings.world)
-    try:
-        pinned = {}
+
+    def submit() -> tuple[str, dict[str, Any]]:
+        # world: the dir validation reads; named: the one the job names for the workers ("" = their GENIE_WORLD)
+        world, named, pinned = Path(world_dir or client.settings.world), world_dir, {}
         if world_ref:
             if world_dir:
                 raise ValueError("give --world or --world-ref, not both")
             if not registry:
                 raise ValueError("--world-ref needs a catalogue: --registry or GENIE_REGISTRY")
             entry = DirectoryCatalog(registry).resolve(*parse_ref(world_ref))
-            world, world_dir = entry.path, str(entry.path)
+            world, named = entry.path, str(entry.path)
             pinned = {"world_ref": entry.ref, "world_digest": entry.digest}
         num_actions = load_world_config_of(world).dynamics.num_actions
         spec = RolloutJobSpec(resolve_prompts(prompts, world), parse_actions(actions, num_actions, seed), seed=seed,
                               sampling_steps=sampling_steps, chunk_size=chunk_size, parallel=parallel, out=out,
-                              world=str(world_dir) if world_dir else "", **pinned)
-        job_id = client.submit_rollout(spec, world)
-    except ValueError as exc:
-        _fail(str(exc))
-    except _connection_errors() as exc:
-        _fail(_broker_failure(exc, _broker(client)))
-    click.echo(json.dumps({"job": job_id, "queue": "rollout", "items": spec.total, "chunks": spec.num_chunks}))
-    if wait:
-        _follow(client, job_id)
+                              world=str(named) if named else "", **pinned)
+        return client.submit_rollout(spec, world), {"queue": "rollout", "items": spec.total, "chunks": spec.num_chunks}
+
+    _queue(client, submit, wait)
 
 
 def progress_line(st, width: int = 30) -> str:
