@@ -107,6 +107,49 @@ def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance
     click.echo(json.dumps(summary))
 
 
+@agent.command("finetune")
+@click.option("--init", "init", type=click.Path(path_type=Path), required=True,
+              help="The policy to start from: a finished `agent reactive` run, or a policy directory.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (re-run to resume).")
+@click.option("--updates", type=int, default=100, show_default=True, help="PPO updates (more extend a run).")
+@click.option("--envs", type=int, default=32, show_default=True, help="Games played at once.")
+@click.option("--rollout", type=int, default=128, show_default=True, help="Frames each game plays per update.")
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--minibatches", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--entropy", type=float, default=0.01, show_default=True, help="Entropy bonus.")
+@click.option("--gamma", type=float, default=0.99, show_default=True)
+@click.option("--value-warmup", type=int, default=4, show_default=True, help="First updates train only the value head.")
+@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
+@click.option("--quiet", is_flag=True)
+def finetune(init, out, updates, envs, rollout, epochs, minibatches, lr, entropy, gamma, value_warmup,
+             distribution_mode, seed, threads, quiet) -> None:
+    """Fine-tune a reactive expert by RL (PPO) in the real game, on train-split levels. Its policy/ is read by
+    `agent eval --reactive OUT` and `agent expert --reactive OUT` like a DAgger run's. Resumes from the newest
+    checkpoint."""
+    import logging
+
+    import torch
+
+    from genie.agent.finetune import FinetuneConfig, run_finetune
+    from genie.cli_common import fail as _fail
+
+    if not quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = FinetuneConfig(init=str(init), updates=updates, envs=envs, rollout=rollout, epochs=epochs,
+                             minibatches=minibatches, lr=lr, entropy=entropy, gamma=gamma, value_warmup=value_warmup,
+                             distribution_mode=distribution_mode, seed=seed)
+        summary = run_finetune(cfg, out, progress=not quiet)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(summary))
+
+
 @agent.command("train")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, help="Expert dataset (`genie agent expert`).")
 @click.option("--world", "world_dir", type=click.Path(path_type=Path), help="World whose frozen LAM labels the frames "

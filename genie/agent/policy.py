@@ -73,14 +73,19 @@ class Policy(nn.Module):
             flat = self.trunk(torch.zeros(1, k, cfg.height, cfg.width)).shape[1]
         self.head = nn.Sequential(nn.Linear(flat, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.num_actions))
 
-    def forward(self, frames: Tensor) -> Tensor:
+    def features(self, frames: Tensor) -> Tensor:
+        """The hidden layer the action logits are read from: (B, context, H, W, C) uint8 -> (B, hidden); an RL value
+        head reads the same features (genie.agent.finetune)."""
         cfg = self.cfg
         expected = (cfg.context, cfg.height, cfg.width, cfg.channels)
         if frames.ndim != 5 or tuple(frames.shape[1:]) != expected:
             raise ValueError(f"expected frames (B, {', '.join(map(str, expected))}), got {tuple(frames.shape)}")
         b = frames.shape[0]
         x = frames.float().div(255.0).permute(0, 1, 4, 2, 3).reshape(b, -1, cfg.height, cfg.width)  # (B, K*C, H, W)
-        return self.head(self.trunk(x))
+        return self.head[1](self.head[0](self.trunk(x)))  # (B, hidden)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return self.head[2](self.features(frames))  # (B, A)
 
     @torch.no_grad()
     def act(self, frames: Tensor, generator: torch.Generator | None = None, greedy: bool = False) -> Tensor:

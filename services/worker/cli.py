@@ -212,6 +212,45 @@ def submit_reactive(ctx, out, iterations, episodes, steps, arch, augment, distri
     _queue(client, submit, wait)
 
 
+@submit.command("finetune")
+@click.option("--init", required=True, help="The policy to start from: a finished reactive run (`genie jobs submit "
+              "reactive`) or a policy dir, on storage the workers read.")
+@click.option("--out", default="", help="Run dir the workers write (a re-submitted job with more --updates extends it). "
+              "Default: GENIE_JOBS_DIR/<job id> on the worker.")
+@click.option("--updates", type=int, default=100, show_default=True, help="PPO updates (more extend a run).")
+@click.option("--envs", type=int, default=32, show_default=True, help="Games played at once.")
+@click.option("--rollout", type=int, default=128, show_default=True, help="Frames each game plays per update.")
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--minibatches", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--entropy", type=float, default=0.01, show_default=True, help="Entropy bonus.")
+@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, help="Any other FinetuneConfig field, KEY=VALUE (repeatable), "
+              "e.g. value_warmup=1.")
+@click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
+@click.pass_context
+def submit_finetune(ctx, init, out, updates, envs, rollout, epochs, minibatches, lr, entropy, distribution_mode, seed,
+                    overrides, threads, wait) -> None:
+    """Queue `genie agent finetune`: PPO fine-tunes a reactive expert in the real game, on train-split levels
+    (progress in updates; a redelivery resumes from the newest checkpoint; cancel stops after the current update)."""
+    from genie.agent.finetune import FinetuneConfig
+    from genie.config import apply_overrides
+    from services.worker.specs import FinetuneJobSpec
+
+    client = _client(ctx)
+
+    def submit() -> tuple[str, dict[str, Any]]:
+        cfg = apply_overrides(FinetuneConfig(init=str(Path(init).resolve()), updates=updates, envs=envs, rollout=rollout,
+                                             epochs=epochs, minibatches=minibatches, lr=lr, entropy=entropy,
+                                             distribution_mode=distribution_mode, seed=seed), list(overrides))
+        spec = FinetuneJobSpec(cfg, out=str(Path(out).resolve()) if out else "", threads=threads)
+        return client.submit_finetune(spec), {"queue": "train", "kind": "finetune", "updates": cfg.updates}
+
+    _queue(client, submit, wait)
+
+
 @submit.command("expert")
 @click.option("--out", required=True, help="New dataset dir the workers write (and BC jobs then read).")
 @click.option("--reactive", "policy_run", default="", help="A finished reactive run (`genie jobs submit reactive`): "

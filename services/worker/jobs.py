@@ -18,6 +18,7 @@ from services.worker.settings import WorkerSettings
 from services.worker.specs import (
     AgentJobSpec,
     ExpertJobSpec,
+    FinetuneJobSpec,
     ReactiveJobSpec,
     RolloutJobSpec,
     TrainJobSpec,
@@ -206,6 +207,11 @@ class JobClient:
         check_reactive_spec(spec)
         return self._send("reactive", "genie.reactive", spec.to_json(), spec.steps, job_id, queue="train")
 
+    def submit_finetune(self, spec: FinetuneJobSpec, job_id: str | None = None) -> str:
+        """Queues `genie agent finetune` (queue train): PPO on a reactive expert, progress counted in updates."""
+        check_finetune_spec(spec)
+        return self._send("finetune", "genie.finetune", spec.to_json(), spec.steps, job_id, queue="train")
+
     def submit_expert(self, spec: ExpertJobSpec, job_id: str | None = None) -> str:
         """Queues `genie agent expert` (queue train): recording the planner's or a reactive expert's episodes."""
         check_expert_spec(spec)
@@ -362,6 +368,16 @@ def check_reactive_spec(spec: ReactiveJobSpec) -> None:
 
     if spec.out:
         check_run(spec.reactive, Path(spec.out))
+
+
+def check_finetune_spec(spec: FinetuneJobSpec) -> None:
+    """The init is a policy of the game's actions (a finished reactive run or a policy dir), and a run dir given does
+    not hold another config's run (more updates extend one)."""
+    from genie.agent.finetune import check_run, policy_dir
+
+    policy_dir(spec.finetune.init)
+    if spec.out:
+        check_run(spec.finetune, Path(spec.out))
 
 
 def check_expert_spec(spec: ExpertJobSpec) -> None:

@@ -269,6 +269,7 @@ def celery_config(s: WorkerSettings) -> dict:
             "genie.train": {"queue": "train"},
             "genie.agent": {"queue": "train"},
             "genie.reactive": {"queue": "train"},
+            "genie.finetune": {"queue": "train"},
             "genie.expert": {"queue": "train"},
             "genie.rollout": {"queue": "rollout"},
             "genie.rollout.chunk": {"queue": "rollout"},

@@ -221,6 +221,44 @@ class ReactiveJobSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneJobSpec:
+    """`genie agent finetune` as a job: PPO fine-tunes a reactive expert (a finished reactive run or a policy dir,
+    `finetune.init`) in the real game, in OUT; a redelivered or continued job resumes from its newest checkpoint."""
+
+    finetune: Any  # genie.agent.finetune.FinetuneConfig (init: a path the workers can read)
+    out: str = ""  # the run dir; "" = the worker's GENIE_JOBS_DIR/<job id>
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        from genie.agent.finetune import FinetuneConfig
+
+        if not isinstance(self.finetune, FinetuneConfig):
+            raise ValueError(f"finetune must be a FinetuneConfig, got {type(self.finetune).__name__}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+    @property
+    def steps(self) -> int:  # progress counts PPO updates
+        return self.finetune.updates
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"finetune": asdict(self.finetune), "out": self.out, "threads": self.threads}
+
+    @classmethod
+    def from_json(cls, data: Any) -> FinetuneJobSpec:
+        from genie.agent.finetune import FinetuneConfig
+
+        data = _object(data, "finetune job", {"finetune", "out", "threads"})
+        try:  # from_dict: unknown keys and wrong types are ValueErrors
+            cfg = from_dict(FinetuneConfig, _typed(data, "finetune", dict))
+        except TypeError as exc:  # missing keys (init)
+            raise ValueError(f"finetune job: {exc}") from None
+        return cls(finetune=cfg, out=_typed(data, "out", str, ""), threads=_typed(data, "threads", int, 0))
+
+
+@dataclass(frozen=True)
 class ExpertJobSpec:
     """`genie agent expert` as a job: records expert episodes (the planner, or with `policy_run` a finished reactive
     expert) into the dataset directory OUT."""

@@ -1,6 +1,7 @@
-"""The job tasks: `genie.train` and `genie.agent` (queue train); `genie.world` (queue train), which becomes a chain of three
-`genie.train` stages and `genie.world.finish`; and `genie.rollout` (queue rollout), which splits into a chord of
-`genie.rollout.chunk` tasks and a final `genie.rollout.manifest`. Thin: they parse JSON specs, call genie.train or
+"""The job tasks: `genie.train`, `genie.agent`, `genie.reactive`, `genie.finetune` and `genie.expert` (queue train);
+`genie.world` (queue train), which becomes a chain of three `genie.train` stages and `genie.world.finish`; and
+`genie.rollout` (queue rollout), which splits into a chord of `genie.rollout.chunk` tasks and a final
+`genie.rollout.manifest`. Thin: they parse JSON specs, call genie.train, genie.agent or
 the rollout path over the shared model-backend interface, and return JSON summaries."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from services.worker.settings import WorkerSettings
 from services.worker.specs import (
     AgentJobSpec,
     ExpertJobSpec,
+    FinetuneJobSpec,
     ReactiveJobSpec,
     RolloutItem,
     RolloutJobSpec,
@@ -145,6 +147,30 @@ def reactive(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
         if run.stopped:
             run.end(run.stopped, {"done": last.get("iteration", -1) + 1, "total": total, "run": str(out)})
     return {"job": job_id, "run": str(out), "policy": str(out / "policy"), "iterations": total, "last": last}
+
+
+@app.task(bind=True, base=JobTask, name="genie.finetune", autoretry_for=_TRANSIENT, **_RETRY)
+@fails_when_disk_full
+@once
+def finetune(self: JobTask, spec: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tunes a reactive expert by PPO in the real game (`genie agent finetune`) in OUT; a redelivery resumes
+    from the newest checkpoint; a cancel stops after the update in progress (with a checkpoint there)."""
+    from genie.agent.finetune import run_finetune
+
+    job_id = self.request.id
+    job = FinetuneJobSpec.from_json(spec)  # ValueError: FAILURE, never retried
+    total = job.finetune.updates
+    self.cancel_if_requested(job_id, {"done": 0, "total": total})
+    out = resolve_dir(job.out, settings.job_dir(job_id))
+    with self.execution(job_id, total) as run:
+        def should_stop(done: int) -> bool:
+            return run.step(done, force=True, update=done)
+
+        last = _with_threads(job.threads, lambda: run_finetune(job.finetune, out, progress=False,
+                                                               should_stop=should_stop))
+        if run.stopped:
+            run.end(run.stopped, {"done": last.get("update", 0), "total": total, "run": str(out)})
+    return {"job": job_id, "run": str(out), "policy": str(out / "policy"), "updates": total, "last": last}
 
 
 @app.task(bind=True, base=JobTask, name="genie.expert", autoretry_for=_TRANSIENT, **_RETRY)

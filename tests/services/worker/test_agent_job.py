@@ -1,6 +1,6 @@
-"""`genie jobs submit agent|reactive|expert` on a real train worker: LAM-BC trains to a finished run with its mappings,
-DAgger to a reactive expert whose episodes (and the planner's) record as datasets; bad arguments are rejected before
-anything is queued."""
+"""`genie jobs submit agent|reactive|finetune|expert` on a real train worker: LAM-BC trains to a finished run with its
+mappings, DAgger to a reactive expert that PPO then fine-tunes and whose episodes (and the planner's) record as datasets;
+bad arguments are rejected before anything is queued."""
 
 from __future__ import annotations
 
@@ -104,6 +104,29 @@ def test_reactive_expert_trains_and_records_as_jobs(worker, kit, tmp_path):
     assert (run / "policy" / "model.safetensors").exists()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
+    # `genie jobs submit finetune`: PPO from the DAgger run's policy, progress counted in updates
+    tuned = tmp_path / "finetune"
+    job = kit.submitted(kit.cli(env, "submit", "finetune", "--init", str(run), "--out", str(tuned), "--updates", "2",
+                                "--envs", "2", "--rollout", "4", "--minibatches", "2", "--epochs", "1", "--threads", "1",
+                                "--set", "value_warmup=1"))
+    st = client.wait(job, timeout=300)
+    assert st.state == "SUCCESS", st.to_json()
+    assert (st.kind, st.done, st.total) == ("finetune", 2, 2)
+    assert st.result["updates"] == 2 and st.result["last"]["update"] == 2 and st.result["last"]["frames"] == 2 * 2 * 4
+    assert (tuned / "policy" / "model.safetensors").exists()
+    assert [json.loads(x)["value_only"] for x in (tuned / "metrics.jsonl").read_text().splitlines()] == [True, False]
+    # more --updates extend the run; a cancel stops it after the update in progress, with a checkpoint there
+    job = kit.submitted(kit.cli(env, "submit", "finetune", "--init", str(run), "--out", str(tuned), "--updates", "500",
+                                "--envs", "2", "--rollout", "4", "--minibatches", "2", "--epochs", "1", "--threads", "1",
+                                "--set", "value_warmup=1"))
+    kit.wait_for(lambda: client.status(job).done >= 3, "three more fine-tune updates", timeout=300)
+    client.cancel(job)
+    st = client.wait(job, timeout=120)
+    assert st.state == "CANCELLED", st.to_json()
+    done = len((tuned / "metrics.jsonl").read_text().splitlines())
+    assert 3 < done < 500 and st.detail["done"] == done
+    assert sorted(p.name for p in (tuned / "checkpoints").iterdir())[-1] == f"step_{done:08d}"
+
     for expert, extra in (("reactive", ["--reactive", str(run)]), ("planner", ["--set", "candidates=2", "--set",
                                                                                  "horizon=8", "--set", "commit=4"])):
         out = tmp_path / f"{expert}-data"
@@ -117,11 +140,17 @@ def test_reactive_expert_trains_and_records_as_jobs(worker, kit, tmp_path):
         assert data.info["source"] == ("procgen-reactive-expert" if expert == "reactive" else "procgen-expert")
 
 
-def test_bad_expert_and_reactive_jobs_are_rejected_before_queueing(worker, agent_inputs, kit, tmp_path):
+def test_bad_expert_reactive_and_finetune_jobs_are_rejected_before_queueing(worker, agent_inputs, kit, tmp_path):
+    from genie.agent.policy import Policy, PolicyConfig
+    from genie.agent.reactive import save_policy
+
     env = worker["env"]
     other = tmp_path / "other-run"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"episodes": 999}))
+    save_policy(Policy(PolicyConfig(num_actions=15, width_mult=8)), tmp_path / "game-policy")
+    save_policy(Policy(PolicyConfig(num_actions=4, width_mult=8)), tmp_path / "latent-policy")
+    game, tiny = str(tmp_path / "game-policy"), ["--envs", "2", "--rollout", "4", "--minibatches", "2"]
     before = kit.queue_lengths()
     for args, needle in [
         (["expert", "--out", str(agent_inputs["data"])], "already holds a dataset"),
@@ -131,6 +160,12 @@ def test_bad_expert_and_reactive_jobs_are_rejected_before_queueing(worker, agent
         (["expert", "--out", str(tmp_path / "d"), "--episodes", "0"], "episodes"),
         (["reactive", "--out", str(other)], "another config"),
         (["reactive", "--iterations", "0"], "iterations"),
+        (["finetune", "--init", str(tmp_path / "nope")], "neither a policy directory nor a run with a finished policy/"),
+        (["finetune", "--init", game, "--envs", "2", "--rollout", "4", "--minibatches", "3"], "must split into 3"),
+        (["finetune", "--init", str(tmp_path / "latent-policy"), *tiny], "a game policy has 15"),
+        (["finetune", "--init", game, "--out", str(other), *tiny], "another config"),
+        (["finetune", "--init", game, "--updates", "0"], "updates"),
+        (["finetune", "--init", game, "--set", "bogus=1"], "no such setting 'bogus'"),
     ]:
         result = kit.cli(env, "submit", *args)
         assert result.exit_code == 2, result.output
@@ -159,3 +194,18 @@ def test_expert_and_reactive_specs_round_trip_and_route_to_train():
             ExpertJobSpec.from_json(bad)
     for task in ("genie.reactive", "genie.expert"):
         assert app.amqp.router.route({}, task)["queue"].name == "train" and task in app.tasks
+
+
+def test_finetune_spec_round_trips_and_routes_to_train():
+    from genie.agent.finetune import FinetuneConfig
+    from services.worker.app import app
+    from services.worker.specs import FinetuneJobSpec
+
+    spec = FinetuneJobSpec(FinetuneConfig(init="/r", updates=7, envs=4, rollout=8, minibatches=2), out="/f", threads=1)
+    assert FinetuneJobSpec.from_json(spec.to_json()) == spec
+    for bad in ({**spec.to_json(), "nope": 1}, {**spec.to_json(), "finetune": {"init": "/r", "bogus": 1}},
+                {**spec.to_json(), "finetune": {"envs": 2}}, {**spec.to_json(), "finetune": {"init": "/r", "envs": "2"}},
+                {**spec.to_json(), "finetune": {"init": "/r", "minibatches": 5}}, {**spec.to_json(), "threads": -1}):
+        with pytest.raises(ValueError):
+            FinetuneJobSpec.from_json(bad)
+    assert app.amqp.router.route({}, "genie.finetune")["queue"].name == "train" and "genie.finetune" in app.tasks
