@@ -107,21 +107,32 @@ def reactive(out, iterations, episodes, steps, beta_decay, max_frames, tolerance
     click.echo(json.dumps(summary))
 
 
+def ppo_options(fn):
+    """The PPO settings `genie agent finetune` and `genie jobs submit finetune` both take (FinetuneConfig's fields)."""
+    options = [
+        click.option("--updates", type=int, default=100, show_default=True, help="PPO updates (more extend a run)."),
+        click.option("--envs", type=int, default=32, show_default=True, help="Games played at once."),
+        click.option("--rollout", type=int, default=128, show_default=True, help="Frames each game plays per update."),
+        click.option("--epochs", type=int, default=3, show_default=True),
+        click.option("--minibatches", type=int, default=4, show_default=True),
+        click.option("--lr", type=float, default=2e-4, show_default=True),
+        click.option("--entropy", type=float, default=0.01, show_default=True, help="Entropy bonus."),
+        click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy",
+                     show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):  # the first listed shows first in --help
+        fn = option(fn)
+    return fn
+
+
 @agent.command("finetune")
 @click.option("--init", "init", type=click.Path(path_type=Path), required=True,
               help="The policy to start from: a finished `agent reactive` run, or a policy directory.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (re-run to resume).")
-@click.option("--updates", type=int, default=100, show_default=True, help="PPO updates (more extend a run).")
-@click.option("--envs", type=int, default=32, show_default=True, help="Games played at once.")
-@click.option("--rollout", type=int, default=128, show_default=True, help="Frames each game plays per update.")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--minibatches", type=int, default=4, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--entropy", type=float, default=0.01, show_default=True, help="Entropy bonus.")
+@ppo_options
 @click.option("--gamma", type=float, default=0.99, show_default=True)
 @click.option("--value-warmup", type=int, default=4, show_default=True, help="First updates train only the value head.")
-@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
 @click.option("--quiet", is_flag=True)
 def finetune(init, out, updates, envs, rollout, epochs, minibatches, lr, entropy, gamma, value_warmup,

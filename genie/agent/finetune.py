@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from genie.agent.policy import Policy, PolicyConfig
@@ -42,11 +41,9 @@ from genie.config import from_dict
 from genie.data.procgen import ACTION_NAMES, SPLIT_LEVELS, combo_names, procgen_env_class
 from genie.train.checkpoint import (
     checkpoint_dir,
-    list_checkpoints,
-    optimizer_from_flat,
     optimizer_to_flat,
     prune_checkpoints,
-    remove_partial_checkpoints,
+    resume_latest,
     save_checkpoint,
 )
 
@@ -261,18 +258,11 @@ def run_finetune(cfg: FinetuneConfig, run: Path, progress: bool = True,
     check_run(cfg, run)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    remove_partial_checkpoints(run)
     torch.manual_seed(cfg.seed)
     model = ActorCritic(load_reactive_policy(policy_dir(cfg.init)))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
-    start = 0
-    found = list_checkpoints(run)
-    if found:
-        latest = found[-1]
-        model.load_state_dict(load_file(latest / "model.safetensors"))
-        opt.load_state_dict(optimizer_from_flat(load_file(latest / "trainer.safetensors"),
-                                                json.loads((latest / "trainer.json").read_text())["param_groups"]))
-        start = int(json.loads((latest / "config.json").read_text())["step"])
+    start, latest = resume_latest(run, model, opt)
+    if latest is not None:
         log.info("resuming the fine-tune from %s (update %d)", latest, start)
     model.eval()
     last: dict[str, Any] = {}

@@ -39,12 +39,10 @@ from genie.config import from_dict
 from genie.data.shards import ShardedDataset
 from genie.train.checkpoint import (
     checkpoint_dir,
-    list_checkpoints,
-    optimizer_from_flat,
     optimizer_to_flat,
     prune_checkpoints,
     read_meta,
-    remove_partial_checkpoints,
+    resume_latest,
     save_checkpoint,
 )
 
@@ -209,15 +207,8 @@ def train_agent(cfg: AgentTrainConfig, run: Path, progress: bool = True, stop_af
     torch.manual_seed(cfg.seed)
     model = Policy(cfg.policy)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    remove_partial_checkpoints(run)
-    start = 0
-    found = list_checkpoints(run)
-    if found:
-        latest = found[-1]
-        model.load_state_dict(load_file(latest / "model.safetensors"))
-        opt.load_state_dict(optimizer_from_flat(load_file(latest / "trainer.safetensors"),
-                                                json.loads((latest / "trainer.json").read_text())["param_groups"]))
-        start = int(json.loads((latest / "config.json").read_text())["step"])
+    start, latest = resume_latest(run, model, opt)
+    if latest is not None:
         log.info("resuming agent policy from %s (step %d)", latest, start)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     model.train()

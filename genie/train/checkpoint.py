@@ -143,6 +143,21 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def resume_latest(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, Path | None]:
+    """Loads the newest checkpoint under run_dir (weights and optimizer state, written by save_checkpoint with
+    optimizer_to_flat's tensors and {"param_groups": ...}) into model and opt, after removing partial saves; returns
+    its step and directory, or (0, None) when there is none."""
+    remove_partial_checkpoints(run_dir)
+    found = list_checkpoints(run_dir)
+    if not found:
+        return 0, None
+    latest = found[-1]
+    model.load_state_dict(load_file(latest / "model.safetensors"))
+    opt.load_state_dict(optimizer_from_flat(load_file(latest / "trainer.safetensors"),
+                                            json.loads((latest / "trainer.json").read_text())["param_groups"]))
+    return int(json.loads((latest / "config.json").read_text())["step"]), latest
+
+
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Splits an optimizer state_dict into safetensors-able tensors and JSON-able param groups."""
     sd = opt.state_dict()

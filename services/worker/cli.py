@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from genie.agent_cli import ppo_options
 from services.redis_errors import short_reason
 from services.worker.settings import DEFAULT_BROKER
 
@@ -217,15 +218,7 @@ def submit_reactive(ctx, out, iterations, episodes, steps, arch, augment, distri
               "reactive`) or a policy dir, on storage the workers read.")
 @click.option("--out", default="", help="Run dir the workers write (a re-submitted job with more --updates extends it). "
               "Default: GENIE_JOBS_DIR/<job id> on the worker.")
-@click.option("--updates", type=int, default=100, show_default=True, help="PPO updates (more extend a run).")
-@click.option("--envs", type=int, default=32, show_default=True, help="Games played at once.")
-@click.option("--rollout", type=int, default=128, show_default=True, help="Frames each game plays per update.")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--minibatches", type=int, default=4, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--entropy", type=float, default=0.01, show_default=True, help="Entropy bonus.")
-@click.option("--mode", "distribution_mode", type=click.Choice(["easy", "hard"]), default="easy", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@ppo_options
 @click.option("--set", "overrides", multiple=True, help="Any other FinetuneConfig field, KEY=VALUE (repeatable), "
               "e.g. value_warmup=1.")
 @click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
