@@ -13,12 +13,50 @@ def agent() -> None:
     """Agents that learn from unlabelled video through latent actions."""
 
 
-def _labelled(text: str) -> tuple[int, ...]:
+def labelled_counts(text: str) -> tuple[int, ...]:
+    """--labelled's comma-separated k values; ValueError with the expected form otherwise."""
     try:
         ks = tuple(int(k) for k in text.split(","))
     except ValueError:
         raise ValueError(f"--labelled takes comma-separated counts, e.g. 10,50,200,1000; got {text!r}") from None
     return ks
+
+
+def bc_options(fn):
+    """The behavioural-cloning settings `genie agent train` and `genie jobs submit agent` both take (AgentTrainConfig's
+    fields and its policy's); `bc_config` turns them into the config."""
+    options = [
+        click.option("--target", type=click.Choice(["latent", "true"]), default="latent", show_default=True,
+                     help="latent: LAM-BC; true: the oracle (the same policy on the true actions)."),
+        click.option("--steps", type=int, default=2000, show_default=True),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--lr", type=float, default=5e-4, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--labelled", default="10,50,200,1000", show_default=True,
+                     help="k: labelled transitions per mapping."),
+        click.option("--context", type=int, default=2, show_default=True,
+                     help="Frames the policy sees (the current one and context-1 before it)."),
+        click.option("--arch", type=click.Choice(["nature", "impala"]), default="nature", show_default=True,
+                     help="The policy's trunk: the halved Nature-DQN CNN or the IMPALA ResNet."),
+        click.option("--width", "width_mult", type=int, default=32, show_default=True,
+                     help="Channels of the policy's CNN."),
+        click.option("--augment", type=int, default=0, show_default=True,
+                     help="Pixels of random shift applied to the training frames (0: none)."),
+    ]
+    for option in reversed(options):  # the first listed shows first in --help
+        fn = option(fn)
+    return fn
+
+
+def bc_config(data: str, world: str, target: str, steps: int, batch_size: int, lr: float, seed: int, labelled: str,
+              context: int, arch: str, width_mult: int, augment: int, **extra):
+    """The AgentTrainConfig of `bc_options`' values (ValueError, with the option's name, on a bad one)."""
+    from genie.agent.policy import PolicyConfig
+    from genie.agent.train import AgentTrainConfig
+
+    return AgentTrainConfig(data=data, world=world, target=target, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                            labelled=labelled_counts(labelled), augment=augment,
+                            policy=PolicyConfig(context=context, arch=arch, width_mult=width_mult), **extra)
 
 
 @agent.command("expert")
@@ -165,33 +203,18 @@ def finetune(init, out, updates, envs, rollout, epochs, minibatches, lr, entropy
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, help="Expert dataset (`genie agent expert`).")
 @click.option("--world", "world_dir", type=click.Path(path_type=Path), help="World whose frozen LAM labels the frames "
               "(default: the shipped demo world).")
-@click.option("--target", type=click.Choice(["latent", "true"]), default="latent", show_default=True,
-              help="latent: LAM-BC; true: the oracle (the same policy on the true actions).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (re-run to resume).")
-@click.option("--steps", type=int, default=2000, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--labelled", default="10,50,200,1000", show_default=True, help="k: labelled transitions per mapping.")
-@click.option("--context", type=int, default=2, show_default=True, help="Frames the policy sees (the current one and "
-              "context-1 before it).")
-@click.option("--arch", type=click.Choice(["nature", "impala"]), default="nature", show_default=True,
-              help="The policy's trunk: the halved Nature-DQN CNN or the IMPALA ResNet.")
-@click.option("--width", "width_mult", type=int, default=32, show_default=True, help="Channels of the policy's CNN.")
-@click.option("--augment", type=int, default=0, show_default=True,
-              help="Pixels of random shift applied to the training frames (0: none).")
+@bc_options
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option("--stop-after", type=int, help="Stop (resumably) after this step.")
 @click.option("--threads", type=int, default=0, help="torch threads (0 = default).")
 @click.option("--quiet", is_flag=True)
-def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelled, context, arch, width_mult, augment,
-          checkpoint_every, stop_after, threads, quiet) -> None:
+def train(data_dir, world_dir, out, checkpoint_every, stop_after, threads, quiet, **bc) -> None:
     """Behavioural cloning from expert frames: the policy predicts the frozen LAM's latent action (or the true one),
     then latent -> real mappings are fitted from k labelled transitions. Checkpoints and resumes like every training."""
     import torch
 
-    from genie.agent.policy import PolicyConfig
-    from genie.agent.train import AgentTrainConfig, train_agent
+    from genie.agent.train import train_agent
     from genie.cli_common import DEFAULT_WORLD
     from genie.cli_common import fail as _fail
 
@@ -200,10 +223,7 @@ def train(data_dir, world_dir, target, out, steps, batch_size, lr, seed, labelle
     try:
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
-        cfg = AgentTrainConfig(data=str(data_dir), world=str(world_dir or DEFAULT_WORLD), target=target, steps=steps,
-                               batch_size=batch_size, lr=lr, seed=seed, labelled=_labelled(labelled),
-                               augment=augment, checkpoint_every=checkpoint_every,
-                               policy=PolicyConfig(context=context, arch=arch, width_mult=width_mult))
+        cfg = bc_config(str(data_dir), str(world_dir or DEFAULT_WORLD), checkpoint_every=checkpoint_every, **bc)
         summary = train_agent(cfg, out, progress=not quiet, stop_after=stop_after)
     except ValueError as exc:
         _fail(str(exc))

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from genie.agent_cli import ppo_options
+from genie.agent_cli import bc_config, bc_options, ppo_options
 from services.redis_errors import short_reason
 from services.worker.settings import DEFAULT_BROKER
 
@@ -147,34 +147,26 @@ def submit_train(ctx, kind, preset, config, overrides, run_root, tokenizer_ckpt,
 @submit.command("agent")
 @click.option("--data", "data_dir", required=True, help="Expert dataset dir the workers can read (`genie agent expert`).")
 @click.option("--world", "world_dir", default="", help="World whose LAM labels the frames (default: GENIE_WORLD).")
-@click.option("--target", type=click.Choice(["latent", "true"]), default="latent", show_default=True,
-              help="latent: LAM-BC; true: the oracle.")
 @click.option("--out", default="", help="Run dir. Default: GENIE_JOBS_DIR/<job id> on the worker.")
-@click.option("--steps", type=int, default=2000, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--labelled", default="10,50,200,1000", show_default=True, help="k: labelled transitions per mapping.")
+@bc_options
 @click.option("--threads", type=int, default=0, help="torch threads on the worker (0 = its default).")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends (exit 1 unless it succeeds).")
 @click.pass_context
-def submit_agent(ctx, data_dir, world_dir, target, out, steps, batch_size, seed, labelled, threads, wait) -> None:
-    """Queue `genie agent train`: behavioural cloning on the LAM's latent actions (or the true ones), resumable."""
+def submit_agent(ctx, data_dir, world_dir, out, threads, wait, **bc) -> None:
+    """Queue `genie agent train`: behavioural cloning on the LAM's latent actions (or the true ones), resumable; the
+    same settings as `genie agent train`."""
     import os
 
-    from genie.agent.train import AgentTrainConfig
     from services.worker.specs import AgentJobSpec
 
     client = _client(ctx)
 
     def submit() -> tuple[str, dict[str, Any]]:
-        ks = tuple(int(k) for k in labelled.split(",")) if labelled.replace(",", "").isdigit() else None
-        if ks is None:
-            raise ValueError(f"--labelled takes comma-separated counts, e.g. 10,50,200,1000; got {labelled!r}")
         world = world_dir or os.environ.get("GENIE_WORLD", "")
-        train = AgentTrainConfig(data=str(Path(data_dir).resolve()), world=str(Path(world).resolve()) if world else "",
-                                 target=target, steps=steps, batch_size=batch_size, seed=seed, labelled=ks)
+        train = bc_config(str(Path(data_dir).resolve()), str(Path(world).resolve()) if world else "", **bc)
         spec = AgentJobSpec(train, out=out, threads=threads)
-        return client.submit_agent(spec), {"queue": "train", "kind": "agent", "target": target, "steps": steps}
+        return client.submit_agent(spec), {"queue": "train", "kind": "agent", "target": train.target,
+                                           "steps": train.steps}
 
     _queue(client, submit, wait)
 

@@ -45,10 +45,15 @@ def test_agent_job_trains_lam_bc(worker, agent_inputs, kit, tmp_path):
     env, client = worker["env"], worker["client"]
     job = kit.submitted(kit.cli(env, "submit", "agent", "--data", str(agent_inputs["data"]), "--world",
                                 str(agent_inputs["world"]), "--steps", "4", "--batch-size", "2", "--labelled", "5,20",
+                                "--arch", "impala", "--width", "8", "--context", "3", "--augment", "2", "--lr", "1e-3",
                                 "--out", str(tmp_path / "run")))
     st = client.wait(job, timeout=180)
     assert st.state == "SUCCESS", st.to_json()
     assert st.result["finished"] and st.result["step"] == 4 and st.result["num_actions"] == 4
+    # the settings `genie agent train` takes reach the worker's run (the README's BC experiment runs as a job too)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["policy"]["arch"], cfg["policy"]["width_mult"], cfg["policy"]["context"]) == ("impala", 8, 3)
+    assert (cfg["augment"], cfg["lr"]) == (2, 1e-3)
     mappings = json.loads((tmp_path / "run" / "mappings.json").read_text())["mappings"]
     assert set(mappings) == {"5", "20"}
     assert (tmp_path / "run" / "policy" / "model.safetensors").exists()
@@ -62,6 +67,7 @@ def test_bad_agent_jobs_are_rejected_before_queueing(worker, agent_inputs, kit, 
         (["--data", str(agent_inputs["data"]), "--world", str(tmp_path)], "not a Genie checkpoint"),
         (["--data", str(agent_inputs["data"]), "--world", str(agent_inputs["world"]), "--steps", "0"], "steps"),
         (["--data", str(agent_inputs["data"]), "--world", str(agent_inputs["world"]), "--labelled", "a"], "labelled"),
+        (["--data", str(agent_inputs["data"]), "--world", str(agent_inputs["world"]), "--context", "0"], "context"),
     ]:
         result = kit.cli(env, "submit", "agent", *args)
         assert result.exit_code == 2, result.output
