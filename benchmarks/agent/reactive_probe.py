@@ -8,7 +8,8 @@ student goes wrong, and what a change of the student's training does, without a 
         --set critical_weight=2.0 --out runs/agent/probe-cw2
     # its near-optimal accuracy, overall and on the critical frames, on an iteration's labels
     python benchmarks/agent/reactive_probe.py accuracy --policy runs/agent/probe-cw2 --labels runs/agent/reactive/iteration_3
-    # its success on held-out test levels, sampling at each temperature (0: argmax)
+    # its success on held-out test levels, sampling at each temperature (0: argmax); --split val to choose between
+    # runs or checkpoints without looking at the test levels, --mode hard for CoinRun's hard distribution
     python benchmarks/agent/reactive_probe.py play --policy runs/agent/probe-cw2 --levels 100 --temperatures 1,0.5,0
 
 Each prints one JSON line per result.
@@ -91,7 +92,7 @@ def accuracy(args) -> None:
 
 def play_levels(args) -> None:
     policy = load_reactive_policy(Path(args.policy))
-    cfg = AgentEvalConfig(levels=args.levels, seed=args.seed)
+    cfg = AgentEvalConfig(levels=args.levels, seed=args.seed, split=args.split, distribution_mode=args.mode)
     for temperature in (float(t) for t in args.temperatures.split(",")):
         def choose(ctx: torch.Tensor, gen: torch.Generator, temperature: float = temperature) -> np.ndarray:
             with torch.no_grad():
@@ -105,7 +106,8 @@ def play_levels(args) -> None:
         s = summarise(episodes)
         stuck = sum(not e["success"] and e["length"] >= cfg.max_frames - 1 for e in episodes)
         print(json.dumps({"probe": "play", "policy": args.policy, "temperature": temperature, "levels": args.levels,
-                          "seed": args.seed, "success": s["success_rate"], "success_ci95": s["success_ci95"],
+                          "split": args.split, "mode": args.mode, "seed": args.seed, "success": s["success_rate"],
+                          "success_ci95": s["success_ci95"],
                           "timeouts": int(stuck), "mean_length": s["mean_length"],
                           "seconds": round(time.perf_counter() - t0, 1)}))
 
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--levels", type=int, default=100)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--temperatures", default="1")
+    a.add_argument("--split", choices=["val", "test"], default="test",
+                   help="val: choose between runs without looking at the test levels")
+    a.add_argument("--mode", choices=["easy", "hard"], default="easy")
     a.set_defaults(fn=play_levels)
     args = p.parse_args(argv)
     torch.set_num_threads(getattr(args, "threads", 1) or 1)

@@ -161,9 +161,11 @@ def test_the_probe_benchmark_runs_on_a_tiny_run(tmp_path, capsys):
                 "--out", str(tmp_path / "student")])
     probe.main(["accuracy", "--policy", str(tmp_path / "student"), "--labels", str(run / "iteration_1"), "--frames", "20"])
     probe.main(["play", "--policy", str(tmp_path / "student"), "--levels", "2", "--temperatures", "1,0"])
+    probe.main(["play", "--policy", str(tmp_path / "student"), "--levels", "2", "--split", "val", "--mode", "hard"])
     probe.main(["planner", "--episodes", "2", "--workers", "1", "--set", "horizon=6", "--set", "candidates=1"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [x["probe"] for x in lines] == ["retrain", "accuracy", "play", "play", "planner", "planner"]
+    assert [x["probe"] for x in lines] == ["retrain", "accuracy", "play", "play", "play", "planner", "planner"]
     assert 0 <= lines[1]["accuracy"] <= 1 and lines[1]["frames"] == 20
-    assert {x["temperature"] for x in lines[2:4]} == {1.0, 0.0} and all(x["levels"] == 2 for x in lines[2:4])
-    assert [x["set"] for x in lines[4:]] == ["horizon=6", "candidates=1"] and all(x["episodes"] == 2 for x in lines[4:])
+    assert {x["temperature"] for x in lines[2:4]} == {1.0, 0.0} and all(x["levels"] == 2 for x in lines[2:5])
+    assert [(x["split"], x["mode"]) for x in lines[2:5]] == [("test", "easy")] * 2 + [("val", "hard")]
+    assert [x["set"] for x in lines[5:]] == ["horizon=6", "candidates=1"] and all(x["episodes"] == 2 for x in lines[5:])
