@@ -1,6 +1,7 @@
 """Throwaway certificates for TLS tests, made with the `openssl` CLI: a CA, a server certificate for
 127.0.0.1/localhost signed by it, and a client certificate signed by it (for mutual TLS); a redis-server
-with AUTH + TLS on them, and a bare TLS listener that requires client certificates."""
+with AUTH + TLS on them, a Redis Sentinel set locked down the same way, and a bare TLS listener that requires client
+certificates."""
 
 from __future__ import annotations
 
@@ -156,3 +157,17 @@ def served_certificate(port: int, ca: Path, alpn: str, server_name: str = "local
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=server_name) as tls:
         return tls.getpeercert(binary_form=True)
+
+
+@contextlib.contextmanager
+def locked_down_ha(root: Path, certs: Certs, password: str, sentinel_password: str):
+    """A real RedisHA set (1 replica, 3 Sentinels) locked down like production: every node and Sentinel on TLS only
+    with client certificates (`certs`), the data nodes with requirepass + masterauth `password`, the Sentinels with a
+    requirepass of their own; yields the started set and stops it."""
+    from harness.redis_ha import RedisHA, ServerTLS
+
+    tls = ServerTLS(str(certs.ca), str(certs.server_cert), str(certs.server_key), str(certs.client_cert),
+                    str(certs.client_key))
+    with RedisHA(root, replicas=1, sentinels=3, password=password, sentinel_password=sentinel_password,
+                 tls=tls) as ha:
+        yield ha

@@ -9,12 +9,11 @@ import ssl
 
 import pytest
 
-from harness.redis_ha import RedisHA, ServerTLS
 from services.worker.jobs import JobClient
 from services.worker.settings import WorkerSettings, celery_config
 from services.worker.specs import RolloutJobSpec
 from services.worker.store import JobStore
-from tests.tls_certs import make_certs
+from tests.tls_certs import locked_down_ha, make_certs
 
 DATA_PASSWORD = "broker/data:s3cret"  # characters a URL must escape
 SENTINEL_PASSWORD = "broker-sentinel-s3cret"
@@ -27,10 +26,7 @@ def certs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secure_ha(certs, tmp_path_factory):
-    tls = ServerTLS(str(certs.ca), str(certs.server_cert), str(certs.server_key), str(certs.client_cert),
-                    str(certs.client_key))
-    with RedisHA(tmp_path_factory.mktemp("broker-ha"), replicas=1, sentinels=3, password=DATA_PASSWORD,
-                 sentinel_password=SENTINEL_PASSWORD, tls=tls) as ha:
+    with locked_down_ha(tmp_path_factory.mktemp("broker-ha"), certs, DATA_PASSWORD, SENTINEL_PASSWORD) as ha:
         yield ha
 
 

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from harness.redis_ha import RedisHA, ServerTLS
+from harness.redis_ha import RedisHA
 from services.gateway.api.client import GatewayClient, step_exactly_once
 from services.gateway.app import GatewayConfig, redis_target
 from services.gateway.stores.redis_store import RedisStore, RedisTarget, RedisTLS, StoreMisconfigured
@@ -23,7 +23,7 @@ from services.gateway.stores.store import StoreUnavailable
 from services.triton import free_ports
 from tests.services.gateway.stores.test_redis_failover import ALICE, _gateway, _png
 from tests.services.gateway.stores.test_store_contract import _record
-from tests.tls_certs import make_certs
+from tests.tls_certs import locked_down_ha, make_certs
 
 DATA_PASSWORD = "data-s3cret"
 SENTINEL_PASSWORD = "sentinel-s3cret"
@@ -37,10 +37,7 @@ def certs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secure_ha(certs, tmp_path_factory):
-    tls = ServerTLS(str(certs.ca), str(certs.server_cert), str(certs.server_key), str(certs.client_cert),
-                    str(certs.client_key))
-    with RedisHA(tmp_path_factory.mktemp("redis-ha-tls"), replicas=1, sentinels=3, password=DATA_PASSWORD,
-                 sentinel_password=SENTINEL_PASSWORD, tls=tls) as ha:
+    with locked_down_ha(tmp_path_factory.mktemp("redis-ha-tls"), certs, DATA_PASSWORD, SENTINEL_PASSWORD) as ha:
         yield ha
 
 
