@@ -276,6 +276,30 @@ def evaluate(lam_run, oracle_run, levels, split, seed, max_frames, distribution_
     click.echo(json.dumps(summary))
 
 
+@agent.command("pool")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the pooled report.json, "
+              "table.md and plot.")
+def pool(reports, out) -> None:
+    """Pool `agent eval` reports of other seeds (e.g. --seed 0 and --seed 1) into one report: each policy's success
+    and return over all their levels, with the intervals of the pooled count."""
+    from genie.agent.eval import pool_reports, write_report
+    from genie.cli_common import fail as _fail
+
+    loaded = []
+    for path in reports:
+        file = path / "report.json" if path.is_dir() else path
+        try:
+            loaded.append(json.loads(file.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            _fail(f"{file}: not a readable `genie agent eval` report.json ({exc})")
+    try:
+        summary = write_report(pool_reports(loaded), out)
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail(f"cannot pool these reports: {exc}")
+    click.echo(json.dumps(summary))
+
+
 @agent.command("gif")
 @click.option("--lam-bc", "lam_run", type=click.Path(path_type=Path), required=True, help="A finished LAM-BC run.")
 @click.option("--world", "world_dir", type=click.Path(path_type=Path), help="World to play in (default: the demo world).")

@@ -188,6 +188,37 @@ def plot_success_vs_k(report: dict[str, Any], path: Path) -> Path:
     return Path(path)
 
 
+def pool_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of several `genie agent eval` reports of other seeds (same split, mode and frame cap): each policy's
+    episodes pooled and summarised again, so the intervals are those of all the levels together. ValueError when the
+    reports differ in those settings, repeat a seed, or do not all hold the same policies."""
+    if len(reports) < 2:
+        raise ValueError(f"pooling needs >= 2 reports, got {len(reports)}")
+    same = ("split", "distribution_mode", "max_frames", "env", "num_levels")
+    first = reports[0]["config"]
+    for r in reports[1:]:
+        differ = [k for k in same if r["config"].get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"the reports differ in {', '.join(differ)}: they were not played on one level set")
+    names = list(reports[0]["policies"])
+    if any(list(r["policies"]) != names for r in reports[1:]):
+        raise ValueError(f"the reports hold different policies: {[sorted(r['policies']) for r in reports]}")
+    seeds = [r["config"]["seed"] for r in reports]
+    if len(set(map(str, seeds))) < len(seeds):
+        raise ValueError(f"the reports repeat a seed ({seeds}): they would count the same levels twice")
+    # Each seed draws its levels independently from the split, so two seeds can share a few (about 4 in 200 x 200
+    # from 10,000); a shared level is two independent draws, as it would be within one seed. Counted, not dropped.
+    levels = [e["level"] for r in reports for e in r["policies"][names[0]]["per_level"]]
+    config = {**{k: first.get(k) for k in same}, "levels": len(levels), "seed": seeds, "pooled": len(reports),
+              "distinct_levels": len(set(levels))}
+    policies = {}
+    for name in names:
+        episodes = [e for r in reports for e in r["policies"][name]["per_level"]]
+        policies[name] = {**summarise(episodes), "per_seed": [r["policies"][name]["success_rate"] for r in reports],
+                          "per_level": episodes}
+    return {"config": config, "policies": policies}
+
+
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """`genie agent eval` pieces on the real game: intervals, seeded lock-step play, the report, the side-by-side GIF."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from genie.agent.eval import (
     evaluate_agents,
     marginal_chooser,
     play,
+    pool_reports,
     random_chooser,
     summarise,
     wilson,
@@ -60,6 +62,45 @@ def test_report_with_every_policy(tmp_path):
     assert "| lam_bc_k10 |" in (tmp_path / "table.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["config"]["levels"] == 2
     assert set(out["success_rate"]) == set(report["policies"])
+
+
+def _report(seed: int, wins: list[bool], mode: str = "easy", names=("random", "oracle_bc")) -> dict:
+    eps = [{"level": 2_000_000 + 1000 * seed + i, "return": 10.0 * w, "success": w, "length": 40} for i, w in
+           enumerate(wins)]
+    cfg = AgentEvalConfig(levels=len(wins), seed=seed, distribution_mode=mode)
+    return {"config": asdict(cfg), "policies": {n: {**summarise(eps), "per_level": eps} for n in names}}
+
+
+def test_pooled_reports_count_every_level_once_per_seed(tmp_path):
+    a, b = _report(0, [True] * 3 + [False]), _report(1, [True] * 5 + [False] * 3)
+    pooled = pool_reports([a, b])
+    s = pooled["policies"]["oracle_bc"]
+    assert (s["episodes"], s["success_rate"], s["per_seed"]) == (12, 8 / 12, [0.75, 5 / 8])
+    assert s["success_ci95"] == list(wilson(8, 12)) and len(s["per_level"]) == 12
+    assert (pooled["config"]["levels"], pooled["config"]["seed"], pooled["config"]["distinct_levels"]) == (12, [0, 1], 12)
+    for bad, needle in [([a], ">= 2 reports"), ([a, a], "repeat a seed"),
+                        ([a, _report(1, [True], mode="hard")], "distribution_mode"),
+                        ([a, _report(1, [True], names=("random",))], "different policies")]:
+        with pytest.raises(ValueError, match=needle):
+            pool_reports(bad)
+
+    # the CLI: reports (dirs or files) in, one pooled report with its table and plot out; bad input is one line
+    for name, rep in (("s0", a), ("s1", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(rep))
+    out = CliRunner().invoke(main, ["agent", "pool", str(tmp_path / "s0"), str(tmp_path / "s1" / "report.json"),
+                                    "--out", str(tmp_path / "pooled")])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["success_rate"]["oracle_bc"] == 8 / 12
+    assert "| oracle_bc | 0.67" in (tmp_path / "pooled" / "table.md").read_text()
+    assert (tmp_path / "pooled" / "success_vs_k.png").stat().st_size > 1000
+    (tmp_path / "broken.json").write_text("{")
+    for args in ([str(tmp_path / "s0"), str(tmp_path / "s0")], [str(tmp_path / "s0"), str(tmp_path / "broken.json")],
+                 [str(tmp_path / "s0"), str(tmp_path / "nope")]):
+        out = CliRunner().invoke(main, ["agent", "pool", *args, "--out", str(tmp_path / "bad")])
+        lines = out.output.strip().splitlines()
+        assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.output
+    assert not (tmp_path / "bad").exists()
 
 
 class EchoEngine:
