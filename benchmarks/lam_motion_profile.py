@@ -1,6 +1,6 @@
 """Where in a motion the LAM changes its mind: the world's LAM labels the controllability eval's motion clips (the
 real game holding each key from a standstill, `genie.eval.control`), and for every transition position the script
-prints the labels' counts, and for the jump the scene's vertical shift (best integer shift of the frame pair, in
+prints the labels' counts, and for the jump the scene's vertical shift (`best_shift` of the frame pair, in
 pixels). `lam_motions` reports only each motion's majority share; this shows which frames of a motion fall outside it.
 
     python benchmarks/lam_motion_profile.py --world worlds/demo --split val --levels 32 \\
@@ -17,30 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genie.eval.control import MOTIONS, ControlConfig, collect_probes
+from genie.eval.control import MOTIONS, ControlConfig, best_shift, collect_probes, motion_labels
 from genie.train.checkpoint import load_model
-
-
-def vertical_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 8) -> int:
-    """The integer dy (pixels, + = the scene moves down, i.e. the agent rises) that best maps frame a onto frame b:
-    (H, W) grey -> int. Rows near the border are left out, where the roll wraps."""
-    m = max_shift
-    errors = {dy: float(np.mean((np.roll(a, dy, axis=0)[m:-m] - b[m:-m]) ** 2)) for dy in range(-m, m + 1)}
-    return min(errors, key=errors.get)
 
 
 def profile(lam, probes) -> dict:
     out = {}
     for motion in MOTIONS:
-        clips = torch.from_numpy(np.stack([p.clips[motion] for p in probes]))[:, : lam.cfg.max_frames]  # (L, T, H, W, C)
-        with torch.no_grad():
-            labels = lam.infer_actions(clips).numpy()  # (L, T-1)
+        clips, labels = motion_labels(lam, probes, motion)  # (L, T, H, W, C), (L, T-1)
         per_t = [{str(k): v for k, v in Counter(labels[:, t].tolist()).most_common()} for t in range(labels.shape[1])]
         entry = {"overall": {str(k): v for k, v in Counter(labels.flatten().tolist()).most_common()}, "by_position": per_t}
-        if motion == "jump":
-            grey = clips.float().mean(-1).numpy()  # (L, T, H, W)
+        if motion == "jump":  # the scene's vertical shift per transition, as the controllability eval measures it
             entry["mean_vertical_shift_px"] = [
-                round(float(np.mean([vertical_shift(g[t], g[t + 1]) for g in grey])), 2) for t in range(grey.shape[1] - 1)]
+                round(float(np.mean([best_shift(c[t], c[t + 1])[0] for c in clips])), 2) for t in range(len(clips[0]) - 1)]
         out[motion] = entry
     return out
 

@@ -257,14 +257,19 @@ def key_scores(frames: np.ndarray, probes: list[Probe], keys: dict[str, int | No
     return out
 
 
+def motion_labels(lam, probes: list[Probe], motion: str) -> tuple[np.ndarray, np.ndarray]:
+    """A motion's clips of every probe, cut to the LAM's window, and the LAM's labels of their transitions:
+    (L, T, H, W, C) uint8, (L, T-1) int64."""
+    clips = np.stack([p.clips[motion] for p in probes])[:, : lam.cfg.max_frames]  # (L, T, H, W, C)
+    return clips, lam.infer_actions(torch.from_numpy(clips)).numpy()
+
+
 def lam_motions(lam, probes: list[Probe]) -> dict[str, Any]:
     """The LAM's labels of the game's motion clips: per motion the majority latent and its share of the transitions,
     and whether the four majorities are distinct."""
     per: dict[str, Any] = {}
     for motion in MOTIONS:
-        clips = torch.from_numpy(np.stack([p.clips[motion] for p in probes]))  # (L, F+1, H, W, C)
-        clips = clips[:, : lam.cfg.max_frames]
-        labels = lam.infer_actions(clips).flatten().tolist()
+        labels = motion_labels(lam, probes, motion)[1].flatten().tolist()
         counts = Counter(labels)
         majority, n = counts.most_common(1)[0]
         per[motion] = {"majority": majority, "share": n / len(labels), "transitions": len(labels),
