@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -227,18 +228,32 @@ class Gateway:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.cfg.host}:{self.http_port}/{fragment}"
 
-    async def stop(self) -> None:
+    async def stop(self, part_timeout_s: float = 30.0) -> None:
+        """Stops serving, then closes the models and the session store, each part bounded by `part_timeout_s`: a part
+        that does not finish (a peer that never answers a close) is logged by name and left behind, so a shutdown
+        (a pod's SIGTERM, a test's teardown) always ends, and ends in the next part rather than in a silent hang."""
         if self._reload_task is not None:
             self._reload_task.cancel()
+        parts: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if self.grpc is not None:
-            await self.grpc.stop()
+            parts.append(("gRPC server", self.grpc.stop))
         if self._web_runner is not None:
-            await self._web_runner.cleanup()
+            parts.append(("web page", self._web_runner.cleanup))
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-        await self.worlds.close()
-        await self.store.close()
+            parts.append(("metrics server", lambda: asyncio.to_thread(_close_http_server, self._metrics_server)))
+        parts += [("model backend", self.worlds.close), ("session store", self.store.close)]
+        for name, close in parts:
+            try:
+                await asyncio.wait_for(close(), part_timeout_s)
+            except TimeoutError:
+                log.error("gateway stop: the %s did not close within %.0f s; left behind", name, part_timeout_s)
+            except Exception:  # one part failing to close must not keep the others open
+                log.exception("gateway stop: closing the %s failed", name)
+
+
+def _close_http_server(server) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 async def serve_forever(gateway: Gateway, on_ready=None) -> None:
