@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +33,21 @@ class LatentActionModelConfig:
     # a 1-2 pixel scroll counts as much as a jump that changes the whole frame and the few codes are spent on every
     # kind of motion, not only the biggest; 0 = plain MSE.
     balance: float = 0.0
+    # > 0: within each transition, a pixel's squared error is weighted by 1 + change_focus * (how much that pixel
+    # changed / the transition's mean change), a weighted mean, so a transition's loss is spread over the pixels that
+    # moved: a walk whose scroll rounds to 0 px still changes the agent's sprite, and predicting the sprite right then
+    # counts more than predicting the still backdrop. A reallocation inside each transition only: `balance` still sets
+    # how much each transition counts. 0 = every pixel alike.
+    change_focus: float = 0.0
+    # Fields that shape only the training objective, not the weights: a warm start (`genie train --init`) may change them.
+    objective_fields: ClassVar[tuple[str, ...]] = ("time_reversal", "balance", "change_focus")
 
     def __post_init__(self) -> None:
         self.frame.check_patch(self.patch, "LAM")
         if self.context not in (0, 1):
             raise ValueError(f"LAM context must be 0 (all past frames) or 1 (the previous frame), got {self.context}")
-        if self.balance < 0:
-            raise ValueError(f"balance must be >= 0, got {self.balance}")
+        if self.balance < 0 or self.change_focus < 0:
+            raise ValueError(f"balance and change_focus must be >= 0, got {self.balance}, {self.change_focus}")
         if not 0.0 <= self.time_reversal < 1.0 or (self.time_reversal and self.context != 1):
             raise ValueError(f"time_reversal must be in [0, 1) and needs context=1, got {self.time_reversal}")
         if not self.encoder.causal_time or not self.decoder.causal_time:
@@ -144,13 +153,13 @@ class LatentActionModel(nn.Module):
         pred = self._decode(past, q.quantized)  # (B, T-1, N, p*p*C)
         target = patchify(after, self.cfg.patch)  # (B, T-1, N, p*p*C)
         before = patchify(past, self.cfg.patch)
-        err = (pred.float() - target).pow(2).mean((-2, -1))  # (B, T-1): each transition's MSE
-        mse = err.mean()
+        mse = (pred.float() - target).pow(2).mean()
+        err = transition_errors(pred.float(), target, before, self.cfg.change_focus)  # (B, T-1)
         if self.cfg.balance > 0:
             copy = (before - target).pow(2).mean((-2, -1))  # (B, T-1)
             loss = (err / (copy + self.cfg.balance * copy.mean()).clamp_min(1e-6)).mean() + q.loss
         else:
-            loss = mse + q.loss
+            loss = (err.mean() if self.cfg.change_focus > 0 else mse) + q.loss
         # How much the action helps over copying the last frame: the LAM is useless if this stays ~0.
         copy_mse = F.mse_loss(before, target)
         logs = {
@@ -161,3 +170,17 @@ class LatentActionModel(nn.Module):
         }
         prediction = unpatchify(pred, self.cfg.patch, self.cfg.frame)
         return LatentActionOutput(actions=q.indices, prediction=prediction, loss=loss, logs=logs)
+
+
+def transition_errors(pred: Tensor, target: Tensor, before: Tensor, change_focus: float = 0.0) -> Tensor:
+    """Each transition's squared error: (B, T-1, N, P) predicted, true and previous patches -> (B, T-1).
+
+    change_focus = 0: the plain mean. > 0: a weighted mean, a pixel's weight 1 + change_focus * (its change / the
+    transition's mean change), so the pixels that changed carry change_focus / (1 + change_focus) of the weight however
+    few they are (a 2-pixel sprite step as much as a scroll of the whole frame)."""
+    sq = (pred - target).pow(2)
+    if change_focus == 0:
+        return sq.mean((-2, -1))
+    change = (target - before).abs()
+    weight = 1 + change_focus * change / change.mean((-2, -1), keepdim=True).clamp_min(1e-6)
+    return (weight * sq).mean((-2, -1)) / weight.mean((-2, -1))

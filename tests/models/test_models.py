@@ -7,7 +7,7 @@ import torch
 
 from genie.models.common import FrameSpec, patchify, unpatchify
 from genie.models.dynamics import DynamicsModel, DynamicsModelConfig
-from genie.models.lam import LatentActionModel, LatentActionModelConfig
+from genie.models.lam import LatentActionModel, LatentActionModelConfig, transition_errors
 from genie.models.tokenizer import VideoTokenizer, VideoTokenizerConfig
 
 
@@ -109,6 +109,24 @@ def test_pair_lam_reversal_and_balance_train_only(tiny_world_cfg):
         assert not torch.isclose(plain.eval()(v).loss, x.loss)
 
 
+def test_change_focus_puts_a_small_change_on_par_with_a_large_one():
+    before = torch.zeros(1, 2, 16, 48)  # (B, T-1, N, P): two transitions of 768 values each
+    target = before.clone()
+    target[0, 0, 3, :4] = 1.0  # transition 0: 4 values change (a sprite's step)
+    target[0, 1] = 0.5  # transition 1: every value changes (a scroll)
+    copy = before  # a prediction that says "nothing moved"
+    plain = transition_errors(copy, target, before)
+    assert torch.allclose(plain, torch.tensor([[4 / 768, 0.25]]))  # the small change is all but invisible
+    focused = transition_errors(copy, target, before, change_focus=4.0)
+    # the 4 changed values carry 4/5 of the weight: error (4 + 4 * 768) / (768 * 5), about 0.8
+    assert torch.allclose(focused[0, 0], torch.tensor((4 + 4 * 768) / (768 * 5)))
+    assert torch.allclose(focused[0, 1], plain[0, 1])  # a uniform change is weighted uniformly
+    exact_sprite = copy.clone()
+    exact_sprite[0, 0, 3, :4] = 1.0  # right where it changed, off by 0.1 on the still backdrop
+    exact_sprite[0, 0] += 0.1 * (target[0, 0] == 0)
+    assert transition_errors(exact_sprite, target, before, 4.0)[0, 0] < 0.02 < focused[0, 0]
+
+
 def test_dynamics_shapes_causality_and_actions(tiny_world_cfg):
     dyn = DynamicsModel(tiny_world_cfg.dynamics).eval()
     c = tiny_world_cfg.dynamics
@@ -142,6 +160,7 @@ def test_dynamics_shapes_causality_and_actions(tiny_world_cfg):
         (lambda c: replace(c.lam, time_reversal=0.5), "needs context=1"),
         (lambda c: replace(c.lam, context=1, time_reversal=1.0), "time_reversal"),
         (lambda c: replace(c.lam, balance=-1.0), "balance"),
+        (lambda c: replace(c.lam, change_focus=-1.0), "change_focus"),
     ],
 )
 def test_bad_model_configs(tiny_world_cfg, make, message):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from genie.config import apply_overrides
-from genie.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from genie.train.checkpoint import latest_checkpoint, list_checkpoints, load_model, read_meta
 from genie.train.loop import lr_at, train
 
 
@@ -166,3 +166,19 @@ def test_warm_start_refuses_another_kind_or_config(tiny_world_cfg, tmp_path):
     with pytest.raises(ValueError, match="different lam config"):
         train("lam", changed, tmp_path / "lam2", init=lam.checkpoint, progress=False, tensorboard=False)
     assert not list((tmp_path / "lam2").glob("checkpoints/step_*"))
+
+
+def test_warm_start_may_change_what_shapes_only_the_training_objective(tiny_world_cfg, tmp_path):
+    cfg = apply_overrides(tiny_world_cfg, ["train_lam.steps=2", "train_lam.seed=1"])
+    lam = train("lam", cfg, tmp_path / "lam", progress=False, tensorboard=False)
+    rebalanced = replace(cfg, lam=replace(cfg.lam, balance=0.5), train_lam=replace(cfg.train_lam, steps=1, seed=0))
+    warm = train("lam", rebalanced, tmp_path / "rebalanced", init=lam.checkpoint, progress=False, tensorboard=False)
+    assert read_meta(warm.checkpoint)["config"]["balance"] == 0.5  # the new run records its own objective
+    cold = train("lam", rebalanced, tmp_path / "cold", progress=False, tensorboard=False)
+    base, after_warm, after_cold = (load_file(r.checkpoint / "model.safetensors") for r in (lam, warm, cold))
+
+    def distance(a, b):
+        return sum((a[k] - b[k]).pow(2).sum().item() for k in a if a[k].is_floating_point())
+
+    # One step from the loaded weights stays near them; a fresh init (another seed) is far: the weights were loaded.
+    assert distance(after_warm, base) < 0.1 * distance(after_cold, base)
