@@ -230,8 +230,8 @@ class Gateway:
 
     async def stop(self, part_timeout_s: float = 30.0) -> None:
         """Stops serving, then closes the models and the session store, each part bounded by `part_timeout_s`: a part
-        that does not finish (a peer that never answers a close) is logged by name and left behind, so a shutdown
-        (a pod's SIGTERM, a test's teardown) always ends, and ends in the next part rather than in a silent hang."""
+        that does not finish (a peer that never answers a close) is logged by name and left behind, and the parts after
+        it still close: a shutdown (a pod's SIGTERM, a test's teardown) always ends, and says what it could not close."""
         if self._reload_task is not None:
             self._reload_task.cancel()
         parts: list[tuple[str, Callable[[], Awaitable[object]]]] = []
