@@ -87,7 +87,9 @@ def demo_walk() -> WorldConfig:
     the arrow-key "walk" policy; a larger tokenizer (d=192, codebook 1024) whose decoder is a small part of a step; a
     LAM that sees one past frame (context=1) so each latent must name the motion of its own step; the demo
     world's dynamics size (d=192 x 4) so a step costs about what the demo's does. bf16 where the CPU has it. Six MaskGIT
-    steps per frame: 1.27x the frames/s of eight within issue 24's quality gate (benchmarks/README.md)."""
+    steps per frame: 1.27x the frames/s of eight within issue 24's quality gate (benchmarks/README.md).
+    The shipped world's LAM goes on from this preset's for a second phase (`lam.change_focus=1`, 3,000 steps at lr
+    3e-4, warm-started): scripts/build_walking_world.sh runs both phases and passes phase 2's settings to the build."""
     frame = FrameSpec(64, 64, 3)
     tok_st = STTransformerConfig(dim=192, depth=3, heads=6, max_frames=8)
     lam_st = STTransformerConfig(dim=128, depth=3, heads=4, max_frames=8)

@@ -30,6 +30,16 @@ if [ ! -f "$DATA/val/index.json" ]; then
 fi
 echo "data: $(( $(stamp) - t0 )) s" >&2
 
-genie world build --preset demo-walk --data "$DATA/train" --eval-data "$DATA/val" --run-root "$RUNS" --out "$OUT" \
-    --drift-steps 64
+# The LAM in two phases. Phase 1: the preset's 4,000 steps of the balanced loss. Phase 2: 3,000 more steps from its
+# weights (fresh optimizer, lr 3e-4) with the loss focused on the pixels that changed (`lam.change_focus`), so a walk
+# whose scroll rounds to 0 px is named by the agent's sprite. Both resume; a finished phase returns at once.
+PHASE2=(--set lam.change_focus=1.0 --set train_lam.steps=3000 --set train_lam.lr=3e-4 --set train_lam.warmup_steps=100)
+genie train lam --preset demo-walk --set data.path="$DATA/train" --run-root "$RUNS/lam-phase1" --quiet >/dev/null
+genie train lam --preset demo-walk "${PHASE2[@]}" --set data.path="$DATA/train" --run-root "$RUNS" \
+    --init "$RUNS/lam-phase1/lam/checkpoints/step_00004000" --quiet >/dev/null
+echo "lam: $(( $(stamp) - t0 )) s" >&2
+
+# Tokenizer, then the dynamics on the frozen tokenizer and phase 2's LAM (complete, so skipped here), export, eval.
+genie world build --preset demo-walk "${PHASE2[@]}" --data "$DATA/train" --eval-data "$DATA/val" --run-root "$RUNS" \
+    --out "$OUT" --drift-steps 64
 echo "total: $(( $(stamp) - t0 )) s" >&2

@@ -47,17 +47,27 @@ def test_demo_world_evaluates_above_floors(heldout, tmp_path):
     assert report["lam"]["latent_usage"] > 0.5, report["lam"]
 
 
-def test_demo_preset_is_what_the_shipped_world_was_trained_with():
+def test_demo_world_is_what_the_build_script_builds():
+    """worlds/demo's config is the demo-walk preset with the LAM phase-2 settings scripts/build_walking_world.sh
+    passes to its build (so the script, the preset and the shipped world cannot drift apart)."""
+    import re
+    import shlex
+
+    from genie.config import apply_overrides
     from genie.presets import demo_walk
     from genie.worlds import load_world_config_of
 
-    assert load_world_config_of(DEMO) == demo_walk()
+    script = (DEMO.parent.parent / "scripts" / "build_walking_world.sh").read_text()
+    phase2 = shlex.split(re.search(r"^PHASE2=\((.*)\)$", script, re.MULTILINE).group(1))
+    overrides = [value for flag, value in zip(phase2[::2], phase2[1::2], strict=True) if flag == "--set"]
+    assert overrides and len(overrides) == len(phase2) // 2, phase2
+    assert load_world_config_of(DEMO) == apply_overrides(demo_walk(), overrides)
 
 
 def test_demo_world_walks_and_jumps_like_the_game():
     """The shipped keys do in the world what they do in the real game, on test levels the build's eval did not use
-    (seed 7): ← scrolls the scene the way the game's LEFT does and ↑ jumps; → is bound (it walks on about half of
-    the levels: see the README)."""
+    (seed 7): ← and → scroll the scene the way the game's LEFT and RIGHT do and ↑ jumps; the LAM names walking
+    right, walking left, standing and jumping with four different latents."""
     from genie.eval.control import ControlConfig, evaluate_control
     from genie.train.checkpoint import load_model
     from genie.worlds import load_key_bindings
@@ -70,4 +80,5 @@ def test_demo_world_walks_and_jumps_like_the_game():
     scores = report["keys"]
     assert scores["up"]["accuracy"] >= 0.8 and scores["up"]["direction_agreement"] >= 0.8, scores["up"]
     assert scores["left"]["direction_agreement"] >= 0.6, scores["left"]
+    assert scores["right"]["direction_agreement"] >= 0.6, scores["right"]
     assert report["lam_motions"]["distinct"], report["lam_motions"]
