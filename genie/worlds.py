@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from genie.config import MODEL_KINDS, WorldConfig, load_world_config, to_dict, write_json_atomic
+from genie.config import MODEL_KINDS, WorldConfig, from_dict, load_world_config, to_dict, write_json_atomic
 from genie.controls import (
     KEY_SOURCES,
     KeyBinding,
@@ -23,12 +25,15 @@ from genie.media import save_png
 from genie.sampling import SamplingConfig, World
 from genie.train.checkpoint import latest_checkpoint, load_model, read_meta
 
+log = logging.getLogger(__name__)
+
 
 def export_world(run_root: Path, out: Path) -> Path:
     """Copies the newest checkpoint of each model under `run_root/<kind>/` into the world dir `out`, keeping the
     action names (actions.json) it already has."""
     run_root, out = Path(run_root), Path(out)
     world = load_world_config(run_root / "dynamics" / "world.json")
+    world = _described_by_checkpoints(world, run_root)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     # Any failure (a full disk: DiskFull) removes the partial copy at once; a world already at `out` stays as it was.
@@ -49,6 +54,23 @@ def export_world(run_root: Path, out: Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _described_by_checkpoints(world: WorldConfig, run_root: Path) -> WorldConfig:
+    """The world config with each model's config as its newest checkpoint records it. The dynamics run's world.json
+    holds whatever config that run was given, while the tokenizer and LAM it froze were trained, and saved their own
+    configs, in runs of their own (a LAM trained in two phases, a stage trained by hand): the exported world.json must
+    describe the models it ships."""
+    for kind in MODEL_KINDS:
+        ckpt = latest_checkpoint(run_root / kind)
+        if ckpt is None:
+            continue  # export_world names the missing checkpoint
+        saved = read_meta(ckpt)["config"]
+        if saved != to_dict(world.model_config(kind)):
+            log.warning("%s: the %s checkpoint's config differs from the dynamics run's world.json; the world takes "
+                        "the checkpoint's", run_root, kind)
+            world = dataclasses.replace(world, **{kind: from_dict(type(world.model_config(kind)), saved)})
+    return world
 
 
 def _write_prompts(world: WorldConfig, folder: Path, count: int = 8) -> None:

@@ -151,6 +151,26 @@ def test_re_export_keeps_the_worlds_action_names(trained_run, tmp_path, tiny_wor
     assert read_actions_file(out)["source"] == "user"
 
 
+def test_export_describes_the_models_it_ships(trained_run, tmp_path):
+    """A LAM trained in a run of its own (a second phase, a stage trained by hand) may carry another config than the
+    one the dynamics run recorded: the exported world.json takes each model's config from its checkpoint."""
+    import shutil
+
+    from genie.config import load_world_config
+    from genie.train.checkpoint import latest_checkpoint, read_meta
+    from genie.worlds import export_world
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_run, runs)
+    recorded = json.loads((runs / "dynamics" / "world.json").read_text())
+    lam_config = read_meta(latest_checkpoint(runs / "lam"))["config"]
+    recorded["lam"] = {**lam_config, "balance": lam_config["balance"] + 0.5}  # as a run given other settings wrote it
+    (runs / "dynamics" / "world.json").write_text(json.dumps(recorded))
+    out = export_world(runs, tmp_path / "w")
+    assert to_dict(load_world_config(out / "world.json").lam) == lam_config
+    assert json.loads((out / "lam" / "config.json").read_text())["config"] == lam_config
+
+
 # --- arrow key bindings ---------------------------------------------------------------------------------------------
 
 UNBOUND = {"left": None, "right": None, "up": None, "down": None}
