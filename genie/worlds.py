@@ -33,7 +33,6 @@ def export_world(run_root: Path, out: Path) -> Path:
     action names (actions.json) it already has."""
     run_root, out = Path(run_root), Path(out)
     world = load_world_config(run_root / "dynamics" / "world.json")
-    world = _described_by_checkpoints(world, run_root)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     # Any failure (a full disk: DiskFull) removes the partial copy at once; a world already at `out` stays as it was.
@@ -43,6 +42,7 @@ def export_world(run_root: Path, out: Path) -> Path:
             ckpt = latest_checkpoint(run_root / kind)
             if ckpt is None:
                 raise ValueError(f"no {kind} checkpoint under {run_root / kind}; train it first")
+            world = _described_by_checkpoint(world, kind, ckpt, run_root)
             (tmp / kind).mkdir()
             for name in ("model.safetensors", "config.json"):
                 shutil.copy2(ckpt / name, tmp / kind / name)
@@ -56,21 +56,17 @@ def export_world(run_root: Path, out: Path) -> Path:
     return out
 
 
-def _described_by_checkpoints(world: WorldConfig, run_root: Path) -> WorldConfig:
-    """The world config with each model's config as its newest checkpoint records it. The dynamics run's world.json
-    holds whatever config that run was given, while the tokenizer and LAM it froze were trained, and saved their own
-    configs, in runs of their own (a LAM trained in two phases, a stage trained by hand): the exported world.json must
-    describe the models it ships."""
-    for kind in MODEL_KINDS:
-        ckpt = latest_checkpoint(run_root / kind)
-        if ckpt is None:
-            continue  # export_world names the missing checkpoint
-        saved = read_meta(ckpt)["config"]
-        if saved != to_dict(world.model_config(kind)):
-            log.warning("%s: the %s checkpoint's config differs from the dynamics run's world.json; the world takes "
-                        "the checkpoint's", run_root, kind)
-            world = dataclasses.replace(world, **{kind: from_dict(type(world.model_config(kind)), saved)})
-    return world
+def _described_by_checkpoint(world: WorldConfig, kind: str, ckpt: Path, run_root: Path) -> WorldConfig:
+    """The world config with `kind`'s model config as its checkpoint records it. The dynamics run's world.json holds
+    whatever config that run was given, while the tokenizer and LAM it froze were trained, and saved their own configs,
+    in runs of their own (a LAM trained in two phases, a stage trained by hand): the exported world.json must describe
+    the models it ships."""
+    saved = read_meta(ckpt)["config"]
+    if saved == to_dict(world.model_config(kind)):
+        return world
+    log.warning("%s: the %s checkpoint's config differs from the dynamics run's world.json; the world takes the "
+                "checkpoint's", run_root, kind)
+    return dataclasses.replace(world, **{kind: from_dict(type(world.model_config(kind)), saved)})
 
 
 def _write_prompts(world: WorldConfig, folder: Path, count: int = 8) -> None:

@@ -153,13 +153,15 @@ class LatentActionModel(nn.Module):
         pred = self._decode(past, q.quantized)  # (B, T-1, N, p*p*C)
         target = patchify(after, self.cfg.patch)  # (B, T-1, N, p*p*C)
         before = patchify(past, self.cfg.patch)
-        mse = (pred.float() - target).pow(2).mean()
-        err = transition_errors(pred.float(), target, before, self.cfg.change_focus)  # (B, T-1)
+        pred32 = pred.float()
+        plain = transition_errors(pred32, target, before)  # (B, T-1): each transition's MSE
+        err = transition_errors(pred32, target, before, self.cfg.change_focus) if self.cfg.change_focus > 0 else plain
+        mse = plain.mean()
         if self.cfg.balance > 0:
             copy = (before - target).pow(2).mean((-2, -1))  # (B, T-1)
             loss = (err / (copy + self.cfg.balance * copy.mean()).clamp_min(1e-6)).mean() + q.loss
         else:
-            loss = (err.mean() if self.cfg.change_focus > 0 else mse) + q.loss
+            loss = err.mean() + q.loss
         # How much the action helps over copying the last frame: the LAM is useless if this stays ~0.
         copy_mse = F.mse_loss(before, target)
         logs = {

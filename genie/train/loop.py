@@ -367,11 +367,15 @@ def _warm_start(path: Path, kind: str, model: nn.Module) -> None:
     meta = read_meta(path)
     if meta["kind"] != kind:
         raise ValueError(f"{path} is a {meta['kind']} checkpoint; cannot warm-start {kind} from it")
+    saved, now = meta["config"], to_dict(model.cfg)
     free = getattr(type(model.cfg), "objective_fields", ())  # training-objective fields: the weights are the same
-    saved, now = ({k: v for k, v in c.items() if k not in free} for c in (meta["config"], to_dict(model.cfg)))
-    if saved != now:
+
+    def weights_part(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in free}
+
+    if weights_part(saved) != weights_part(now):
         raise ValueError(f"{path} has a different {kind} config than this run; a warm start needs the same model")
-    changed = {k: (meta["config"].get(k), v) for k, v in to_dict(model.cfg).items() if k in free and meta["config"].get(k) != v}
+    changed = {k: (saved.get(k), now[k]) for k in free if k in now and saved.get(k) != now[k]}
     if changed:
         log.info("warm start of %s with a changed training objective (was, now): %s", kind, changed)
     try:
