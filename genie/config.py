@@ -45,6 +45,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_checkpoints: int = 3
+    # Dynamics only: encode the dataset's clip-length windows once with the frozen tokenizer and LAM (a cache in the
+    # run directory) and train on those tokens and latent actions, instead of encoding every step's clips
+    # (genie.train.token_cache). Shards data only; clips then start at multiples of the clip length.
+    encode_once: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -112,6 +116,8 @@ class WorldConfig:
             raise ValueError(f"dynamics.tokens_per_frame={d.tokens_per_frame} must equal tokenizer's {t.tokens_per_frame}")
         if d.num_actions != a.num_actions:
             raise ValueError(f"dynamics.num_actions={d.num_actions} must equal the LAM codebook {a.num_actions}")
+        if self.train_tokenizer.encode_once or self.train_lam.encode_once:
+            raise ValueError("encode_once is a dynamics training setting (train_dynamics.encode_once)")
         for kind, frames in (("tokenizer", t.max_frames), ("lam", a.max_frames), ("dynamics", d.max_frames)):
             if s.frames > frames:
                 raise ValueError(f"clips of {s.frames} frames exceed the {kind} window {frames}")

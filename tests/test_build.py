@@ -2,6 +2,7 @@
 builds resume where they stopped; a user's action names survive a rebuild; bad input fails before training."""
 
 import json
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -93,6 +94,21 @@ def test_interrupted_build_resumes_the_stage_it_stopped_in(tmp_path, videos):
     assert by_stage["tokenizer"].skipped and by_stage["lam"].skipped
     assert by_stage["dynamics"].resumed_from == 2 and by_stage["dynamics"].step == 6
     assert (tmp_path / "world" / "build.json").is_file()
+
+
+def test_a_build_on_the_encoded_dataset_resumes_without_encoding_it_again(tmp_path, videos, monkeypatch):
+    from genie.train import token_cache
+
+    cfg = config(tmp_path, videos, eval_clips=0)
+    cfg = replace(cfg, world=apply_overrides(cfg.world, ["train_dynamics.encode_once=true"]))
+    first = build_world(cfg, on_step=lambda stage, done, logs: stage == "dynamics" and done == 2)
+    assert first.stopped == "dynamics" and (cfg.runs / "dynamics" / "token-cache" / "key.json").is_file()
+    encoded = []
+    monkeypatch.setattr(token_cache, "_encode_windows", lambda *a: encoded.append(a))
+    second = build_world(cfg)
+    dynamics = next(s for s in second.stages if s.stage == "dynamics")
+    assert (dynamics.resumed_from, dynamics.step, encoded) == (2, 6, [])
+    assert json.loads((tmp_path / "world" / "world.json").read_text())["train_dynamics"]["encode_once"] is True
 
 
 def test_rebuild_keeps_names_a_user_edited(tmp_path, videos):

@@ -41,6 +41,7 @@ from genie.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from genie.train.token_cache import TokenBatch, TokenCache, build_token_cache
 
 log = logging.getLogger(__name__)
 # DDP need not broadcast buffers (the VQ idle counters are equal on every rank): torch 2.13 names the switch
@@ -71,11 +72,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: dict[str, Path], device: torch.device) -> Objective:
+def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: tuple[nn.Module, nn.Module] | None) -> Objective:
     if kind in ("tokenizer", "lam"):
         return lambda batch, gen, rows=None: _loss_and_logs(model(batch.frames))  # per-element means: parts add up
-    tokenizer, lam = _frozen_models(world, frozen, device)
+    tokenizer, lam = frozen
     return _dynamics_objective(model, tokenizer, lam, world.dynamics, world.train_dynamics.batch_size)
+
+
+def _cached_tokens(world: WorldConfig, frozen_dirs: dict[str, Path], frozen: tuple[nn.Module, nn.Module],
+                   run_dir: Path, topo: distributed.Topology) -> TokenCache:
+    """The dynamics run's token cache (run_dir/token-cache): rank 0 builds or resumes it, the others then load it."""
+    out = run_dir / "token-cache"
+    build = lambda: build_token_cache(out, Path(world.data.path), world.data.frames,  # noqa: E731
+                                      Path(frozen_dirs["tokenizer"]), Path(frozen_dirs["lam"]), *frozen, topo.device,
+                                      seed=world.data.seed)
+    cache = build() if topo.leader else None
+    distributed.barrier(topo)
+    return cache if cache is not None else build()
 
 
 def _frozen_models(world: WorldConfig, frozen: dict[str, Path], device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -97,13 +110,17 @@ def _dynamics_objective(model: nn.Module, tokenizer: nn.Module, lam: nn.Module, 
                         total: int) -> Objective:
     """Tokens and latent actions from the frozen models, then the MaskGIT loss; `total` is the global batch."""
 
-    def objective(batch: VideoBatch, gen: torch.Generator, rows: slice | None = None) -> tuple[Tensor, dict[str, float]]:
+    def objective(batch: VideoBatch | TokenBatch, gen: torch.Generator, rows: slice | None = None
+                  ) -> tuple[Tensor, dict[str, float]]:
         replay = gen.get_state()
-        # The frozen models encode in fp32 even under bf16 autocast: the tokens and actions a world is trained on
-        # are the ones its tokenizer and LAM give at inference.
-        with torch.no_grad(), full_precision(batch.frames.device):
-            tokens = tokenizer.encode(batch.frames)  # (B, T, N)
-            actions = lam.infer_actions(batch.frames)  # (B, T-1)
+        if isinstance(batch, TokenBatch):  # encoded once, ahead of training (train_dynamics.encode_once)
+            tokens, actions = batch.tokens, batch.actions
+        else:
+            # The frozen models encode in fp32 even under bf16 autocast: the tokens and actions a world is trained
+            # on are the ones its tokenizer and LAM give at inference.
+            with torch.no_grad(), full_precision(batch.frames.device):
+                tokens = tokenizer.encode(batch.frames)  # (B, T, N)
+                actions = lam.infer_actions(batch.frames)  # (B, T-1)
         loss, logs = _loss_and_logs(model(tokens, actions, generator=gen))
         if rows is None:
             return loss, logs
@@ -215,7 +232,14 @@ def _train(
     if topo.distributed:
         ids = [topo.device.index] if topo.device.type == "cuda" else None
         trained = DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
-    objective = _objective(kind, trained, world, frozen or {}, topo.device)
+    frozen_models = _frozen_models(world, frozen or {}, topo.device) if kind == "dynamics" else None
+    objective = _objective(kind, trained, world, frozen_models)
+    if kind == "dynamics" and cfg.encode_once:
+        if world.data.source != "shards":
+            raise ValueError("train_dynamics.encode_once needs data.source=shards: it encodes a dataset's episodes")
+        if source is not None:
+            raise ValueError("train_dynamics.encode_once encodes the config's dataset: pass no other source")
+        source = _cached_tokens(world, frozen or {}, frozen_models, run_dir, topo)
     source = source or make_source(world.data)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 

@@ -168,7 +168,7 @@ def test_a_training_step_keeps_everything_on_the_models_device(kind, fake_mode):
     with fake_mode:
         batch = loop._to(cpu_batch, OTHER)
         assert batch.frames.device == OTHER
-        _step(loop._objective(kind, model, world, {}, OTHER), model, batch, loop._step_generator(world.train_lam, 0))
+        _step(loop._objective(kind, model, world, None), model, batch, loop._step_generator(world.train_lam, 0))
 
 
 @pytest.mark.parametrize("rows", [None, slice(2, 4)], ids=["whole batch", "one rank's rows"])
