@@ -40,6 +40,8 @@ genie train lam --preset demo-walk "${PHASE2[@]}" --set data.path="$DATA/train" 
 echo "lam: $(( $(stamp) - t0 )) s" >&2
 
 # Tokenizer, then the dynamics on the frozen tokenizer and phase 2's LAM (complete, so skipped here), export, eval.
+# The dynamics first encodes the dataset once (the preset's train_dynamics.encode_once: $RUNS/dynamics/token-cache,
+# resumable, rebuilt if the data or the frozen weights change) and trains on those tokens and latent actions.
 genie world build --preset demo-walk "${PHASE2[@]}" --data "$DATA/train" --eval-data "$DATA/val" --run-root "$RUNS" \
     --out "$OUT" --drift-steps 64
 echo "total: $(( $(stamp) - t0 )) s" >&2
