@@ -4,7 +4,8 @@ Random weights, one batch of random frames, the training loop's own objective an
 
     python benchmarks/bench_encode_once.py [--preset demo-walk] [--steps 10] [--threads 2]
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_encode_once.py
-        (torch held to its AVX2 kernels: a stand-in for the AVX2-only kind, fp32 as there)
+        (torch held to its AVX2 kernels: a stand-in for the AVX2-only kind; genie.device.cpu_has_bf16 is then False,
+        so the step runs in fp32 as there)
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if os.environ.get("ATEN_CPU_CAPABILITY"):  # an AVX2 stand-in: the CPU still reports bf16 units it must not use
-        loop.cpu_has_bf16 = lambda: False
     world = get_preset(args.preset)
     cfg, data = world.train_dynamics, world.data
     model = build_model("dynamics", world.dynamics).train()

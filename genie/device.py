@@ -9,6 +9,7 @@ refused when asked for. int8 (CPU only) computes every Linear layer as int8 x in
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -52,9 +53,21 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
+# Settings that hold torch's kernels below AVX-512 (a stand-in for an AVX2-only CPU on a newer one, as the benchmarks
+# use): torch then cannot use the bf16 units the flags report and emulates bf16, ~18x slower than fp32 (a demo-walk
+# dynamics step measured 9.5 s against 0.54 s in fp32).
+BELOW_AVX512 = {"ATEN_CPU_CAPABILITY": ("default", "avx2"), "ONEDNN_MAX_CPU_ISA": ("sse41", "avx", "avx2", "avx2_vnni",
+                                                                                 "avx2_vnni_2")}
+
+
+def torch_held_below_avx512() -> bool:
+    """Whether the environment holds torch's CPU kernels below AVX-512 (BELOW_AVX512)."""
+    return any(os.environ.get(name, "").strip().lower() in values for name, values in BELOW_AVX512.items())
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls in hardware (AVX-512 BF16 or AMX)."""
-    return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+    """Whether this CPU runs bf16 matmuls in hardware (AVX-512 BF16 or AMX) and torch may use them."""
+    return not torch_held_below_avx512() and any(f in cpu_flags() for f in BF16_CPU_FLAGS)
 
 
 def cpu_has_int8_dot() -> bool:

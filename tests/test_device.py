@@ -74,6 +74,20 @@ def test_cpu_bf16_and_int8_detection_reads_the_flags(monkeypatch, tmp_path):
     dev.cpu_flags.cache_clear()
 
 
+@pytest.mark.parametrize("env", [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+                                 {"ATEN_CPU_CAPABILITY": "default"}])
+def test_no_bf16_when_torch_is_held_below_avx512(monkeypatch, env):
+    monkeypatch.setattr(dev, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    for name in dev.BELOW_AVX512:
+        monkeypatch.delenv(name, raising=False)
+    assert dev.cpu_has_bf16()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")  # not below AVX-512: the units stay usable
+    assert dev.cpu_has_bf16()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert not dev.cpu_has_bf16()
+
+
 @pytest.mark.parametrize("int8_dot", [False, True])
 def test_one_process_reads_auto_as_int8_on_a_cpu_with_int8_dot_products(monkeypatch, int8_dot):
     monkeypatch.setattr(dev, "cpu_has_int8_dot", lambda: int8_dot)

@@ -80,12 +80,12 @@ def _objective(kind: str, model: nn.Module, world: WorldConfig, frozen: tuple[nn
 
 
 def _cached_tokens(world: WorldConfig, frozen_dirs: dict[str, Path], frozen: tuple[nn.Module, nn.Module],
-                   run_dir: Path, topo: distributed.Topology) -> TokenCache:
+                   run_dir: Path, topo: distributed.Topology, progress: bool) -> TokenCache:
     """The dynamics run's token cache (run_dir/token-cache): rank 0 builds or resumes it, the others then load it."""
     out = run_dir / "token-cache"
     build = lambda: build_token_cache(out, Path(world.data.path), world.data.frames,  # noqa: E731
                                       Path(frozen_dirs["tokenizer"]), Path(frozen_dirs["lam"]), *frozen, topo.device,
-                                      seed=world.data.seed)
+                                      seed=world.data.seed, progress=progress and topo.leader)
     cache = build() if topo.leader else None
     distributed.barrier(topo)
     return cache if cache is not None else build()
@@ -239,7 +239,7 @@ def _train(
             raise ValueError("train_dynamics.encode_once needs data.source=shards: it encodes a dataset's episodes")
         if source is not None:
             raise ValueError("train_dynamics.encode_once encodes the config's dataset: pass no other source")
-        source = _cached_tokens(world, frozen or {}, frozen_models, run_dir, topo)
+        source = _cached_tokens(world, frozen or {}, frozen_models, run_dir, topo, progress)
     source = source or make_source(world.data)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 

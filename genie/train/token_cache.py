@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from genie.data.shards import ShardedDataset
 from genie.diskfull import disk_full_as_error
@@ -107,10 +108,11 @@ class TokenCache:
 
 
 def build_token_cache(out: Path, dataset: Path, clip_frames: int, tokenizer_dir: Path, lam_dir: Path,
-                      tokenizer: nn.Module, lam: nn.Module, device: torch.device, seed: int = 0) -> TokenCache:
+                      tokenizer: nn.Module, lam: nn.Module, device: torch.device, seed: int = 0,
+                      progress: bool = False) -> TokenCache:
     """The cache of `dataset`'s windows under `out`: loaded when complete and built from the same inputs, else built
     (resuming from the chunks an interrupted build finished). `tokenizer`/`lam` are the frozen models loaded from
-    `tokenizer_dir`/`lam_dir`."""
+    `tokenizer_dir`/`lam_dir`; `progress` shows a bar while windows are encoded (minutes on a CPU)."""
     out = Path(out)
     key = cache_key(dataset, clip_frames, tokenizer_dir, lam_dir)
     key_file = out / "key.json"
@@ -126,8 +128,11 @@ def build_token_cache(out: Path, dataset: Path, clip_frames: int, tokenizer_dir:
         raise ValueError(f"{dataset}: no episode has {clip_frames} frames")
     t0, built = time.perf_counter(), 0
     chunks = []
-    for c, lo in enumerate(range(0, len(windows), CHUNK_WINDOWS)):
-        path = out / f"chunk-{c:05d}.safetensors"
+    starts = range(0, len(windows), CHUNK_WINDOWS)
+    paths = [out / f"chunk-{c:05d}.safetensors" for c in range(len(starts))]
+    todo = sum(min(CHUNK_WINDOWS, len(windows) - lo) for lo, path in zip(starts, paths, strict=True) if not path.exists())
+    bar = tqdm(total=todo, desc="encode dataset", unit="clip", disable=not progress or todo == 0)
+    for lo, path in zip(starts, paths, strict=True):
         if not path.exists():
             part = _encode_windows(data, windows[lo : lo + CHUNK_WINDOWS], clip_frames, tokenizer, lam, device)
             tmp = path.with_suffix(".tmp")
@@ -135,7 +140,9 @@ def build_token_cache(out: Path, dataset: Path, clip_frames: int, tokenizer_dir:
                 save_file(part, str(tmp))
                 os.replace(tmp, path)
             built += 1
+            bar.update(part["tokens"].shape[0])
         chunks.append(load_file(path))
+    bar.close()
     if built:
         log.info("token cache: encoded %d windows of %d frames (%d chunks) in %.0f s", len(windows), clip_frames,
                  built, time.perf_counter() - t0)

@@ -57,11 +57,12 @@ def test_windows_tile_each_episode_and_end_at_its_last_frame():
     assert window_starts([3], 6) == []
 
 
-def test_the_cache_holds_what_the_frozen_models_give_each_window(trained_run, tmp_path, monkeypatch):
+def test_the_cache_holds_what_the_frozen_models_give_each_window(trained_run, tmp_path, monkeypatch, capsys):
     data = _dataset(tmp_path / "data")
     dirs, (tokenizer, lam) = _frozen(trained_run)
     monkeypatch.setattr(token_cache, "CHUNK_WINDOWS", 4)  # 6 windows: two chunk files
-    cache = _build(tmp_path / "cache", data, dirs, (tokenizer, lam))
+    cache = _build(tmp_path / "cache", data, dirs, (tokenizer, lam), progress=True)
+    assert "encode dataset" in capsys.readouterr().err  # minutes on a CPU: not silent
     ds = ShardedDataset(data)
     windows = window_starts([e.length for e in ds.episodes], 6)
     assert cache.num_windows == len(windows) == 6 and len(list((tmp_path / "cache").glob("chunk-*"))) == 2
