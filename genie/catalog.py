@@ -112,12 +112,17 @@ def file_digests(root: Path) -> dict[str, dict]:
             raise CatalogError(f"{rel} in {root} is a link or a special file; a world version holds plain files only")
         if path.is_dir() or rel == MANIFEST:
             continue
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        out[rel] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+        out[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     return out
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def world_digest(files: dict[str, dict]) -> str:

@@ -90,7 +90,7 @@ def demo_walk() -> WorldConfig:
     steps per frame: 1.27x the frames/s of eight within issue 24's quality gate (benchmarks/README.md).
     The shipped world's LAM goes on from this preset's for a second phase (`lam.change_focus=1`, 3,000 steps at lr
     3e-4, warm-started): scripts/build_walking_world.sh runs both phases and passes phase 2's settings to the build.
-    The dynamics trains on tokens and latent actions encoded once for the dataset (`encode_once`): its step is 25-37%
+    The dynamics trains on tokens and latent actions encoded once for the dataset (`encode_once`): its step is 20-30%
     cheaper than encoding every step's clips, for the price of one pass over the data (benchmarks/README.md)."""
     frame = FrameSpec(64, 64, 3)
     tok_st = STTransformerConfig(dim=192, depth=3, heads=6, max_frames=8)

@@ -15,7 +15,6 @@ built from other weights or data is rebuilt rather than reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from genie.catalog import file_sha256
 from genie.data.shards import ShardedDataset
 from genie.diskfull import disk_full_as_error
 from genie.nn.vq import full_precision
@@ -66,21 +66,12 @@ def window_starts(lengths: list[int], clip_frames: int) -> list[tuple[int, int]]
     return out
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cache_key(dataset: Path, clip_frames: int, tokenizer_dir: Path, lam_dir: Path) -> dict:
+def cache_key(data: ShardedDataset, clip_frames: int, tokenizer_dir: Path, lam_dir: Path) -> dict:
     """What a cache was built from: reused only when all of it is the same."""
-    data = ShardedDataset(dataset)
-    return {"format": CACHE_FORMAT, "dataset": str(Path(dataset).resolve()), "episodes": len(data.episodes),
+    return {"format": CACHE_FORMAT, "dataset": str(data.root.resolve()), "episodes": len(data.episodes),
             "frames": data.num_frames, "clip_frames": clip_frames,
-            "tokenizer": _file_digest(Path(tokenizer_dir) / "model.safetensors"),
-            "lam": _file_digest(Path(lam_dir) / "model.safetensors")}
+            "tokenizer": file_sha256(Path(tokenizer_dir) / "model.safetensors"),
+            "lam": file_sha256(Path(lam_dir) / "model.safetensors")}
 
 
 class TokenCache:
@@ -114,7 +105,8 @@ def build_token_cache(out: Path, dataset: Path, clip_frames: int, tokenizer_dir:
     (resuming from the chunks an interrupted build finished). `tokenizer`/`lam` are the frozen models loaded from
     `tokenizer_dir`/`lam_dir`; `progress` shows a bar while windows are encoded (minutes on a CPU)."""
     out = Path(out)
-    key = cache_key(dataset, clip_frames, tokenizer_dir, lam_dir)
+    data = ShardedDataset(dataset)
+    key = cache_key(data, clip_frames, tokenizer_dir, lam_dir)
     key_file = out / "key.json"
     if key_file.exists() and json.loads(key_file.read_text()) != key:
         log.warning("token cache %s was built from other data or weights: rebuilding it", out)
@@ -122,7 +114,6 @@ def build_token_cache(out: Path, dataset: Path, clip_frames: int, tokenizer_dir:
     out.mkdir(parents=True, exist_ok=True)
     if not key_file.exists():
         key_file.write_text(json.dumps(key, indent=2))
-    data = ShardedDataset(dataset)
     windows = window_starts([e.length for e in data.episodes], clip_frames)
     if not windows:
         raise ValueError(f"{dataset}: no episode has {clip_frames} frames")

@@ -10,7 +10,6 @@ killed or redelivered chunk leaves either the whole item or nothing, and a rerun
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from genie.catalog import file_sha256
 from genie.diskfull import disk_full_as_error
 from genie.media import write_gif
 from services.worker.specs import RolloutItem, RolloutJobSpec
@@ -69,14 +69,6 @@ def write_item(out: Path, item: RolloutItem, frames: np.ndarray, tokens: np.ndar
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def missing_items(out: Path, spec: RolloutJobSpec) -> list[str]:
     return [item.name for item in spec.items() if not item_done(out, item)]
 
@@ -88,7 +80,7 @@ def build_manifest(out: Path, job_id: str, spec: RolloutJobSpec, backend: str) -
     for item in spec.items():
         folder = items_dir(out) / item.name
         info = json.loads((folder / "item.json").read_text())
-        files = {name: {"path": f"items/{item.name}/{name}", "sha256": sha256(folder / name),
+        files = {name: {"path": f"items/{item.name}/{name}", "sha256": file_sha256(folder / name),
                         "bytes": (folder / name).stat().st_size} for name in ITEM_FILES if name != "item.json"}
         entries.append({"name": item.name, "index": item.index, "prompt": item.prompt, "prompt_index": item.prompt_index,
                         "actions_index": item.actions_index, "actions": list(item.actions), "seed": item.seed,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from genie.catalog import file_sha256
 from genie.config import apply_overrides
 from genie.data import ShardedDataset, ShardWriter
 from genie.data.source import VideoBatch
@@ -102,7 +103,7 @@ def test_an_interrupted_build_resumes_and_other_weights_rebuild(trained_run, tmp
     _build(tmp_path / "cache", data, {**dirs, "lam": other}, (models[0], load_model(other, "lam")))
     assert len(calls) == 3  # both chunks again
     key = json.loads((tmp_path / "cache" / "key.json").read_text())
-    assert key["lam"] == token_cache._file_digest(other / "model.safetensors")
+    assert key["lam"] == file_sha256(other / "model.safetensors")
 
 
 def test_a_cached_batch_gives_the_loss_of_encoding_its_frames(trained_run, tmp_path, tiny_world_cfg):
